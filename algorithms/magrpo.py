@@ -11,10 +11,17 @@ Loss per agent: -(1/G) sum_g A_g * log pi_i(response | prompt), log pi = sum of 
 Multi-turn: the best joint action of turn t, with feedback from the env's transition (or an
 expert policy of the run), forms every agent's context for turn t+1; turn t's samples are
 weighted by `turn_weights[t]`; a task stops early once a turn's mean reward reaches the env's max.
+Evaluation: each trained agent answers once (greedy), the env combines the outputs; baselines on
+the untrained weights (frozen `base-<agent>` policies, rollout workers only): one model doing the
+whole task (`single`), naive concatenation of the agents' parallel answers (`naive`), a sequential
+pipeline where each agent sees the earlier agents' outputs (`sequential`), and one round of
+discussion where each agent revises after reading the others' first answers (`discussion`).
 """
 from __future__ import annotations
 
 import itertools
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -26,8 +33,12 @@ from marl_llm.losses import LossConfig
 from marl_llm.metrics import mean
 from marl_llm.policy import PolicySpec
 from marl_llm.registry import register_algorithm
-from marl_llm.types import Episode, GenerationRequest, Sample, SamplingConfig, Turn
+from marl_llm.types import Completion, Episode, GenerationRequest, Sample, SamplingConfig, Turn
 
+log = logging.getLogger(__name__)
+EVAL_BASELINES = ("single", "naive", "sequential", "discussion")
+DISCUSSION_FEEDBACK = ("Your teammates answered:\n{others}\n\n"
+                       "Revise your own part so that it fits with theirs without repeating them.")
 EXPERT_PROMPT = ("Task:\n{task}\n\nThe collaborators answered:\n{outputs}\n\n"
                  "Give each collaborator one or two sentences of concrete feedback to improve.")
 
@@ -50,6 +61,9 @@ class MAGRPOConfig(AlgoConfig):
     # policy writes the feedback as an expert
     feedback: str = "env"
     early_stop: bool = True
+    # baselines scored next to the trained agents at every evaluation (see the module docstring);
+    # each distinct base model adds one frozen policy (rollout workers only)
+    eval_baselines: list[str] = field(default_factory=lambda: list(EVAL_BASELINES))
 
     def __post_init__(self):
         if self.joint not in ("aligned", "cross"):
@@ -65,21 +79,48 @@ class MAGRPOConfig(AlgoConfig):
                                            and self.feedback.split(":", 1)[1] in self.agents):
             raise ConfigError(f"algo.feedback={self.feedback!r}: use 'env' or 'policy:<agent>' "
                               f"with an agent of {self.agents}")
+        bad = [b for b in self.eval_baselines if b not in EVAL_BASELINES]
+        if bad:
+            raise ConfigError(f"algo.eval_baselines has unknown entries {bad}; allowed: {list(EVAL_BASELINES)}")
 
 
 @register_algorithm("magrpo")
 class MAGRPO(Algorithm):
     Config = MAGRPOConfig
 
+    def __init__(self, cfg, env, run):
+        super().__init__(cfg, env, run)
+        self._baselines: tuple[tuple, dict[str, float]] | None = None  # (eval task ids, metrics)
+
+    def agent_models(self):
+        return ([load_model_preset(m) for m in self.cfg.agent_models] if self.cfg.agent_models
+                else [self.run.model] * len(self.cfg.agents))
+
+    def base_policies(self) -> dict[str, str]:
+        """Agent -> the frozen policy holding its untrained weights; agents with the same base
+        model share one (named after the first of them), so a homogeneous pair runs one engine."""
+        out: dict[str, str] = {}
+        for a, m in zip(self.cfg.agents, self.agent_models()):
+            out[a] = next((out[b] for b, mb in zip(self.cfg.agents, self.agent_models()) if b in out and mb == m),
+                          f"base-{a}")
+        return out
+
     def policy_specs(self):
         missing = [a for a in self.cfg.agents if a not in self.env.roles]
         if missing:
             raise ConfigError(f"env {self.run.env.name!r} has no prompt role for agents {missing}; "
                               f"its roles: {list(self.env.roles)}")
-        models = ([load_model_preset(m) for m in self.cfg.agent_models] if self.cfg.agent_models
-                  else [self.run.model] * len(self.cfg.agents))
-        return [PolicySpec(a, m, trainable=True, reference=self.cfg.kl_coef > 0)
-                for a, m in zip(self.cfg.agents, models)]
+        if "single" in self.cfg.eval_baselines and "single" not in self.env.roles:
+            raise ConfigError(f"algo.eval_baselines has 'single' but env {self.run.env.name!r} has no 'single' "
+                              f"role (its roles: {list(self.env.roles)}); drop it from algo.eval_baselines")
+        models = self.agent_models()
+        specs = [PolicySpec(a, m, trainable=True, reference=self.cfg.kl_coef > 0)
+                 for a, m in zip(self.cfg.agents, models)]
+        if self.cfg.eval_baselines:
+            bases = self.base_policies()
+            specs += [PolicySpec(bases[a], m, trainable=False)
+                      for a, m in zip(self.cfg.agents, models) if bases[a] == f"base-{a}"]
+        return specs
 
     @property
     def loss(self) -> LossConfig:
@@ -197,13 +238,78 @@ class MAGRPO(Algorithm):
         metrics["loss"] = mean(metrics.get(f"{a}/loss", float("nan")) for a in self.cfg.agents)
         return metrics
 
+    # ---- evaluation -------------------------------------------------------------------------------
+    def _answer(self, tasks, who: dict[str, str], contexts=None) -> dict[str, list[Completion]]:
+        """Every role in `who` (role -> policy name) answers every task once, greedily; all
+        requests are dispatched before any result is awaited (agents run in parallel)."""
+        contexts = contexts or [{} for _ in tasks]
+        pending = {role: self.policies[pol].generate_async(
+            [GenerationRequest(messages=self.env.prompt(t, role, **ctx.get(role, {})),
+                               sampling=self._sampling(1, i, greedy=True)) for i, (t, ctx) in enumerate(zip(tasks, contexts))])
+            for role, pol in who.items()}
+        return {role: [c[0] for c in p.result()] for role, p in pending.items()}
+
+    def _method(self, name: str, tasks, who: dict[str, str]) -> list[dict[str, list[Completion]]]:
+        """The generation stages of one evaluated method; each stage's roles answer in parallel."""
+        agents = list(who)
+        if name in ("trained", "naive", "single"):
+            return [self._answer(tasks, who)]
+        if name == "sequential":  # agent k sees the outputs of agents 1..k-1 (by name)
+            stages: list[dict[str, list[Completion]]] = []
+            for k, a in enumerate(agents):
+                ctx = [{a: {b: st[b][i].text for st, b in zip(stages, agents[:k])}} for i in range(len(tasks))]
+                stages.append(self._answer(tasks, {a: who[a]}, ctx))
+            return stages
+        if name == "discussion":  # parallel first answers, then one revision after reading the others'
+            first = self._answer(tasks, who)
+            ctx = [{a: {"previous": first[a][i].text,
+                        "feedback": DISCUSSION_FEEDBACK.format(others="\n\n".join(
+                            f"[{b}]\n{first[b][i].text.strip()}" for b in agents if b != a))} for a in agents}
+                   for i in range(len(tasks))]
+            return [first, self._answer(tasks, who, ctx)]
+        raise ValueError(f"unknown evaluation method {name!r}")
+
+    def _score_method(self, name: str, tasks) -> dict[str, float]:
+        """Run one method on `tasks` and score it: reward and components (the env's scale for the
+        roles involved), solved (reward at that max), pass (all unit tests passed, for envs with a
+        `tests` component), generations and tokens per task, and wall-clock generation cost:
+        latency_s = seconds from sending the batch's prompts to the last final output (all tasks
+        batched together), tokens_per_s = generated tokens / latency_s."""
+        bases = self.base_policies()
+        who = {"trained": {a: a for a in self.cfg.agents},
+               "single": {"single": bases[self.cfg.agents[0]]}}.get(name, {a: bases[a] for a in self.cfg.agents})
+        t0 = time.perf_counter()
+        stages = self._method(name, tasks, who)
+        seconds = time.perf_counter() - t0
+        final = {role: comps for st in stages for role, comps in st.items()}  # later stages overwrite
+        scores = self.env.reward_batch([(t, {r: final[r][i].text for r in who}) for i, t in enumerate(tasks)])
+        top = self.env.max_reward_for(list(who))
+        tokens = sum(len(c.completion_ids) for st in stages for comps in st.values() for c in comps)
+        out = {"reward": mean(s.total for s in scores),
+               "solved": mean(s.total >= top - 1e-9 for s in scores)}
+        for k in scores[0].components:
+            out[k] = mean(s.components.get(k, 0.0) for s in scores)
+        if "tests" in scores[0].components:
+            out["pass"] = mean(s.components.get("tests", 0.0) >= 1.0 - 1e-9 for s in scores)
+        out.update({"gens": float(sum(len(st) for st in stages)), "tokens": tokens / len(tasks),
+                    "latency_s": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else float("nan")})
+        return out
+
     def evaluate(self, tasks):
-        """Each agent answers once (greedy), in parallel; the env combines and scores the outputs."""
-        outs = self._generate(tasks, [{} for _ in tasks], 1, seed=0, greedy=True)
-        scores = [self.env.reward(t, {a: outs[a][i][0].text for a in self.cfg.agents})
-                  for i, t in enumerate(tasks)]
-        result = {"reward": mean(s.total for s in scores),
-                  "solved": mean(s.total >= self.max_reward - 1e-9 for s in scores)}
-        for k in (scores[0].components if scores else {}):
-            result[k] = mean(s.components.get(k, 0.0) for s in scores)
-        return result
+        """The trained agents (unprefixed keys) and the baselines (`<baseline>/<key>`). Baselines
+        run on frozen weights with greedy decoding, so they are computed at the first evaluation
+        of a task set and reused afterwards."""
+        if not tasks:
+            return {}
+        out = self._score_method("trained", tasks)
+        key = tuple(t["id"] for t in tasks)
+        if self.cfg.eval_baselines and (self._baselines is None or self._baselines[0] != key):
+            base: dict[str, float] = {}
+            for name in self.cfg.eval_baselines:
+                base.update({f"{name}/{k}": v for k, v in self._score_method(name, tasks).items()})
+            self._baselines = (key, base)
+            log.info("MAGRPO baselines on %d eval tasks (computed once, reused at later evaluations): %s",
+                     len(tasks), {k: round(v, 3) for k, v in base.items() if k.endswith("/reward")})
+        if self.cfg.eval_baselines:
+            out.update(self._baselines[1])
+        return out
