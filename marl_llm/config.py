@@ -39,6 +39,14 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
+    def __post_init__(self):
+        _positive("model.lora.r", self.r)
+        _positive("model.lora.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.lora.dropout={self.dropout!r} must be in [0, 1)")
+        if not self.target_modules:
+            raise ConfigError("model.lora.target_modules is empty; name the linear layers to adapt (e.g. q_proj)")
+
 
 @dataclass
 class ModelConfig:

@@ -157,6 +157,7 @@ class LearnerWorker:
         self.rank, self.world_size = rank, world_size
         self.model_path, self.model_cfg, self.cfg = model_path, model_cfg, learner_cfg
         self.policy_name, self.seed = policy_name, seed
+        self.lora = model_cfg.lora  # LoRA policy: see marl_llm/learner/lora.py
         self.on_gpu = runtime.has_gpu()
         os.environ.update(MASTER_ADDR=str(master_addr), MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size),
@@ -204,6 +205,8 @@ class LearnerWorker:
         self.loaded_partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
         if learner_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if self.lora is not None:  # frozen embeddings: checkpointed blocks need inputs with grads
+                model.enable_input_require_grads()
         self.engine, *_ = deepspeed.initialize(model=model, config=self._ds_config(train=True),
                                                model_parameters=[p for p in model.parameters() if p.requires_grad])
         self.engine.train()
@@ -239,6 +242,15 @@ class LearnerWorker:
         return cfg
 
     def _load_hf_model(self):
+        """The base model (partitioned at load under ZeRO-3), wrapped with a fresh LoRA adapter
+        for LoRA policies."""
+        model = self._load_base_model()
+        if self.lora is None:
+            return model
+        from marl_llm.learner import lora
+        return lora.wrap(model, self.lora)
+
+    def _load_base_model(self):
         import copy
 
         import torch
@@ -281,9 +293,12 @@ class LearnerWorker:
         self.ref.eval()
 
     def ready(self) -> dict:
-        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+        numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - ZeRO-3 shards report 0
+        n = sum(numel(p) for p in self.engine.module.parameters())
+        trainable = sum(numel(p) for p in self.engine.module.parameters() if p.requires_grad)
         return {"rank": self.rank, "world_size": self.world_size, "backend": self.backend,
                 "zero_stage": self.cfg.zero_stage, "bf16": self.bf16, "params": n,
+                "trainable_params": trainable, "lora": self.lora is not None,
                 "loaded_partitioned": self.loaded_partitioned, "init_seconds": self.init_seconds,
                 "pid": os.getpid()}
 
@@ -490,27 +505,39 @@ class LearnerWorker:
         the dict, the others None. Tied weights (lm_head = embed_tokens) appear under both names
         when `include_tied` (a strict `load_state_dict` wants both; safetensors keeps one).
         Gathers one module's parameters at a time (peak memory: the largest layer, not the model).
-        Parameters come in `named_parameters()` order, then (if `buffers`) persistent buffers."""
+        Parameters come in `named_parameters()` order, then (if `buffers`) persistent buffers.
+        LoRA policies: base names, adapters merged into their layers' weights (learner/lora.py)."""
         import torch
+
+        from marl_llm.learner import lora
 
         module = self.engine.module
         out: dict[str, torch.Tensor] | None = {} if self.rank == 0 else None
         seen: dict[int, str] = {}
 
+        def gathered(plist):
+            if self.cfg.zero_stage == 3:
+                import deepspeed
+                return deepspeed.zero.GatheredParameters(plist, modifier_rank=None)
+            import contextlib
+            return contextlib.nullcontext()
+
         def visit(mod, prefix: str):
+            if self.lora is not None and lora.is_lora_layer(mod):
+                with gathered(list(mod.parameters())):
+                    if out is not None:
+                        out[lora.hf_name(prefix + "weight")] = lora.merged_weight(mod).detach().to(
+                            "cpu", dtype=self.out_dtype, copy=True)
+                        if getattr(mod.base_layer, "bias", None) is not None:
+                            out[lora.hf_name(prefix + "bias")] = mod.base_layer.bias.detach().to(
+                                "cpu", dtype=self.out_dtype, copy=True)
+                return
             params = list(mod.named_parameters(recurse=False))
             if params:
-                plist = [p for _, p in params]
-                if self.cfg.zero_stage == 3:
-                    import deepspeed
-                    ctx = deepspeed.zero.GatheredParameters(plist, modifier_rank=None)
-                else:
-                    import contextlib
-                    ctx = contextlib.nullcontext()
-                with ctx:
+                with gathered([p for _, p in params]):
                     if out is not None:
                         for name, p in params:
-                            key = prefix + name
+                            key = lora.hf_name(prefix + name)
                             if id(p) in seen:
                                 if include_tied:
                                     out[key] = out[seen[id(p)]]
@@ -520,12 +547,28 @@ class LearnerWorker:
             if out is not None and buffers:
                 for name, b in mod.named_buffers(recurse=False):
                     if name not in mod._non_persistent_buffers_set:
-                        out[prefix + name] = b.detach().cpu().clone()
+                        out[lora.hf_name(prefix + name)] = b.detach().cpu().clone()
             for name, child in mod.named_children():
                 visit(child, prefix + name + ".")
 
         visit(module, "")
         return out
+
+    def adapter_state_dict(self) -> Optional[dict]:
+        """A LoRA policy's adapter tensors under peft's saved names. Collective; rank 0 gets it."""
+        from marl_llm.learner import lora
+
+        named = [(n, p) for n, p in self.engine.module.named_parameters() if lora.is_adapter_param(n)]
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+            ctx = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
+        else:
+            import contextlib
+            ctx = contextlib.nullcontext()
+        with ctx:
+            if self.rank != 0:
+                return None
+            return {lora.adapter_key(n): p.detach().to("cpu", dtype=self.out_dtype, copy=True) for n, p in named}
 
     def _model_for_saving(self, state: dict):
         import torch
@@ -545,6 +588,7 @@ class LearnerWorker:
         import tempfile
 
         state = self.full_state_dict(include_tied=True)
+        adapter = self.adapter_state_dict() if self.lora is not None else None
         if self.rank != 0:
             return None
         out = Path(out_dir)
@@ -560,12 +604,23 @@ class LearnerWorker:
                 if src.is_file() and not (tmp / name).exists():
                     shutil.copy(src, tmp / name)
             _ensure_rope_theta(tmp, self.hf_config)
+            if adapter is not None:
+                self._save_adapter(adapter, tmp)
             if out.exists():
                 shutil.rmtree(out)
             os.rename(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return str(out)
+
+    def _save_adapter(self, adapter: dict, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        from marl_llm.learner import lora
+
+        dest = folder / lora.ADAPTER_DIR
+        self.engine.module.peft_config["default"].save_pretrained(str(dest))
+        save_file({k: v.contiguous() for k, v in adapter.items()}, str(dest / "adapter_model.safetensors"))
 
     # ---- exact resume ---------------------------------------------------------------------------
     def save_state(self, out_dir: str) -> None:
@@ -599,9 +654,12 @@ class LearnerWorker:
         """What receivers need to allocate the pushed tensors (names, shapes, dtypes), without a gather."""
         import torch
 
+        from marl_llm.learner import lora
+
         if self._meta is None:
-            named = [(n, torch.empty(tuple(getattr(p, "ds_shape", p.shape)), dtype=self.out_dtype, device="meta"))
-                     for n, p in self.engine.module.named_parameters()]
+            named = [(lora.hf_name(n), torch.empty(tuple(getattr(p, "ds_shape", p.shape)), dtype=self.out_dtype,
+                                                   device="meta"))
+                     for n, p in self.engine.module.named_parameters() if not lora.is_adapter_param(n)]
             self._meta = _meta_of(named)
         return self._meta
 
