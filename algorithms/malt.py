@@ -61,12 +61,15 @@ generator) sampled `chains` times + MV, `baseline/gvr_mv` the untrained G-V-R + 
 frozen `base` policy (rollout workers only) and recomputes the untrained G-V-R chains at every
 evaluation (also under `python -m marl_llm.evaluate`); `none` skips them.
 
-Not yet supported: one LoRA adapter per role on one shared base (the paper's set-up). The engine
-has no per-policy adapters yet, so every role is a full copy (`role_weights=copies`);
-`role_weights=lora` or a model preset with `lora` set is rejected at start-up.
+Role weights: `role_weights=copies` (default) trains a full copy of the base per role;
+`role_weights=lora` (the paper's set-up) trains one LoRA adapter per role on the frozen base
+(`model.lora` sets rank, alpha and target modules; defaults r=16, alpha=32, attention
+projections). Each role's checkpoint is then the merged model plus its adapter in `adapter/`
+(marl_llm/learner/lora.py says how adapters reach the rollout engines).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -80,7 +83,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from algorithms.base import AlgoConfig, Algorithm
-from marl_llm.config import ConfigError, ModelConfig, load_model_preset
+from marl_llm.config import ConfigError, LoraConfig, ModelConfig, load_model_preset
 from marl_llm.losses import LossConfig
 from marl_llm.metrics import mean
 from marl_llm.policy import PolicySpec
@@ -109,7 +112,7 @@ class MALTConfig(AlgoConfig):
     # ---- roles
     # role -> conf/model preset name; null (or a role left out): the run's `model=`
     role_models: dict[str, Optional[str]] = field(default_factory=lambda: {r: None for r in ROLES})
-    role_weights: str = "copies"          # "copies" (full copy per role); "lora" is not yet supported
+    role_weights: str = "copies"          # "copies" (full copy per role) | "lora" (adapter per role)
     # ---- training
     sft_roles: list[str] = field(default_factory=lambda: list(ROLES))
     sft_epochs: int = 1
@@ -150,12 +153,8 @@ class MALTConfig(AlgoConfig):
         unknown = sorted(set(self.role_models) - set(ROLES))
         if unknown:
             bad("role_models", dict(self.role_models), f"keys must be roles of {list(ROLES)} (got {unknown})")
-        if self.role_weights == "lora":
-            raise ConfigError("algo.role_weights='lora' is not yet supported: one LoRA adapter per role on a "
-                              "shared base needs per-policy adapters in the engine; use role_weights=copies "
-                              "(a full copy per role)")
-        if self.role_weights != "copies":
-            bad("role_weights", self.role_weights, "choose one of ['copies'] ('lora' is not yet supported)")
+        if self.role_weights not in ("copies", "lora"):
+            bad("role_weights", self.role_weights, "choose one of ['copies', 'lora']")
         for key, roles, allowed in (("sft_roles", self.sft_roles, ROLES),
                                     ("dpo_roles", self.dpo_roles, ("verifier", "refiner"))):
             wrong = [r for r in roles if r not in allowed]
@@ -379,7 +378,6 @@ class MALT(Algorithm):
         if steps and cfg.iterations > steps:
             raise ConfigError(f"algo.iterations={cfg.iterations} needs trainer.steps >= {cfg.iterations} "
                               f"(each iteration collects for at least one step); got trainer.steps={steps}")
-        self._check_lora("model", run.model)
         # training state (see state_dict)
         self.steps_per_iteration = max(1, math.ceil(steps / cfg.iterations)) if steps else 1
         self.iteration = 0
@@ -389,19 +387,14 @@ class MALT(Algorithm):
         self._pending: list[Episode] = []
 
     # ---- policies ---------------------------------------------------------------------------------
-    @staticmethod
-    def _check_lora(what: str, model: ModelConfig) -> None:
-        if getattr(model, "lora", None) is not None:
-            raise ConfigError(f"{what}.lora is set, but MALT does not support LoRA roles yet: every role is a "
-                              "full copy of its model (algo.role_weights=copies); one adapter per role on a "
-                              "shared base needs per-policy adapters in the engine. Unset model.lora.")
-
     def role_model(self, role: str) -> ModelConfig:
         preset = self.cfg.role_models.get(role)
-        if not preset:
-            return self.run.model
-        model = load_model_preset(preset)
-        self._check_lora(f"algo.role_models.{role} ({preset})", model)
+        model = load_model_preset(preset) if preset else self.run.model
+        if self.cfg.role_weights == "lora":
+            return model if model.lora is not None else dataclasses.replace(model, lora=LoraConfig())
+        if model.lora is not None:
+            raise ConfigError(f"the {role}'s model ({preset or 'model='}) has lora set but algo.role_weights=copies "
+                              "(a full copy per role); use algo.role_weights=lora for one adapter per role")
         return model
 
     def policy_specs(self) -> list[PolicySpec]:

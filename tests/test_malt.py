@@ -4,6 +4,7 @@ Fake policies implement the Policy surface MALT uses (generate, generate_async, 
 logprobs, snapshot_reference) and answer from the prompt, so every value, label, dataset and
 vote below is computable by hand.
 """
+import dataclasses
 import json
 import os
 import re
@@ -423,8 +424,7 @@ def test_initial_baselines_reported_with_every_evaluation(tmp_path):
     (dict(value_threshold=1.0), "algo.value_threshold=1.0"),
     (dict(threshold_schedule=[0.5, 0.6]), "at most algo.iterations=1"),
     (dict(role_models={"critic": "tiny"}), "keys must be roles"),
-    (dict(role_weights="lora"), "not yet supported"),
-    (dict(role_weights="shared"), "choose one of ['copies']"),
+    (dict(role_weights="shared"), "choose one of ['copies', 'lora']"),
     (dict(dpo_roles=["generator"]), "generator_dpo"),
     (dict(sft_roles=["judge"]), "algo.sft_roles"),
     (dict(dpo_beta=0.0), "algo.dpo_beta"),
@@ -440,9 +440,6 @@ def test_bad_config(kw, needle):
 
 def test_run_level_checks(tmp_path):
     cfg = MALTConfig()
-    lora_model = ModelConfig(name="tiny", source="tiny", lora=LoraConfig())
-    with pytest.raises(ConfigError, match="model.lora is set"):
-        MALT(cfg, FakeEnv(EnvConfig(name="fake")), make_run(tmp_path, cfg, model=lora_model))
     cfg = MALTConfig(iterations=3)
     with pytest.raises(ConfigError, match="algo.iterations=3 needs trainer.steps >= 3"):
         MALT(cfg, FakeEnv(EnvConfig(name="fake")), make_run(tmp_path, cfg, steps=2))
@@ -456,6 +453,21 @@ def test_policy_specs(tmp_path):
     algo, _ = make_algo(tmp_path, baselines="frozen", generator_dpo=True)
     specs = {s.name: s for s in algo.policy_specs()}
     assert specs["generator"].reference and not specs["base"].trainable
+
+    # one LoRA adapter per role: every role's model carries the adapter settings; a LoRA model with
+    # full copies is a contradiction and says so
+    algo, _ = make_algo(tmp_path, role_weights="lora")
+    specs = algo.policy_specs()
+    assert [s.model.lora for s in specs] == [LoraConfig()] * 3
+    assert all(dataclasses.replace(s.model, lora=None) == algo.run.model for s in specs)
+    cfg = MALTConfig()
+    lora_model = ModelConfig(name="tiny", source="tiny", lora=LoraConfig(r=4))
+    algo = MALT(cfg, FakeEnv(EnvConfig(name="fake")), make_run(tmp_path, cfg, model=lora_model))
+    with pytest.raises(ConfigError, match="has lora set but algo.role_weights=copies"):
+        algo.policy_specs()
+    cfg = MALTConfig(role_weights="lora")
+    algo = MALT(cfg, FakeEnv(EnvConfig(name="fake")), make_run(tmp_path, cfg, model=lora_model))
+    assert {s.model.lora.r for s in algo.policy_specs()} == {4}
 
     class NoRoles(FakeEnv):
         roles = ("single",)
@@ -510,7 +522,8 @@ def _engines_missing():
 
 
 @pytest.mark.slow
-def test_end_to_end_one_iteration_saves_all_roles(tmp_path):
+@pytest.mark.parametrize("role_weights", ["copies", "lora"])
+def test_end_to_end_one_iteration_saves_all_roles(tmp_path, role_weights):
     reason = _engines_missing()
     if reason:
         pytest.skip(f"engines unavailable: {reason}")
@@ -519,12 +532,14 @@ def test_end_to_end_one_iteration_saves_all_roles(tmp_path):
            "trainer.steps=1", "trainer.batch_size=2", "trainer.eval_every=1", "trainer.eval_size=2",
            "algo.chains=2", "env.train_size=8", "env.eval_size=2", "rollout.backend=hf",
            "rollout.max_new_tokens=8", "trainer.tensorboard=false", "trainer.progress=false",
-           f"trainer.output_dir={out}"]
+           f"algo.role_weights={role_weights}", f"trainer.output_dir={out}"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=Path(__file__).resolve().parent.parent,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     for role in ROLES:
         assert (out / "checkpoints" / "step_1" / role / "config.json").is_file(), role
+        adapter = out / "checkpoints" / "step_1" / role / "adapter" / "adapter_config.json"
+        assert adapter.is_file() == (role_weights == "lora"), role
     eps = TrajectoryBuffer.load(out / "buffer.jsonl").episodes
     assert len(eps) == 2 and all(len(e.turns) == 2 + 4 + 8 for e in eps)
     assert (out / "malt_dataset" / "iter_0.jsonl").is_file()
@@ -533,8 +548,10 @@ def test_end_to_end_one_iteration_saves_all_roles(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_role_sft_then_dpo_on_a_real_learner(tmp_path):
-    """MALT's SFT -> snapshot -> reference log-probs -> DPO sequence on a real ZeRO-3 learner group."""
+@pytest.mark.parametrize("lora", [None, LoraConfig(r=8, alpha=16)], ids=["copy", "lora"])
+def test_train_role_sft_then_dpo_on_a_real_learner(tmp_path, lora):
+    """MALT's SFT -> snapshot -> reference log-probs -> DPO sequence on a real ZeRO-3 learner group,
+    for a full-copy role and a LoRA role (the adapter is what SFT and DPO train)."""
     reason = _engines_missing()
     if reason:
         pytest.skip(f"engines unavailable: {reason}")
@@ -549,13 +566,13 @@ def test_train_role_sft_then_dpo_on_a_real_learner(tmp_path):
     from marl_llm.policy import Policy, PolicySpec
     from marl_llm.types import PairSample, Sample
 
-    model = ModelConfig(name="tiny", source="tiny")
+    model = ModelConfig(name="tiny", source="tiny", lora=lora)
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": runtime.actor_env()})
     group = LearnerGroup("refiner", resolve_model(model), model,
-                         LearnerConfig(num_ranks=1, num_cpus=1, lr=5e-3, micro_batch_size=4, bf16="false",
+                         LearnerConfig(num_ranks=1, num_cpus=1, lr=5e-3 if lora is None else 2e-2, micro_batch_size=4, bf16="false",
                                        collective_timeout_s=120), 0, True, runtime.actor_env())
     try:
         policy = Policy(PolicySpec("refiner", model, reference=True), [], group)
