@@ -6,12 +6,15 @@ the trainer needs lives here.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 from marl_llm import runtime
 from marl_llm.config import ClusterConfig, RunConfig
+from marl_llm.learner.lora import ADAPTER_DIR
 from marl_llm.models import resolve_model
 from marl_llm.policy import Policy, PolicySpec
 
@@ -50,29 +53,62 @@ class Cluster:
         return self.ray.get(refs, timeout=timeout)
 
     def build_policy(self, spec: PolicySpec, run: RunConfig, init_path: Optional[str] = None) -> Policy:
+        return self.build_policies([spec], run, {spec.name: init_path})[spec.name]
+
+    def build_policies(self, specs: list[PolicySpec], run: RunConfig,
+                       init_paths: Optional[dict[str, Optional[str]]] = None) -> dict[str, Policy]:
         """Rollout workers for every policy; a ZeRO-3 learner group only for trainable ones.
 
-        `init_path` (a checkpoint's HF folder) is what the rollout workers load on resume. The
-        learner always starts from the base model, so its KL/DPO reference is the base model, and
-        gets the trained weights and optimiser from the checkpoint's DeepSpeed state."""
+        `init_paths[name]` (a checkpoint's HF folder) is what the rollout workers load on resume.
+        The learner always starts from the base model, so its KL/DPO reference is the base model,
+        and gets the trained weights and optimiser from the checkpoint's DeepSpeed state.
+
+        LoRA policies (`model.lora`) on the vLLM backend with the same base model share one set
+        of rollout workers (one engine, one adapter slot per policy); the rollout workers load a
+        checkpoint's `adapter/` folder instead of its merged weights."""
+        init_paths = init_paths or {}
+        shared: dict[tuple, list[PolicySpec]] = {}
+        for s in specs:
+            if s.model.lora is not None and run.rollout.backend == "vllm":
+                base = dataclasses.replace(s.model, name="", lora=None)
+                shared.setdefault((resolve_model(s.model), repr(base)), []).append(s)
+            elif s.model.lora is not None:
+                log.info("policy %r: rollout.backend=%s serves no LoRA adapters; the policy gets its own "
+                         "engine and the learner pushes merged weights", s.name, run.rollout.backend)
+        engines: dict[str, tuple[list, Optional[str]]] = {}
+        for group in shared.values():
+            lora = {"max_loras": len(group), "max_lora_rank": max(s.model.lora.r for s in group)}
+            workers = self._rollout_workers(group[0], run, None, lora, "+".join(s.name for s in group))
+            for s in group:
+                engines[s.name] = (workers, s.name)
+                saved = Path(init_paths[s.name]) / ADAPTER_DIR if init_paths.get(s.name) else None
+                if saved is not None and saved.is_dir():
+                    self.get([w.load_adapter_dir.remote(s.name, str(saved)) for w in workers])
+        policies = {}
+        for s in specs:
+            workers, adapter = engines.get(s.name) or (self._rollout_workers(s, run, init_paths.get(s.name)), None)
+            learner = None
+            if s.trainable:
+                from marl_llm.learner.group import LearnerGroup
+                learner = LearnerGroup(s.name, resolve_model(s.model), s.model, s.learner or run.learner,
+                                       run.seed, s.reference, runtime.actor_env())
+            infos = self.get([w.ready.remote() for w in workers])
+            log.info("policy %r: %d rollout worker(s) [%s%s], %s", s.name, len(workers),
+                     infos[0].get("engine", "?") if infos else "-",
+                     f", LoRA adapter {adapter!r} on a shared engine" if adapter else "",
+                     "trainable" if learner else "frozen (rollout only)")
+            policies[s.name] = Policy(s, workers, learner, get=self.get,
+                                      sync_timeout_s=run.rollout.weight_sync_timeout_s, adapter=adapter)
+        return policies
+
+    def _rollout_workers(self, spec: PolicySpec, run: RunConfig, init_path: Optional[str],
+                         lora: Optional[dict] = None, name: Optional[str] = None) -> list:
         from marl_llm.rollout.worker import RolloutWorker
 
-        base = resolve_model(spec.model)
-        env_vars = runtime.actor_env()
         actor = self.ray.remote(RolloutWorker).options(
-            num_cpus=run.rollout.num_cpus, runtime_env={"env_vars": env_vars})
-        workers = [actor.remote(init_path or base, spec.model, run.rollout, run.seed + i, spec.name)
-                   for i in range(run.rollout.num_workers)]
-        learner = None
-        if spec.trainable:
-            from marl_llm.learner.group import LearnerGroup
-            learner = LearnerGroup(spec.name, base, spec.model, spec.learner or run.learner,
-                                   run.seed, spec.reference, env_vars)
-        infos = self.get([w.ready.remote() for w in workers])
-        log.info("policy %r: %d rollout worker(s) [%s], %s", spec.name, len(workers),
-                 infos[0].get("engine", "?") if infos else "-",
-                 "trainable" if learner else "frozen (rollout only)")
-        return Policy(spec, workers, learner, get=self.get, sync_timeout_s=run.rollout.weight_sync_timeout_s)
+            num_cpus=run.rollout.num_cpus, runtime_env={"env_vars": runtime.actor_env()})
+        return [actor.remote(init_path or resolve_model(spec.model), spec.model, run.rollout, run.seed + i,
+                             name or spec.name, lora) for i in range(run.rollout.num_workers)]
 
     def cpus_needed(self, specs: list[PolicySpec], run: RunConfig) -> float:
         total = 0.0

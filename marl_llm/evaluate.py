@@ -78,9 +78,8 @@ def evaluate(run, ckpt: Path | None) -> dict:
     cluster = Cluster(run.cluster).start(Cluster(run.cluster).cpus_needed(specs, run))
     policies = {}
     try:
-        for s in specs:
-            init = ckpt / s.name if ckpt is not None and (ckpt / s.name).is_dir() else None
-            policies[s.name] = cluster.build_policy(s, run, init_path=str(init) if init else None)
+        policies.update(cluster.build_policies(specs, run, {
+            s.name: str(ckpt / s.name) if ckpt is not None and (ckpt / s.name).is_dir() else None for s in specs}))
         algo.setup(policies, TrajectoryBuffer())
         tasks = env.eval_tasks()[: run.trainer.eval_size]
         metrics = algo.evaluate(tasks)

@@ -44,8 +44,10 @@ class Pending:
 
 class Policy:
     def __init__(self, spec: PolicySpec, rollout_workers: list, learner=None, get=None,
-                 sync_timeout_s: Optional[float] = None):
+                 sync_timeout_s: Optional[float] = None, adapter: Optional[str] = None):
         self.spec = spec
+        # LoRA policy on a shared engine: its requests name this adapter; syncs push only the adapter
+        self.adapter = adapter
         self.name = spec.name
         self.rollout_workers = rollout_workers
         self.learner = learner
@@ -65,7 +67,7 @@ class Policy:
         refs, splits = [], []
         for w, (a, b) in zip(self.rollout_workers, zip(bounds, bounds[1:])):
             if b > a:
-                refs.append(w.generate.remote(list(requests[a:b])))
+                refs.append(w.generate.remote(list(requests[a:b]), self.adapter))
                 splits.append(list(range(a, b)))
         return Pending(refs, splits, n, self._get)
 
@@ -93,7 +95,11 @@ class Policy:
         self._require_learner("snapshot a reference").snapshot_reference()
 
     def sync_weights(self) -> None:
-        """Push the learner's weights to every rollout worker of this policy."""
+        """Push the learner's weights (a LoRA policy on a shared engine: its adapter) to every
+        rollout worker of this policy."""
         if self.learner is not None and self.dirty:
-            self.learner.push_weights(self.rollout_workers, timeout_s=self.sync_timeout_s)
+            if self.adapter is not None:
+                self.learner.push_adapter(self.rollout_workers, self.adapter, timeout_s=self.sync_timeout_s)
+            else:
+                self.learner.push_weights(self.rollout_workers, timeout_s=self.sync_timeout_s)
             self.dirty = False

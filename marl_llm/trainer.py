@@ -87,9 +87,9 @@ class Trainer:
         try:
             # ---- build: rollout workers for every policy, learner groups for trainable ones
             with self.timer("setup"):
+                inits = {s.name: str(ckpt / s.name) if ckpt is not None and s.trainable else None for s in specs}
+                policies.update(cluster.build_policies(specs, run, inits))
                 for spec in specs:
-                    init = str(ckpt / spec.name) if ckpt is not None and spec.trainable else None
-                    policies[spec.name] = cluster.build_policy(spec, run, init_path=init)
                     if ckpt is not None and spec.trainable:
                         policies[spec.name].learner.load_state(str(ckpt / "_deepspeed" / spec.name))
             buffer_path = out / "buffer.jsonl"

@@ -1,6 +1,7 @@
-"""LoRA policies: a peft adapter trained on a frozen base by the ZeRO-3 learner (2 ranks), merged
-weights pushed to the vLLM rollout engine, and a saved adapter that reproduces the trained model
-on the untouched base."""
+"""LoRA policies: a peft adapter trained on a frozen base by the ZeRO-3 learner (2 ranks); two
+LoRA policies served by ONE vLLM engine, each request through its policy's adapter; a sync pushes
+only the adapter; the saved folder holds the merged model and the adapter, which reproduces the
+trained model on the untouched base."""
 import os
 
 import pytest
@@ -40,7 +41,7 @@ def test_lora_from_the_command_line_config():
 
 
 @pytest.fixture(scope="module")
-def policy(ray_session):
+def policies(ray_session):
     from marl_llm.cluster import Cluster
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -48,9 +49,16 @@ def policy(ray_session):
             "env=toy", "model=tiny", "+model.lora.r=8", "+model.lora.alpha=16", "learner.num_ranks=2",
             "rollout.backend=vllm", "learner.lr=0.01"])
     run = validate(cfg)
-    p = Cluster(run.cluster).start().build_policy(PolicySpec("policy", run.model, reference=True), run)
-    yield p
-    p.learner.shutdown()
+    specs = [PolicySpec("policy", run.model, reference=True), PolicySpec("other", run.model)]
+    ps = Cluster(run.cluster).start().build_policies(specs, run)
+    yield ps
+    for p in ps.values():
+        p.learner.shutdown()
+
+
+@pytest.fixture(scope="module")
+def policy(policies):
+    return policies["policy"]
 
 
 def greedy(policy):
@@ -74,13 +82,17 @@ def hf_logprobs(model, samples):
     return out
 
 
-def test_lora_trains_adapter_only_and_rollout_follows(policy, tmp_path, tiny_model_path):
+def test_lora_trains_adapter_only_and_rollout_follows(policies, policy, tmp_path, tiny_model_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    other = policies["other"]
+    assert policy.rollout_workers == other.rollout_workers  # one engine for both adapters
+    assert (policy.adapter, other.adapter) == ("policy", "other")
     info = policy.learner.info[0]
     assert info["lora"] and 0 < info["trainable_params"] < info["params"] / 10, info
     before = greedy(policy)
+    assert [c.completion_ids for c in greedy(other)] == [c.completion_ids for c in before]
     # a fresh adapter (B = 0) is the base model: learner and engine agree
     assert close(before, policy.logprobs([Sample(c.prompt_ids, c.completion_ids) for c in before]))
 
@@ -93,6 +105,14 @@ def test_lora_trains_adapter_only_and_rollout_follows(policy, tmp_path, tiny_mod
     assert all(target in c.completion_ids for c in after), [c.completion_ids for c in after]
     trained = policy.logprobs([Sample(c.prompt_ids, c.completion_ids) for c in after])
     assert close(after, trained)
+    # the other adapter on the same engine still computes the base model
+    assert [c.completion_ids for c in greedy(other)] == [c.completion_ids for c in before]
+    # a second sync replaces the adapter (a new id, so vLLM does not serve a cached copy)
+    policy.train(sft, LossConfig(kind="sft"))
+    policy.sync_weights()
+    again = greedy(policy)
+    assert close(again, policy.logprobs([Sample(c.prompt_ids, c.completion_ids) for c in again]))
+    after, trained = again, policy.logprobs([Sample(c.prompt_ids, c.completion_ids) for c in again])
 
     # the saved folder is the merged model; its adapter on the ORIGINAL base reproduces it, so the
     # base stayed frozen and only the adapter moved

@@ -26,6 +26,11 @@ def test_writing_two_agents_both_saved(tmp_path):
         assert key in recs[0], key
     for agent in ("agent1", "agent2"):
         assert (tmp_path / "checkpoints" / "step_2" / agent / "model.safetensors").is_file()
+    # the untrained base is a frozen rollout-only policy: never checkpointed
+    assert not (tmp_path / "checkpoints" / "step_2" / "base-agent1").exists()
+    for key in ("eval/reward", "eval/tokens_per_s", "eval/latency_s", "eval/single/reward", "eval/naive/structure",
+                "eval/sequential/reward", "eval/discussion/gens"):
+        assert key in recs[-1], key
 
 
 @pytest.mark.slow

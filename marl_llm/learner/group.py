@@ -232,6 +232,20 @@ class LearnerGroup:
         out["push_s"] = time.time() - t0
         return out
 
+    def push_adapter(self, rollout_workers: list, adapter: str, timeout_s: Optional[float] = None) -> dict:
+        """A LoRA policy's sync: gather only the adapter (ZeRO-3, all ranks) and hand it to the
+        rollout workers, which serve it as `adapter` on their shared base engine."""
+        timeout = float(timeout_s or self.cfg.collective_timeout_s)
+        t0 = time.time()
+        state = self._run("adapter gather", "adapter_state_dict", timeout=timeout)[0]
+        t1 = time.time()
+        ref = self.ray.put(state)
+        refs = [w.load_adapter.remote(adapter, ref, self.model_cfg.lora) for w in rollout_workers]
+        self._get_all(refs, "adapter push", timeout=timeout,
+                      names=[f"rollout worker {i}" for i in range(len(refs))])
+        return {"gather_s": t1 - t0, "push_s": time.time() - t0,
+                "bytes": sum(t.numel() * t.element_size() for t in state.values())}
+
     def counters(self) -> dict:
         """Rank 0's step counters: DeepSpeed's global_steps and AdamW's own step count."""
         a0 = self.actors[0]

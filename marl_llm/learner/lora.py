@@ -7,9 +7,12 @@ the adapter merged in (W + scale * B @ A), so rollout engines, resumes and `from
 ordinary model of the base architecture; `save_hf` also writes the adapter alone (peft format,
 `<folder>/adapter/`) for users who want to serve or share it.
 
-Decided: rollout engines receive merged weights (one engine per policy), not vLLM LoRA requests
-on one shared engine. Merged pushes reuse the checked full-weight reload path unchanged; the
-memory saved by LoRA here is the learner's (gradients and AdamW state for the adapter only).
+Rollout: on the vLLM backend, LoRA policies with the same base model share ONE engine with an
+adapter slot each; a sync gathers only the adapter and the engine serves it per request
+(`marl_llm.cluster.Cluster.build_policies`, `RolloutWorker.load_adapter`). Backends without
+multi-LoRA serving (hf) give the policy its own engine and receive the merged weights instead.
+The learner saves what LoRA saves: gradients and AdamW state exist for the adapter only; each
+policy's learner group still holds its own (frozen, partitioned) copy of the base.
 """
 from __future__ import annotations
 

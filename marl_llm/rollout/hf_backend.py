@@ -102,7 +102,9 @@ class HFBackend(RolloutBackend):
         return {**super().info(), "device": self.device.type, "engine_start_s": round(self.start_s, 2)}
 
     # ---- generation ------------------------------------------------------------------------
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
+    def generate(self, requests: Sequence[GenerationRequest], adapter=None) -> list[list[Completion]]:
+        if adapter is not None:
+            raise NotImplementedError("the hf rollout backend serves no LoRA adapters")
         prompts = [self.prompt_ids(r) for r in requests]
         out: list = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}

@@ -31,7 +31,7 @@ import gc
 import logging
 import os
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -99,11 +99,23 @@ def engine_in_process() -> bool:
     return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1").strip().lower() in ("0", "false")
 
 
+# vLLM accepts only these adapter ranks as the engine's maximum
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_engine_args(max_loras: int, max_rank: int) -> dict:
+    rank = next((r for r in LORA_RANKS if r >= max_rank), None)
+    if rank is None:
+        raise ValueError(f"LoRA rank {max_rank} is above vLLM's maximum {LORA_RANKS[-1]}")
+    return dict(enable_lora=True, max_loras=max_loras, max_lora_rank=rank)
+
+
 class VLLMBackend(RolloutBackend):
     name = "vllm"
+    multi_lora = True
 
     def __init__(self, model_path: str, model_cfg: ModelConfig, rollout_cfg: RolloutConfig,
-                 seed: int, tokenizer=None):
+                 seed: int, tokenizer=None, lora: Optional[dict] = None):
         super().__init__(model_path, model_cfg, rollout_cfg, seed, tokenizer)
         from marl_llm import runtime
         runtime.apply_defaults()
@@ -121,6 +133,10 @@ class VLLMBackend(RolloutBackend):
             tensor_parallel_size=rollout_cfg.tensor_parallel_size,
             logprobs_mode=LOGPROBS_MODE, worker_extension_cls=EXTENSION,
         )
+        if lora:  # {"max_loras": adapters sharing this engine, "max_lora_rank": their largest r}
+            kw.update(lora_engine_args(lora["max_loras"], lora["max_lora_rank"]))
+        self.adapters: dict = {}  # adapter name -> vllm LoRARequest
+        self._lora_ids = 0
         if self.gpu:
             kw.update(gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, enable_sleep_mode=True)
         else:
@@ -144,12 +160,24 @@ class VLLMBackend(RolloutBackend):
                 "logprobs_mode": LOGPROBS_MODE, "engine_start_s": round(self.start_s, 2)}
 
     # ---- generation ------------------------------------------------------------------------
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
+    def set_adapter(self, name: str, path: str) -> None:
+        from vllm.lora.request import LoRARequest
+
+        self._lora_ids += 1  # a new id: vLLM caches adapters by id
+        old = self.adapters.get(name)
+        self.adapters[name] = LoRARequest(name, self._lora_ids, path)
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+        log.info("vLLM: adapter %r now served from %s (id %d)", name, path, self._lora_ids)
+
+    def generate(self, requests: Sequence[GenerationRequest], adapter: Optional[str] = None) -> list[list[Completion]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         if not requests:
             return []
+        if adapter is not None and adapter not in self.adapters:
+            raise KeyError(f"adapter {adapter!r} is not loaded (loaded: {sorted(self.adapters)})")
         prompts, params, copies = [], [], []
         for r in requests:
             s = r.sampling
@@ -161,7 +189,8 @@ class VLLMBackend(RolloutBackend):
                 n=1 if greedy else s.n, temperature=s.temperature, top_p=s.top_p, top_k=0, max_tokens=s.max_tokens,
                 seed=s.seed, stop=list(s.stop) if s.stop else None, logprobs=0,
                 skip_special_tokens=True))
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        outs = self.llm.generate(prompts, params, use_tqdm=False,
+                                 lora_request=self.adapters[adapter] if adapter is not None else None)
         result = []
         for prompt, out, k in zip(prompts, outs, copies):
             pids = list(prompt["prompt_token_ids"])

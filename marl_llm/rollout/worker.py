@@ -5,20 +5,27 @@
 owns the tokenizer (chat templating happens here, in the worker process), validates every weight
 update against the checkpoint's names and shapes before an engine sees it, and joins the
 learner's weight broadcast (`marl_llm.weight_sync`).
+
+LoRA policies on the vLLM backend share one engine per base model: the worker is started with
+`lora` slots, every request names its policy's adapter, and a weight sync replaces that adapter
+(`load_adapter`) instead of the engine's weights. Before its first adapter arrives a policy is
+served by the plain base model, which is what a fresh adapter (B = 0) computes.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from marl_llm.config import ModelConfig, RolloutConfig
+from marl_llm.config import LoraConfig, ModelConfig, RolloutConfig
 from marl_llm.types import Completion, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -136,9 +143,11 @@ class RolloutBackend(ABC):
 
     name: str = "?"
     version: str = "?"
+    #: serves several LoRA adapters on one base (`lora` slots, `set_adapter`, `generate(adapter=)`)
+    multi_lora: bool = False
 
     def __init__(self, model_path: str, model_cfg: ModelConfig, rollout_cfg: RolloutConfig,
-                 seed: int, tokenizer=None):
+                 seed: int, tokenizer=None, lora: Optional[dict] = None):
         self.model_path, self.model_cfg, self.rollout_cfg, self.seed = model_path, model_cfg, rollout_cfg, seed
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
         self.spec = WeightSpec(model_path)
@@ -153,8 +162,13 @@ class RolloutBackend(ABC):
             log.info(msg, *args)
 
     @abstractmethod
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
-        """One list of `request.sampling.n` completions per request, in request order."""
+    def generate(self, requests: Sequence[GenerationRequest], adapter: Optional[str] = None) -> list[list[Completion]]:
+        """One list of `request.sampling.n` completions per request, in request order; with
+        `adapter`, through that LoRA adapter (`set_adapter`)."""
+
+    def set_adapter(self, name: str, path: str) -> None:
+        """Serve adapter `name` from the peft folder `path` from now on (replacing an older one)."""
+        raise NotImplementedError(f"the {self.name} rollout backend serves no LoRA adapters")
 
     @abstractmethod
     def load_weights(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
@@ -173,14 +187,22 @@ class RolloutBackend(ABC):
         return {"engine": self.name, "version": self.version}
 
 
-def make_backend(model_path: str, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, seed: int,
-                 tokenizer=None) -> RolloutBackend:
-    if rollout_cfg.backend == "vllm":
+def backend_class(name: str) -> type[RolloutBackend]:
+    if name == "vllm":
         from marl_llm.rollout.vllm_backend import VLLMBackend
-        return VLLMBackend(model_path, model_cfg, rollout_cfg, seed, tokenizer)
-    if rollout_cfg.backend == "hf":
+        return VLLMBackend
+    if name == "hf":
         from marl_llm.rollout.hf_backend import HFBackend
-        return HFBackend(model_path, model_cfg, rollout_cfg, seed, tokenizer)
+        return HFBackend
+    raise ValueError(f"rollout.backend={name!r}: choose 'vllm' or 'hf'")
+
+
+def make_backend(model_path: str, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, seed: int,
+                 tokenizer=None, lora: Optional[dict] = None) -> RolloutBackend:
+    cls = backend_class(rollout_cfg.backend)
+    if lora and not cls.multi_lora:
+        raise ValueError(f"the {cls.name} rollout backend serves no LoRA adapters (lora slots {lora})")
+    return cls(model_path, model_cfg, rollout_cfg, seed, tokenizer, **({"lora": lora} if lora else {}))
     raise ValueError(f"rollout.backend={rollout_cfg.backend!r}: choose 'vllm' or 'hf'")
 
 
@@ -189,7 +211,7 @@ class RolloutWorker:
     """Hosts one backend for one policy. Every method is safe to call through a Ray actor."""
 
     def __init__(self, model_path: str, model_cfg: ModelConfig, rollout_cfg: RolloutConfig,
-                 seed: int, policy_name: str):
+                 seed: int, policy_name: str, lora: Optional[dict] = None):
         from marl_llm import runtime
         runtime.apply_defaults()
         if not runtime.has_gpu():
@@ -199,10 +221,12 @@ class RolloutWorker:
         self.rollout_cfg = rollout_cfg
         t0 = time.perf_counter()
         self.tokenizer = load_tokenizer(self.model_path)
-        self.backend = make_backend(self.model_path, model_cfg, rollout_cfg, seed, self.tokenizer)
+        self.backend = make_backend(self.model_path, model_cfg, rollout_cfg, seed, self.tokenizer, lora)
         self.start_s = time.perf_counter() - t0
         self.sync = None
         self.weight_version = 0
+        self.adapter_dir = Path(tempfile.mkdtemp(prefix="marl_llm_adapters_")) if lora else None
+        self.adapter_versions: dict[str, int] = {}
         log.info("rollout worker for policy %r: %s %s ready in %.1fs", policy_name,
                  self.backend.name, self.backend.version, self.start_s)
 
@@ -210,12 +234,46 @@ class RolloutWorker:
         return {**self.backend.info(), "policy": self.policy_name, "model_path": self.model_path,
                 "start_s": round(self.start_s, 2), "pid": os.getpid(), "weight_version": self.weight_version}
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
+    def generate(self, requests: Sequence[GenerationRequest], adapter: Optional[str] = None) -> list[list[Completion]]:
         # template here, once, so both backends see token ids only
         reqs = [r if r.prompt_ids is not None else
                 GenerationRequest(prompt_ids=prompt_ids_of(self.tokenizer, r), sampling=r.sampling)
                 for r in requests]
-        return self.backend.generate(reqs)
+        # an adapter with no weights yet is still B = 0: the base model serves it
+        return self.backend.generate(reqs, adapter=adapter if self.adapter_versions.get(adapter) else None)
+
+    # ---- LoRA adapters (shared engine) -----------------------------------------------------
+    def load_adapter(self, name: str, tensors: dict, lora: LoraConfig) -> int:
+        """Write a pushed adapter as a peft folder and serve it as `name` (the old one is dropped)."""
+        import peft
+        from safetensors.torch import save_file
+
+        if self.adapter_dir is None:
+            raise RuntimeError(f"rollout worker {self.policy_name!r} was started without LoRA slots")
+        version = self.adapter_versions.get(name, 0) + 1
+        folder = self.adapter_dir / f"{name}-v{version}"
+        peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
+                        base_model_name_or_path=self.model_path).save_pretrained(str(folder))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+        return self._serve(name, folder, version)
+
+    def load_adapter_dir(self, name: str, path: str) -> int:
+        """Serve `name` from a saved adapter (a checkpoint's `<policy>/adapter`)."""
+        if self.adapter_dir is None:
+            raise RuntimeError(f"rollout worker {self.policy_name!r} was started without LoRA slots")
+        version = self.adapter_versions.get(name, 0) + 1
+        folder = self.adapter_dir / f"{name}-v{version}"
+        shutil.copytree(path, folder)
+        return self._serve(name, folder, version)
+
+    def _serve(self, name: str, folder: Path, version: int) -> int:
+        self.backend.set_adapter(name, str(folder))
+        old = self.adapter_dir / f"{name}-v{version - 1}"
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        self.adapter_versions[name] = version
+        return version
 
     # ---- weights ---------------------------------------------------------------------------
     def load_weights(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> int:
@@ -265,3 +323,5 @@ class RolloutWorker:
             self.sync.close()
             self.sync = None
         self.backend.shutdown()
+        if self.adapter_dir is not None:
+            shutil.rmtree(self.adapter_dir, ignore_errors=True)
