@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -61,6 +62,8 @@ class MAGRPOConfig(AlgoConfig):
     # policy writes the feedback as an expert
     feedback: str = "env"
     early_stop: bool = True
+    # each agent has its own learner group: train them at the same time
+    parallel_agents: bool = True
     # baselines scored next to the trained agents at every evaluation (see the module docstring);
     # each distinct base model adds one frozen policy (rollout workers only)
     eval_baselines: list[str] = field(default_factory=lambda: list(EVAL_BASELINES))
@@ -232,9 +235,14 @@ class MAGRPO(Algorithm):
                     for s, r in zip(samples[a], self.policies[a].logprobs(samples[a], reference=True)):
                         s.ref_logprobs = r
         with self.timer("train"):
-            for a in self.cfg.agents:
-                for k, v in self.policies[a].train(samples[a], self.loss).items():
-                    metrics[f"{a}/{k}"] = v
+            train = lambda a: self.policies[a].train(samples[a], self.loss)  # noqa: E731
+            if self.cfg.parallel_agents and len(self.cfg.agents) > 1:
+                with ThreadPoolExecutor(max_workers=len(self.cfg.agents), thread_name_prefix="magrpo-train") as pool:
+                    results = list(pool.map(train, self.cfg.agents))
+            else:
+                results = [train(a) for a in self.cfg.agents]
+            for a, res in zip(self.cfg.agents, results):
+                metrics.update({f"{a}/{k}": v for k, v in res.items()})
         metrics["loss"] = mean(metrics.get(f"{a}/loss", float("nan")) for a in self.cfg.agents)
         return metrics
 

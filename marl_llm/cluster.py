@@ -84,6 +84,7 @@ class Cluster:
                 saved = Path(init_paths[s.name]) / ADAPTER_DIR if init_paths.get(s.name) else None
                 if saved is not None and saved.is_dir():
                     self.get([w.load_adapter_dir.remote(s.name, str(saved)) for w in workers])
+                    log.info("policy %r: serving the LoRA adapter saved in %s", s.name, saved)
         policies = {}
         for s in specs:
             workers, adapter = engines.get(s.name) or (self._rollout_workers(s, run, init_paths.get(s.name)), None)

@@ -138,3 +138,11 @@ def test_coding_reports_pass_rate_on_unit_tests():
     out = algo.evaluate([task])
     assert out["single/pass"] == 1.0 and out["single/reward"] == 1.0 and out["single/solved"] == 1.0
     assert out["pass"] == 1.0 and out["tests"] == 1.0
+
+
+def test_defaults_documented_in_yaml_match_dataclass():
+    from omegaconf import OmegaConf
+    yaml = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "algo" / "magrpo.yaml"))
+    cfg = MAGRPOConfig()
+    assert {k: getattr(cfg, k) for k in yaml} == yaml
+    assert set(yaml) == set(vars(cfg))

@@ -16,7 +16,7 @@ import pytest
 
 from algorithms.malt import (MALT, ROLES, MALTConfig, backup_values, build_dataset, export_jsonl, is_correct,
                              label_tree, load_export, majority_index, pair_samples, sft_samples, verdict)
-from envs.base import Env, EnvConfig, Reward
+from envs.base import Env, EnvConfig, Reward, make_env
 from marl_llm.buffer import TrajectoryBuffer
 from marl_llm.config import (ClusterConfig, ConfigError, LearnerConfig, LoraConfig, ModelConfig, RolloutConfig,
                              RunConfig, TrainerConfig)
@@ -476,22 +476,35 @@ def test_policy_specs(tmp_path):
         algo.policy_specs()
 
 
-def test_with_the_math_env(tmp_path):
-    math_env = pytest.importorskip("envs.math")
-    env = math_env.MathEnv(math_env.MathConfig(source="generator", train_size=3, eval_size=1))
-    golds = {t["question"]: t["answer"] for t in env.train_tasks()}
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.mark.parametrize("env_cfg", [
+    {"name": "math", "source": "generator", "train_size": 3, "eval_size": 1},
+    {"name": "competition_math", "data": {"path": str(DATA / "competition_math.jsonl"), "eval_size": 1}},
+    {"name": "csqa", "data": {"path": str(DATA / "csqa.jsonl"), "eval_size": 1}},
+    {"name": "reasoning_gym", "task": "basic_arithmetic", "train_size": 3, "eval_size": 1},
+], ids=lambda c: c["name"])
+def test_with_verifiable_answer_envs(tmp_path, env_cfg):
+    """A tree on each env's own prompts and reward: only the refinements under (answer 0,
+    critique 0) repeat the dataset's reference answer, so exactly those leaves score."""
+    if env_cfg["name"] == "reasoning_gym":
+        pytest.importorskip("reasoning_gym")
+    env = make_env(env_cfg)
+    train = env.train_tasks()[:3]
+    golds = {t["question"]: env.reference_outputs(t)["single"] for t in train}
 
     def gold(text):
         return next(a for q, a in golds.items() if q in text)
 
     def gen(p, k):
-        return f"answer {k}: <answer>{gold(p) if k == 0 else -1}</answer>"
+        return f"answer {k}: " + (gold(p) if k == 0 else "I am not sure.")
 
     def ver(p, k):
         return f"critique {k}: verdict incorrect"
 
     def ref(p, k):
-        return f"<answer>{gold(p) if k == 0 and 'answer 0' in p and 'critique 0' in p else -1}</answer>"
+        return gold(p) if k == 0 and "answer 0" in p and "critique 0" in p else "I give up."
 
     class TextPolicy(FakePolicy):
         def generate_async(self, requests):
@@ -503,8 +516,10 @@ def test_with_the_math_env(tmp_path):
 
     cfg = MALTConfig(branching=2)
     algo = MALT(cfg, env, make_run(tmp_path, cfg))
+    assert [s.name for s in algo.policy_specs()] == list(ROLES)
     algo.setup({r: TextPolicy(r, f) for r, f in zip(ROLES, (gen, ver, ref))}, TrajectoryBuffer())
-    eps = algo.collect(env.train_tasks(), 0)
+    eps = algo.collect(train, 0)
+    assert len(eps) == len(train)
     for ep in eps:
         leaves = [t for t in ep.turns if t.agent == "refiner"]
         assert sum(t.reward for t in leaves) == 1.0           # only the chain (answer 0, critique 0) is right
@@ -530,7 +545,9 @@ def test_end_to_end_one_iteration_saves_all_roles(tmp_path, role_weights):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "marl_llm.train", "algo=malt", "env=math", "model=tiny", "algo.branching=2",
            "trainer.steps=1", "trainer.batch_size=2", "trainer.eval_every=1", "trainer.eval_size=2",
-           "algo.chains=2", "env.train_size=8", "env.eval_size=2", "rollout.backend=hf",
+           "algo.chains=2", "env.train_size=8", "env.eval_size=2",
+           # LoRA roles share one vLLM engine (an adapter slot per role); copies run on the hf backend
+           f"rollout.backend={'vllm' if role_weights == 'lora' else 'hf'}",
            "rollout.max_new_tokens=8", "trainer.tensorboard=false", "trainer.progress=false",
            f"algo.role_weights={role_weights}", f"trainer.output_dir={out}"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=Path(__file__).resolve().parent.parent,
@@ -545,6 +562,19 @@ def test_end_to_end_one_iteration_saves_all_roles(tmp_path, role_weights):
     assert (out / "malt_dataset" / "iter_0.jsonl").is_file()
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["malt/trained"] == 1.0 and "eval/mv/gvr" in rec and "eval/baseline/gvr_mv" in rec
+    if role_weights == "lora":
+        log = (out / "train.log").read_text()
+        for role in ROLES:
+            assert f"LoRA adapter {role!r} on a shared engine" in log, role
+        # the evaluation CLI serves the checkpoint's three adapters from one engine
+        r = subprocess.run([sys.executable, "-m", "marl_llm.evaluate", f"run_dir={out}", f"out={tmp_path / 'e.json'}"],
+                           capture_output=True, text=True, timeout=1200, cwd=Path(__file__).resolve().parent.parent,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                                "RAY_AUTH_MODE": "disabled"})
+        assert r.returncode == 0, r.stderr[-5000:]
+        assert "mv/gvr" in json.loads((tmp_path / "e.json").read_text())
+        for role in ROLES:
+            assert f"policy {role!r}: serving the LoRA adapter saved in" in r.stdout + r.stderr, role
 
 
 @pytest.mark.slow
