@@ -29,8 +29,9 @@ Training: each role SFT on its set (`sft_epochs` passes, `sft_batch_size` sample
 step, shuffled with a seeded local RNG); then the DPO roles (`dpo_roles`, default verifier and
 refiner) snapshot the SFT model as their reference, score every pair under it once, and run
 `dpo_epochs` passes of DPO (beta `dpo_beta`, `dpo_batch_size` pairs per step). The generator is
-SFT only (the paper found DPO hurt an instruct model). Roles train concurrently (one thread each,
-`parallel_roles`): their learner groups are independent.
+SFT only (the paper found DPO hurt an instruct model). The roles' learner groups are independent:
+`parallel_roles=true` trains them concurrently (one thread each); the default trains them one
+after the other because three SmolLM2 learners at once ran out of memory on a 24 GiB CPU machine.
 
 Mapping onto the trainer loop: `trainer.steps` are split into `iterations` equal blocks of
 ceil(steps / iterations) steps. Each step collects the trees of one batch of `trainer.batch_size`
@@ -122,7 +123,7 @@ class MALTConfig(AlgoConfig):
     dpo_epochs: int = 1
     dpo_batch_size: int = 8
     dpo_beta: float = 0.2                 # paper: 0.2
-    parallel_roles: bool = True           # train the three roles' learner groups concurrently
+    parallel_roles: bool = False          # train the three roles' learner groups concurrently
     export_path: Optional[str] = None     # folder for iter_<k>.jsonl; default <output_dir>/malt_dataset
     # ---- evaluation
     chains: int = 3                       # G -> V -> R chains per question, majority vote (MV@3)

@@ -5,6 +5,9 @@ machines are shared and noisy; absolute seconds are informative only):
   rollout  tokens/s of the vLLM backend vs the HF transformers backend, same model and prompts
   grpo     one GRPO step split by phase (generate, reward, train, sync), vLLM vs HF rollout
   sandbox  HumanEval canonical solutions per second: run_many (parallel) vs run_code in a loop
+  lora     a LoRA policy on a shared vLLM engine vs a full-weight policy: weight-sync seconds and
+           bytes per step (adapter only vs the whole model), and generation tokens/s through an
+           adapter vs the plain model
 """
 from __future__ import annotations
 
@@ -102,7 +105,24 @@ def bench_sandbox(quick: bool) -> None:
            ["run_many", ok_par, t_par, len(programs) / t_par, t_seq / t_par, 1000 * t_par / len(programs)]])
 
 
-SECTIONS = {"rollout": bench_rollout, "grpo": bench_grpo, "sandbox": bench_sandbox}
+# ---- lora ------------------------------------------------------------------------------------
+def bench_lora(quick: bool) -> None:
+    import multiprocessing as mp
+
+    from bench.workers import lora_sync_worker
+    model = "tiny" if quick else "smollm2-135m"
+    prompts = [f"Tom has {i} apples and buys {i + 3} more. How many apples does he have now?" for i in range(16)]
+    with mp.get_context("spawn").Pool(1) as pool:
+        full, lora = pool.apply(lora_sync_worker, ((model, 3, prompts, 64),))
+    rows = [[r["kind"], r["sync_s"], r["bytes"] / 2**20, full["sync_s"] / r["sync_s"],
+             r["tokens"] / r["gen_s"], (r["tokens"] / r["gen_s"]) / (full["tokens"] / full["gen_s"])]
+            for r in (full, lora)]
+    table(f"lora: {model}, weight sync after an SFT step (mean of steps 2-3) and generation of "
+          f"{len(prompts)} prompts x 64 tokens (baseline: full-weight policy)",
+          ["policy", "sync_s", "sync_MiB", "x_sync_vs_full", "gen_tok/s", "x_gen_vs_full"], rows)
+
+
+SECTIONS = {"rollout": bench_rollout, "grpo": bench_grpo, "sandbox": bench_sandbox, "lora": bench_lora}
 
 
 def main() -> None:

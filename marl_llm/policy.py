@@ -94,12 +94,14 @@ class Policy:
         """Make the current weights the frozen reference (DPO after SFT uses the SFT model)."""
         self._require_learner("snapshot a reference").snapshot_reference()
 
-    def sync_weights(self) -> None:
+    def sync_weights(self) -> dict:
         """Push the learner's weights (a LoRA policy on a shared engine: its adapter) to every
-        rollout worker of this policy."""
-        if self.learner is not None and self.dirty:
-            if self.adapter is not None:
-                self.learner.push_adapter(self.rollout_workers, self.adapter, timeout_s=self.sync_timeout_s)
-            else:
-                self.learner.push_weights(self.rollout_workers, timeout_s=self.sync_timeout_s)
-            self.dirty = False
+        rollout worker of this policy; returns the push's timings and bytes ({} if nothing to do)."""
+        if self.learner is None or not self.dirty:
+            return {}
+        if self.adapter is not None:
+            info = self.learner.push_adapter(self.rollout_workers, self.adapter, timeout_s=self.sync_timeout_s)
+        else:
+            info = self.learner.push_weights(self.rollout_workers, timeout_s=self.sync_timeout_s)
+        self.dirty = False
+        return info

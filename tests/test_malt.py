@@ -290,8 +290,10 @@ def kinds(pol):
     return [e[1] if e[0] == "train" else "ref" if e[0] == "logprobs" and e[1] else names[e[0]] for e in pol.events]
 
 
-def test_update_trains_per_role_sft_then_dpo(tmp_path):
-    algo, pols = make_algo(tmp_path, steps=1, branching=2, sft_batch_size=2, sft_epochs=2)
+@pytest.mark.parametrize("parallel_roles", [False, True])
+def test_update_trains_per_role_sft_then_dpo(tmp_path, parallel_roles):
+    algo, pols = make_algo(tmp_path, steps=1, branching=2, sft_batch_size=2, sft_epochs=2,
+                           parallel_roles=parallel_roles)
     (m,) = run_steps(algo, [0], k=3)
     assert m["malt/trained"] == 1.0
     # per question (branching 2): gen SFT {g0}; verifier SFT {v0 under g0}; 4 refiner leaves right

@@ -270,26 +270,17 @@ def test_load_weights_replaces_model_and_resets_prefix_cache(worker, paths):
 
 
 # ---- through Ray -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": runtime.actor_env()},
-             log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("engine_process", [
     "in-process",
     # a second interpreter importing vLLM: 1-3 minutes on 2 shared cores
     pytest.param("engine-core-process", marks=pytest.mark.slow)])
-def test_ray_actor_generate_and_weight_push(ray_cluster, paths, engine_process):
+def test_ray_actor_generate_and_weight_push(ray_session, paths, engine_process):
     """A vLLM RolloutWorker actor; rank 0 (this process) pushes new weights over the sync group.
 
     "engine-core-process" runs vLLM with V1 multiprocessing on, so the update travels to the
     engine as safetensors bytes instead of raw tensors.
     """
-    ray = ray_cluster
+    ray = ray_session
     from marl_llm.weight_sync import WeightSyncGroup, free_port, meta_of
 
     env = {**runtime.actor_env(),
