@@ -612,15 +612,27 @@ def test_train_role_sft_then_dpo_on_a_real_learner(tmp_path, lora):
         algo.policies["refiner"] = policy
         rng = random.Random(3)
 
-        def seq(a, b):
-            return [rng.randrange(100, 3000) for _ in range(rng.randrange(a, b))]
+        def seq(a, b, vocab=range(100, 3000)):
+            return [rng.choice(vocab) for _ in range(rng.randrange(a, b))]
+        good, bad = range(500, 506), range(2500, 2506)   # chosen replies use `good` tokens, rejected `bad`
+
+        def pair():
+            return PairSample([1] + seq(3, 6), seq(3, 7, good), seq(3, 7, bad))
         sft = [Sample([1] + seq(3, 6), seq(3, 8)) for _ in range(4)]
-        pairs = [PairSample([1] + seq(3, 6), seq(3, 7), seq(3, 7)) for _ in range(4)]
+        pairs, held = [pair() for _ in range(4)], [pair() for _ in range(4)]
         m = algo.train_role("refiner", sft, pairs, seed=0)
         assert m["refiner/sft_steps"] == 4 and m["refiner/dpo_steps"] == 4
         assert m["refiner/sft_loss"] < m["refiner/sft_loss_first"]
         assert m["refiner/dpo_loss_first"] == pytest.approx(math.log(2.0), abs=1e-4)  # reference = SFT model
         assert m["refiner/dpo_loss"] < math.log(2.0) and m["refiner/dpo_reward_margin"] > 0
+
+        # held-out pairs of the same kind: the chosen-over-rejected margin against the reference
+        # (the SFT model, where it is 0 by construction) rose
+        def margins(reference):
+            lp = policy.logprobs([x for p in held for x in p.as_samples()], reference=reference)
+            return [sum(lp[2 * i]) - sum(lp[2 * i + 1]) for i in range(len(held))]
+        gain = [a - b for a, b in zip(margins(False), margins(True))]
+        assert min(gain) > 0, gain
     finally:
         group.shutdown()
         if started:
