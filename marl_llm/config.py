@@ -109,7 +109,7 @@ class LearnerConfig:
     num_ranks: int = 1
     num_cpus: float = 1.0
     zero_stage: int = 3
-    lr: float = 1e-6
+    lr: float = 2e-5  # the CPU default model; GPU presets set their own
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
