@@ -113,17 +113,6 @@ def model_path():
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    started = False
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        started = True
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def group(ray_session, model_path):
     from marl_llm.learner.group import LearnerGroup
 

@@ -3,9 +3,9 @@
 The toy reward (share of vowels in the reply) is learnable by a random-init model when its output
 distribution is peaked (`initializer_range=0.5`) and the step size is large: measured with fixed
 seeds, the mean reward goes from ~0.38 to ~0.52 in 20 steps at lr 0.03 (at lr 0.05 it peaked near
-0.50 by step 9 and fell back on an AMD EPYC machine: too large a step to be a stable test). A sign error in the loss or
-advantages, a weight push that does not reach the rollout engine, or a learner that does not step
-keeps it flat (or pushes it down).
+0.50 by step 9 and fell back on an AMD EPYC machine: too large a step to be a stable test). A sign
+error in the loss or advantages, a weight push that does not reach the rollout engine, or a learner
+that does not step keeps it flat (or pushes it down).
 """
 import json
 import subprocess

@@ -581,16 +581,15 @@ def test_end_to_end_one_iteration_saves_all_roles(tmp_path, role_weights):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [None, LoraConfig(r=8, alpha=16)], ids=["copy", "lora"])
-def test_train_role_sft_then_dpo_on_a_real_learner(tmp_path, lora):
+def test_train_role_sft_then_dpo_on_a_real_learner(tmp_path, lora, request):
     """MALT's SFT -> snapshot -> reference log-probs -> DPO sequence on a real ZeRO-3 learner group,
     for a full-copy role and a LoRA role (the adapter is what SFT and DPO train)."""
     reason = _engines_missing()
     if reason:
         pytest.skip(f"engines unavailable: {reason}")
+    request.getfixturevalue("ray_session")   # Ray only once the engines are known to import
     import math
     import random
-
-    import ray
 
     from marl_llm import runtime
     from marl_llm.learner.group import LearnerGroup
@@ -599,10 +598,6 @@ def test_train_role_sft_then_dpo_on_a_real_learner(tmp_path, lora):
     from marl_llm.types import PairSample, Sample
 
     model = ModelConfig(name="tiny", source="tiny", lora=lora)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": runtime.actor_env()})
     group = LearnerGroup("refiner", resolve_model(model), model,
                          LearnerConfig(num_ranks=1, num_cpus=1, lr=5e-3 if lora is None else 2e-2, micro_batch_size=4, bf16="false",
                                        collective_timeout_s=120), 0, True, runtime.actor_env())
@@ -635,5 +630,3 @@ def test_train_role_sft_then_dpo_on_a_real_learner(tmp_path, lora):
         assert min(gain) > 0, gain
     finally:
         group.shutdown()
-        if started:
-            ray.shutdown()
