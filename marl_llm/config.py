@@ -90,6 +90,9 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.6
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = True
+    # CPU threads while generating: 0 = this engine's share of the cores among the engines
+    # computing at the same moment (runtime.compute_phase); N pins it
+    threads: int = 0
     # hf backend settings
     hf_batch_size: int = 16
     # a weight push that takes longer than this raises instead of hanging
@@ -102,6 +105,7 @@ class RolloutConfig:
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"rollout.top_p={self.top_p!r} must be in (0, 1]")
         _positive("rollout.max_new_tokens", self.max_new_tokens)
+        _positive("rollout.threads", self.threads, allow_zero=True)
 
 
 @dataclass
@@ -118,6 +122,12 @@ class LearnerConfig:
     bf16: str = "auto"
     gradient_checkpointing: bool = False
     offload_optimizer: bool = False
+    # CPU threads per rank while training/scoring: 0 = the rank's share of the cores among the
+    # processes computing at the same moment (runtime.compute_phase); N pins it
+    threads: int = 0
+    # samples that share a prompt (a GRPO group, a DPO pair) run the prompt through the model
+    # once and their completions on its KV cache: "auto" when a micro-batch has repeated prompts
+    share_prompts: str = "auto"
     # every collective (ZeRO-3, weight push) fails after this instead of hanging
     collective_timeout_s: float = 300.0
 
@@ -126,6 +136,9 @@ class LearnerConfig:
         _choice("learner.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _positive("learner.lr", self.lr)
         _positive("learner.micro_batch_size", self.micro_batch_size)
+        _positive("learner.threads", self.threads, allow_zero=True)
+        self.share_prompts = str(self.share_prompts).lower()
+        _choice("learner.share_prompts", self.share_prompts, ("auto", "true", "false"))
         self.bf16 = str(self.bf16).lower()  # YAML booleans arrive as "True"/"False"
         _choice("learner.bf16", self.bf16, ("auto", "true", "false"))
 

@@ -6,8 +6,15 @@ gets, so rollout workers and learner ranks run with the same settings as the dri
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import tempfile
+import time
 from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger(__name__)
 
 
 def has_gpu() -> bool:
@@ -32,7 +39,8 @@ def _defaults() -> dict[str, str]:
     }
     if not has_gpu():
         d.update({
-            # 2 threads per process on 2 shared cores run 30-50x slower than 1
+            # the start value: an idle process holds one thread; a process that computes takes its
+            # share of the cores for that phase (`compute_phase`)
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
             "DS_ACCELERATOR": "cpu",
@@ -53,5 +61,98 @@ def actor_env() -> dict[str, str]:
     """Environment variables every Ray actor of a run starts with."""
     apply_defaults()
     keys = set(_defaults()) | {"HF_HUB_OFFLINE", "HF_HOME", "MARL_LLM_CACHE", "RAY_AUTH_MODE",
-                               "VLLM_CPU_OMP_THREADS_BIND", "PYTHONPATH"}
+                               "VLLM_CPU_OMP_THREADS_BIND", "PYTHONPATH", CORES_DIR_ENV}
     return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+# ---- CPU cores: the active phase gets the machine ---------------------------------------------
+# On CPU every engine process (rollout worker, learner rank) starts with one thread. When it
+# computes (a generate call, a train step) it registers in a per-machine directory and takes
+# `cores // active` threads, where `active` counts the processes computing at that moment: a
+# phase that runs alone (GRPO's generate, then its train step) gets every core; MAGRPO's agents
+# generating or training at the same time, or the ranks of one learner group, split them and
+# never oversubscribe (an OpenMP team on a core that another process holds collapses).
+CORES_DIR_ENV = "MARL_LLM_CORES_DIR"
+# concurrent dispatches from the driver arrive within milliseconds of each other: wait this
+# long after registering before counting who else is active
+SETTLE_S = 0.05
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask, which containers and Ray respect)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(n: int) -> None:
+    """torch's intra-op (OpenMP) threads of this process. Calls the C binding directly: vLLM's
+    CPU worker replaces `torch.set_num_threads` with a no-op in the process it runs in."""
+    import torch
+    torch._C.set_num_threads(max(1, int(n)))
+
+
+def _cores_dir() -> Path:
+    """One registry per machine and user (every run on the machine shares its cores), in
+    /dev/shm where it exists; `MARL_LLM_CORES_DIR` overrides."""
+    d = os.environ.get(CORES_DIR_ENV)
+    if not d:
+        base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+        d = str(base / f"marl_llm_cores_{os.getuid()}")
+    Path(d).mkdir(parents=True, exist_ok=True)
+    return Path(d)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def active_phases() -> int:
+    """Engine phases computing right now on this machine (markers of dead processes are removed)."""
+    n = 0
+    for f in _cores_dir().iterdir():
+        try:
+            pid = int(f.name.split(".")[0])
+        except ValueError:
+            continue
+        if _alive(pid):
+            n += 1
+        else:
+            f.unlink(missing_ok=True)
+    return n
+
+
+def phase_threads(fixed: int = 0) -> int:
+    """Threads for a phase starting now: `fixed` if set (> 0), else this process's share."""
+    if fixed > 0:
+        return fixed
+    return max(1, cpu_cores() // max(1, active_phases()))
+
+
+@contextlib.contextmanager
+def compute_phase(fixed: int = 0, settle_s: float = SETTLE_S) -> Iterator[int]:
+    """Register this process as computing, take its share of the cores, drop back to one thread
+    on exit. `fixed` > 0 pins the thread count (config `rollout.threads` / `learner.threads`).
+    A no-op on GPUs (threads do not matter there)."""
+    if has_gpu():
+        yield 0
+        return
+    import threading
+    marker = _cores_dir() / f"{os.getpid()}.{threading.get_ident()}"
+    marker.touch()
+    try:
+        if not fixed:
+            time.sleep(settle_s)
+        n = phase_threads(fixed)
+        set_threads(n)
+        yield n
+    finally:
+        marker.unlink(missing_ok=True)
+        set_threads(1)

@@ -99,6 +99,110 @@ def scatter_tokens(values: Sequence[Optional[Sequence[float]]], cols: list[int],
     return out
 
 
+def prompt_groups(prompts: Sequence[Sequence[int]]) -> tuple[list[Sequence[int]], list[int]]:
+    """Distinct prompts in order of first appearance, and each input's index into them."""
+    index: dict[tuple, int] = {}
+    distinct, owner = [], []
+    for p in prompts:
+        key = tuple(p)
+        if key not in index:
+            index[key] = len(distinct)
+            distinct.append(p)
+        owner.append(index[key])
+    return distinct, owner
+
+
+def micro_batches(samples: Sequence, size: int) -> list[list[int]]:
+    """Cut a shard into micro-batches (lists of indices) of at most `size` samples, keeping
+    samples that share a prompt (a GRPO group, a DPO pair's prompt) together so the prompt runs
+    once per micro-batch. Groups are filled in order of first appearance; a group larger than
+    `size` is split."""
+    _, owner = prompt_groups([s.prompt_ids for s in samples])
+    groups: dict[int, list[int]] = {}
+    for i, o in enumerate(owner):
+        groups.setdefault(o, []).append(i)
+    out: list[list[int]] = []
+    for g in groups.values():
+        for k in range(0, len(g), size):
+            part = g[k: k + size]
+            if out and len(out[-1]) + len(part) <= size:
+                out[-1].extend(part)
+            else:
+                out.append(list(part))
+    return out
+
+
+def shares_prompts(seqs, mode: str = "auto") -> bool:
+    """Whether `forward_logp` runs the prompts once: "auto" when some prompt repeats."""
+    if mode == "false":
+        return False
+    return mode == "true" or len({tuple(p) for p, _ in seqs}) < len(seqs)
+
+
+def forward_logp(module, seqs, pad_id: int, device, grad: bool, share: str = "auto"):
+    """Per-token log-probs (fp32) of the completions of (prompt_ids, completion_ids) pairs under
+    an HF causal LM (or a DeepSpeed engine around one): (logp [B, T], mask [B, T], cols), row b's
+    completion starting at column cols[b]. With repeated prompts (`shares_prompts`) each distinct
+    prompt runs through the model once and the completions run on its KV cache: the same
+    function, (G-1)/G fewer prompt FLOPs for G samples per prompt."""
+    if shares_prompts(seqs, share) and max(len(c) for _, c in seqs) > 0:
+        return _logp_shared(module, seqs, pad_id, device, grad)
+    return _logp_flat(module, seqs, pad_id, device, grad)
+
+
+def _logp_flat(module, seqs, pad_id: int, device, grad: bool):
+    """One right-padded batch of prompt + completion per sample (layout of `pack`)."""
+    import torch
+
+    ids, attn, start, targets, mask, cols = pack(seqs, pad_id)
+    ids, attn, targets = ids.to(device), attn.to(device), targets.to(device)
+    with torch.enable_grad() if grad else torch.no_grad():
+        out = module(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=ids.shape[1] - start)
+        logp = token_logprobs(out.logits[:, :-1], targets)
+    return logp, mask.to(device), cols
+
+
+def _logp_shared(module, seqs, pad_id: int, device, grad: bool):
+    """Distinct prompts (right-padded) in one forward that keeps its KV cache; the cache rows are
+    repeated per sample (gradients flow back through the gather) and the completions run on it
+    with explicit positions. Layout: column j is completion token j (cols all 0)."""
+    import torch
+
+    distinct, owner = prompt_groups([p for p, _ in seqs])
+    lp = torch.tensor([len(p) for p in distinct], dtype=torch.long)
+    Lp, Lc, B, P = int(lp.max()), max(len(c) for _, c in seqs), len(seqs), len(distinct)
+    p_ids = torch.full((P, Lp), pad_id, dtype=torch.long)
+    p_attn = torch.zeros((P, Lp), dtype=torch.long)
+    for i, p in enumerate(distinct):
+        p_ids[i, : len(p)] = torch.tensor(list(p), dtype=torch.long)
+        p_attn[i, : len(p)] = 1
+    c_ids = torch.full((B, Lc), pad_id, dtype=torch.long)
+    c_mask = torch.zeros((B, Lc), dtype=torch.float32)
+    for b, (_, c) in enumerate(seqs):
+        c_ids[b, : len(c)] = torch.tensor(list(c), dtype=torch.long)
+        c_mask[b, : len(c)] = 1.0
+    own = torch.tensor(owner, dtype=torch.long)
+    # logits only at each prompt's last position (it predicts the first completion token)
+    keep = sorted(set((lp - 1).tolist()))
+    last_col = torch.tensor([keep.index(int(n) - 1) for n in lp], dtype=torch.long)
+    p_pos = torch.arange(Lp, dtype=torch.long).expand(P, Lp)
+    c_pos = lp[own].unsqueeze(1) + torch.arange(Lc, dtype=torch.long)
+    # completion pads come after every scored token: causality keeps them out, no mask needed
+    attn = torch.cat([p_attn[own], torch.ones_like(c_ids)], dim=1)
+    own, c_ids = own.to(device), c_ids.to(device)
+    with torch.enable_grad() if grad else torch.no_grad():
+        out = module(input_ids=p_ids.to(device), attention_mask=p_attn.to(device), position_ids=p_pos.to(device),
+                     use_cache=True, logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device))
+        first = out.logits[torch.arange(P, device=device), last_col.to(device)]  # [P, V]
+        cache = out.past_key_values
+        cache.batch_select_indices(own)
+        out = module(input_ids=c_ids, attention_mask=attn.to(device), position_ids=c_pos.to(device),
+                     past_key_values=cache, use_cache=True)
+        logp = torch.cat([token_logprobs(first[own], c_ids[:, 0]).unsqueeze(1),
+                          token_logprobs(out.logits[:, :-1], c_ids[:, 1:])], dim=1)
+    return logp, c_mask.to(device), [0] * B
+
+
 def validate_samples(samples: Sequence, loss_cfg: LossConfig) -> None:
     """Raise on data a train_step cannot use. The group calls this on the driver before
     dispatching: a rank that raised mid-step would leave the others blocked in a collective."""
@@ -314,18 +418,12 @@ class LearnerWorker:
         return [int(x) for x in t.tolist()]
 
     def _forward_logp(self, module, seqs, grad: bool):
-        """Per-token log-probs (fp32) of the completions in `seqs`, laid out as in `pack`."""
-        import torch
-
-        ids, attn, start, targets, mask, cols = pack(seqs, self.pad_id)
-        ids, attn, targets = ids.to(self.device), attn.to(self.device), targets.to(self.device)
-        ctx = torch.enable_grad() if grad else torch.no_grad()
-        with ctx:
-            out = module(input_ids=ids, attention_mask=attn, use_cache=False,
-                         logits_to_keep=ids.shape[1] - start)
-            logits = out.logits[:, :-1]
-            logp = token_logprobs(logits, targets)
-        return logp, mask.to(self.device), cols
+        """Per-token log-probs (fp32) of the completions in `seqs`: (logp [B, T], mask [B, T], cols)
+        where row b's completion starts at column cols[b]."""
+        share = self.cfg.share_prompts
+        if self.cfg.gradient_checkpointing:  # checkpointed blocks keep no KV cache
+            share = "false"
+        return forward_logp(module, seqs, self.pad_id, self.device, grad, share)
 
     def _dummy_forward(self, module, grad: bool):
         """A forward that keeps ZeRO-3's gathers in step on a rank with nothing left to do."""
@@ -353,29 +451,31 @@ class LearnerWorker:
         t0 = time.time()
         kind = loss_cfg.kind
         validate_samples(samples_shard, loss_cfg)
-        mbs = max(1, self.cfg.micro_batch_size)
-        local = [samples_shard[i: i + mbs] for i in range(0, len(samples_shard), mbs)]
+        local = micro_batches(samples_shard, max(1, self.cfg.micro_batch_size))
         need_ref_local = self._needs_reference(samples_shard, loss_cfg)
         n_micro, need_ref = self._agree(max(n_micro, len(local)), need_ref_local)
         ref = self._reference_module() if need_ref else None
         self.engine.train()
         metrics = _Metrics()
-        for i in range(n_micro):
-            self.engine.set_gradient_accumulation_boundary(i == n_micro - 1)
-            batch = local[i] if i < len(local) else []
-            if not batch:
-                if ref is not None:
-                    self._dummy_forward(ref, grad=False)
-                loss = self._dummy_forward(self.engine, grad=True)
-            elif kind == "dpo":
-                loss, m, w = self._dpo_micro(batch, loss_cfg, ref, n_global_samples)
-                metrics.add(m, w)
-            else:
-                loss, m, w = self._pg_micro(batch, loss_cfg, ref, n_global_samples, n_global_tokens)
-                metrics.add(m, w)
-            # DeepSpeed averages gradients over ranks: scale so the reduced gradient is the global sum
-            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-        self.engine.step()
+        with runtime.compute_phase(self.cfg.threads) as threads:
+            for i in range(n_micro):
+                if i:  # another engine may have started or finished computing: re-take our share
+                    runtime.set_threads(runtime.phase_threads(self.cfg.threads))
+                self.engine.set_gradient_accumulation_boundary(i == n_micro - 1)
+                batch = [samples_shard[j] for j in local[i]] if i < len(local) else []
+                if not batch:
+                    if ref is not None:
+                        self._dummy_forward(ref, grad=False)
+                    loss = self._dummy_forward(self.engine, grad=True)
+                elif kind == "dpo":
+                    loss, m, w = self._dpo_micro(batch, loss_cfg, ref, n_global_samples)
+                    metrics.add(m, w)
+                else:
+                    loss, m, w = self._pg_micro(batch, loss_cfg, ref, n_global_samples, n_global_tokens)
+                    metrics.add(m, w)
+                # DeepSpeed averages gradients over ranks: scale so the reduced gradient is the global sum
+                self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            self.engine.step()
         self.engine.set_gradient_accumulation_boundary(False)
         out = metrics.result()
         gn = self.engine.get_global_grad_norm()
@@ -383,6 +483,7 @@ class LearnerWorker:
         out["lr"] = float(self.engine.get_lr()[0])
         out["global_step"] = int(self.engine.global_steps)
         out["n_micro"] = n_micro
+        out["threads"] = threads
         out["time_s"] = time.time() - t0
         if not torch.isfinite(torch.tensor(out.get("loss", 0.0))):
             log.warning("learner %s rank %d: non-finite loss %s", self.policy_name, self.rank, out.get("loss"))
@@ -444,23 +545,24 @@ class LearnerWorker:
                  n_micro: int = 0) -> list[list[float]]:
         """Per completion token log-probs (fp32) under the current (or reference) weights.
         A collective under ZeRO-3: every rank runs the same number of forwards."""
-        mbs = max(1, self.cfg.micro_batch_size)
-        local = [samples_shard[i: i + mbs] for i in range(0, len(samples_shard), mbs)]
+        local = micro_batches(samples_shard, max(1, self.cfg.micro_batch_size))
         (n,) = self._agree(max(n_micro, len(local)))
         module = self._reference_module() if reference else self.engine
         was_training = self.engine.training
         self.engine.eval()
-        out: list[list[float]] = []
+        out: list[Any] = [None] * len(samples_shard)
         try:
-            for i in range(n):
-                if i >= len(local):
-                    self._dummy_forward(module, grad=False)
-                    continue
-                batch = local[i]
-                logp, _, cols = self._forward_logp(module, [(s.prompt_ids, s.completion_ids) for s in batch], grad=False)
-                logp = logp.float().cpu()
-                for b, (s, col) in enumerate(zip(batch, cols)):
-                    out.append(logp[b, col: col + len(s.completion_ids)].tolist())
+            with runtime.compute_phase(self.cfg.threads):
+                for i in range(n):
+                    if i >= len(local):
+                        self._dummy_forward(module, grad=False)
+                        continue
+                    batch = [samples_shard[j] for j in local[i]]
+                    logp, _, cols = self._forward_logp(module, [(s.prompt_ids, s.completion_ids) for s in batch],
+                                                       grad=False)
+                    logp = logp.float().cpu()
+                    for b, (j, s, col) in enumerate(zip(local[i], batch, cols)):
+                        out[j] = logp[b, col: col + len(s.completion_ids)].tolist()
         finally:
             self.engine.train(was_training)
         return out

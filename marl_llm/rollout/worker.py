@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from marl_llm import runtime
 from marl_llm.config import LoraConfig, ModelConfig, RolloutConfig
 from marl_llm.types import Completion, GenerationRequest
 
@@ -212,10 +213,9 @@ class RolloutWorker:
 
     def __init__(self, model_path: str, model_cfg: ModelConfig, rollout_cfg: RolloutConfig,
                  seed: int, policy_name: str, lora: Optional[dict] = None):
-        from marl_llm import runtime
         runtime.apply_defaults()
         if not runtime.has_gpu():
-            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+            runtime.set_threads(1)  # idle; `generate` takes this engine's share of the cores
         self.policy_name = policy_name
         self.model_path = str(model_path)
         self.rollout_cfg = rollout_cfg
@@ -240,7 +240,8 @@ class RolloutWorker:
                 GenerationRequest(prompt_ids=prompt_ids_of(self.tokenizer, r), sampling=r.sampling)
                 for r in requests]
         # an adapter with no weights yet is still B = 0: the base model serves it
-        return self.backend.generate(reqs, adapter=adapter if self.adapter_versions.get(adapter) else None)
+        with runtime.compute_phase(self.rollout_cfg.threads):
+            return self.backend.generate(reqs, adapter=adapter if self.adapter_versions.get(adapter) else None)
 
     # ---- LoRA adapters (shared engine) -----------------------------------------------------
     def load_adapter(self, name: str, tensors: dict, lora: LoraConfig) -> int:
