@@ -1,5 +1,15 @@
 """MAGRPO: N agents, each its own policy and optimiser, trained on one joint reward.
 
+What the paper (MAGRPO: LLM collaboration trained with multi-agent GRPO) specifies: every agent
+samples G responses; their joint actions are scored by one joint reward (the writing and coding
+rewards live in the envs); the advantage is the reward minus the group mean, shared by all
+agents; each agent's loss is -(1/G) sum_g A_g * log pi_i(response | prompt), on-policy (no ratio
+clip, no KL); multi-turn training feeds external feedback back to the agents. What we chose and
+made configurable: `aligned` joint actions by default (`cross`: the Cartesian product, where a
+response gets the mean advantage of its joint actions), the advantage clamp (`adv_clamp`),
+per-turn sample weights (`turn_weights`), the best joint action of a turn as every agent's
+context for the next, early stop at the env's maximum, and the evaluation baselines below.
+
 Protocol (per task, per turn): every agent samples G responses to its own prompt; joint actions
 pair them (`aligned`: the g-th of every agent, G joint actions; `cross`: the Cartesian product,
 G^N); the env scores each joint action with one joint reward.
@@ -7,7 +17,7 @@ Credit: A = R - mean over the group (optionally / std), the same for every agent
 In `cross` mode a response takes part in several joint actions and gets the mean of their
 advantages (its marginal contribution).
 Loss per agent: -(1/G) sum_g A_g * log pi_i(response | prompt), log pi = sum of token log-probs
-(`agg=token_sum`, no ratio clip, no KL by default: the paper-era on-policy loss).
+(`loss_agg=token_sum`, no ratio clip, no KL by default).
 Multi-turn: the best joint action of turn t, with feedback from the env's transition (or an
 expert policy of the run), forms every agent's context for turn t+1; turn t's samples are
 weighted by `turn_weights[t]`; a task stops early once a turn's mean reward reaches the env's max.
@@ -21,8 +31,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from concurrent.futures import ThreadPoolExecutor
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 

@@ -1,12 +1,23 @@
 """MALT: a generator, a verifier and a refiner trained from a search tree (arXiv 2412.01928).
 
+What the paper specifies: three roles answer in sequence (generator -> verifier -> refiner);
+training data comes from a tree with branching n per level (n=3: 27 leaves per question) sampled
+at temperature 0.3; a leaf's value is its correctness, inner values are means of their children
+("global pooling"), a node is correct iff its value > 0.5; each role gets SFT on its correct
+nodes, then the verifier and refiner DPO (beta 0.2) on (correct, incorrect) siblings against the
+SFT model; the generator is SFT only; roles are LoRA adapters of one base; inference is three
+chains with a majority vote (MV@3). Where it is silent we chose: how steps map onto the tree
+collection (`iterations` blocks, below), all sibling pairs (or a cap), exporting the datasets,
+seeded local shuffles, the ablations and baselines of `evaluate`, and full copies per role as
+the default on CPU (`role_weights=lora` is the paper's set-up).
+
 Roles (one policy each, all trainable, full copies of the base; `algo.role_models` may give a
 different preset per role): the generator answers the question; the verifier reads the question
 and one answer and writes a critique; the refiner reads both and writes the final solution.
 
-Tree protocol (`collect`, per batch of questions). Three generate calls per batch, whatever its
-size: level 1 asks the generator for `branching` samples of every question (one request per
-question, n = branching); level 2 asks the verifier for `branching` critiques of every
+Tree protocol (`collect`, per batch of questions): the levels are grown in one loop, one
+generate call per level for the whole batch, whatever its size: level 1 asks the generator for
+`branching` samples of every question (one request per question, n = branching); level 2 asks the verifier for `branching` critiques of every
 (question, answer); level 3 asks the refiner for `branching` refinements of every
 (question, answer, critique). Every node is a `Turn` (`parent` = the node it answers, `round` =
 its level); one question's whole tree (n + n^2 + n^3 turns, 3 + 9 + 27 by default) is one
@@ -529,6 +540,7 @@ class MALT(Algorithm):
             m[f"{role}/sft_loss"] = mean(r.get("loss", float("nan")) for r in res[-1])
         if pairs:
             policy.snapshot_reference()  # the SFT model is DPO's reference
+            # scored once here and reused by every DPO epoch (the learner would rescore per step)
             scored = policy.logprobs([s for p in pairs for s in p.as_samples()], reference=True)
             for i, p in enumerate(pairs):
                 p.ref_chosen_logp = float(sum(scored[2 * i]))
