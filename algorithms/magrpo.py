@@ -90,7 +90,8 @@ class MAGRPOConfig(PGConfig):
               f"needs one weight per turn (algo.turns={self.turns})")
         check(self.feedback == "env" or (self.feedback.startswith("policy:")
                                          and self.feedback.split(":", 1)[1] in self.agents),
-              "algo.feedback", self.feedback, f"is not allowed; use 'env' or 'policy:<agent>' with an agent of {self.agents}")
+              "algo.feedback", self.feedback,
+              f"is not allowed; use 'env' or 'policy:<agent>' with an agent of {self.agents}")
         check_entries("algo.eval_baselines", self.eval_baselines, EVAL_BASELINES)
 
 
@@ -237,7 +238,8 @@ class MAGRPO(Algorithm):
         requests are dispatched before any result is awaited (agents run in parallel)."""
         contexts = contexts or [{} for _ in tasks]
         pending = {role: self.policies[pol].generate_async(
-            self.requests(role, tasks, temperature=0.0, seed=("eval",), contexts=[ctx.get(role, {}) for ctx in contexts]))
+            self.requests(role, tasks, temperature=0.0, seed=("eval",),
+                          contexts=[ctx.get(role, {}) for ctx in contexts]))
             for role, pol in who.items()}
         return {role: [c[0] for c in p.result()] for role, p in pending.items()}
 

@@ -17,9 +17,9 @@ and one answer and writes a critique; the refiner reads both and writes the fina
 
 Tree protocol (`collect`, per batch of questions): the levels are grown in one loop, one
 generate call per level for the whole batch, whatever its size: level 1 asks the generator for
-`branching` samples of every question (one request per question, n = branching); level 2 asks the verifier for `branching` critiques of every
-(question, answer); level 3 asks the refiner for `branching` refinements of every
-(question, answer, critique). Every node is a `Turn` (`parent` = the node it answers, `round` =
+`branching` samples of every question (one request per question, n = branching); level 2 asks
+the verifier for `branching` critiques of every (question, answer); level 3 asks the refiner
+for `branching` refinements of every (question, answer, critique). Every node is a `Turn` (`parent` = the node it answers, `round` =
 its level); one question's whole tree (n + n^2 + n^3 turns, 3 + 9 + 27 by default) is one
 `Episode` in the trajectory buffer, with the values already written.
 
@@ -380,10 +380,10 @@ class MALT(Algorithm):
         return model
 
     def policy_specs(self) -> list[PolicySpec]:
-        missing = [r for r in ROLES if r not in getattr(self.env, "roles", ())]
+        missing = [r for r in ROLES if r not in self.env.roles]
         if missing:
             raise ConfigError(f"env {self.run.env.name!r} has no prompt role for MALT roles {missing}; its roles: "
-                              f"{list(getattr(self.env, 'roles', ()))} (MALT needs {list(ROLES)})")
+                              f"{list(self.env.roles)} (MALT needs {list(ROLES)})")
         dpo = self.cfg.dpo_role_set
         specs = [PolicySpec(r, self.role_model(r), trainable=True, reference=r in dpo) for r in ROLES]
         if self.cfg.baselines == "frozen":
@@ -501,7 +501,8 @@ class MALT(Algorithm):
         with self.timer("train"):
             if cfg.parallel_roles:
                 with ThreadPoolExecutor(max_workers=len(ROLES), thread_name_prefix="malt-train") as pool:
-                    futs = {r: pool.submit(self.train_role, r, s, p, self.seed("train", k, r)) for r, (s, p) in jobs.items()}
+                    futs = {r: pool.submit(self.train_role, r, s, p, self.seed("train", k, r))
+                            for r, (s, p) in jobs.items()}
                     results = {r: f.result() for r, f in futs.items()}
             else:
                 results = {r: self.train_role(r, s, p, self.seed("train", k, r)) for r, (s, p) in jobs.items()}

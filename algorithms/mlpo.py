@@ -503,19 +503,20 @@ class MLPO(Algorithm):
         n, variants = len(tasks), list(leaders)
         traces: dict[str, list[Round]] = {v: [] for v in variants}
         for t in range(self.cfg.rounds):
-            owners = [None] if t == 0 else variants  # round 0 is asked once, for everyone
+            askers = variants[:1] if t == 0 else variants  # round 0 is asked once and shared
 
-            def revise(v, k):  # the context of agent k's round-t answers for variant v
-                if v is None:
-                    return [{}] * n
+            def context(v, k):  # agent k's prompt context per task, for variant v (round 0: none)
+                if t == 0:
+                    return None
                 prev = traces[v][-1]
                 return [{"previous": a.text, "leader": lead.text} for a, lead in zip(prev.team[k], prev.leader)]
 
-            results = self.team_generate([[r for v in owners for r in self.requests(
-                "team", tasks, 1, self.cfg.team_temperature, seed=("eval", t, k), contexts=revise(v, k))]
+            results = self.team_generate([[r for v in askers for r in self.requests(
+                "team", tasks, 1, self.cfg.team_temperature, seed=("eval", t, k), contexts=context(v, k))]
                 for k in range(len(self.team))])
-            team = {v: [[c[0] for c in res[j * n:(j + 1) * n]] for res in results] for j, v in enumerate(owners)}
-            team = {v: team[None if t == 0 else v] for v in variants}
+            # results[k]: agent k's answers for each asker in turn (n each)
+            asked = {v: [[c[0] for c in res[j * n:(j + 1) * n]] for res in results] for j, v in enumerate(askers)}
+            team = {v: asked[v if t else askers[0]] for v in variants}
             pending = {v: self.policies[leaders[v]].generate_async(self.requests(
                 LEADER, tasks, 1, self.cfg.eval_temperature, seed=("eval", t, LEADER),
                 contexts=[{"team_answers": [agent[i].text for agent in team[v]]} for i in range(n)]))
@@ -569,7 +570,8 @@ class MLPO(Algorithm):
             out["acc/final_when_team_all_wrong"] = mean(self._correct(tasks[i], LEADER, final[i].text) for i in wrong)
         if "majority" in self.cfg.eval_baselines:
             picks = [(t, r0.answers(i), vote(self.env, r0.answers(i))) for i, t in enumerate(tasks)]
-            out["acc/majority"] = mean(0.0 if v is None else self._correct(t, "team", answers[v]) for t, answers, v in picks)
+            out["acc/majority"] = mean(0.0 if v is None else self._correct(t, "team", answers[v])
+                                       for t, answers, v in picks)
             out["gens/majority"] = float(K)
             out["tokens/majority"] = sum(len(c.completion_ids) for agent in r0.team for c in agent) / n
         for key, role in (("leader_alone", LEADER), ("single", "single")):

@@ -46,7 +46,8 @@ class RAFT(Algorithm):
 
     def collect(self, tasks, step):
         # protocol: one agent, G samples per task (request i seeded from the run seed, step and i)
-        groups = self.policies["policy"].generate(self.requests(ROLE, tasks, self.cfg.group_size, seed=("collect", step)))
+        reqs = self.requests(ROLE, tasks, self.cfg.group_size, seed=("collect", step))
+        groups = self.policies["policy"].generate(reqs)
         episodes = []
         for task, comps in zip(tasks, groups):
             for c in comps:

@@ -48,8 +48,9 @@ class FakePolicy:
                 FakePolicy.counter += 1
                 text = self.reply(self, req, j)
                 ids = self.completion_ids(text)
+                logprobs = [] if self.sample_logprob is None else [self.sample_logprob] * len(ids)
                 comps.append(Completion(prompt_ids=self.prompt_ids(req), completion_ids=ids, text=text,
-                                        logprobs=[] if self.sample_logprob is None else [self.sample_logprob] * len(ids)))
+                                        logprobs=logprobs))
             out.append(comps)
         return Done(out)
 
