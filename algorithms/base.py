@@ -1,26 +1,64 @@
-"""The algorithm plugin interface.
+"""The algorithm plugin interface and the scaffolding every plugin shares.
 
 An algorithm owns its protocol (who sees what, in which order), its credit assignment and the
 loss each policy trains with. The framework owns engines, the trajectory buffer, checkpoints,
 logging and evaluation scheduling. Subclass `Algorithm`, set `Config` to a dataclass with a
 `name` field, and decorate with `@register_algorithm("my_algo")`.
+
+The shared scaffolding (one way each, used by the built-in plugins and the example):
+  `group_episodes`   episodes by `Episode.group`, in order of first appearance
+  `group_samples`    single-turn credit: A = R - group mean (optionally / std) per group
+  `reward_metrics`   the standard metrics block: reward/mean, reward/max, reward/<component>,
+                     groups/mixed, tokens/completion_mean
+  `score_metrics`    the evaluation block: reward and reward components of scored outputs
+  `majority_index`   majority vote over extracted answers (ties: the answer seen first)
+  `seed_for` / `Algorithm.seed`   request seeds from the run seed and a request's coordinates
+  `Algorithm.sampling`            a SamplingConfig from `rollout.*` (top_p 1.0 at temperature 0)
+  `Algorithm.requests`            one seeded GenerationRequest per task for a role
+  `PGConfig` + `Algorithm.loss`   group size and policy-gradient loss settings, validated
+
+KL to a reference: an algorithm sets `PolicySpec(reference=True)` and `kl_coef > 0` in its loss;
+the learner scores the reference log-probs itself inside the train step (samples carry no
+`ref_logprobs`), so algorithms never make a separate reference call.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterable, Optional, Sequence
 
-from envs.base import Env
+from envs.base import Env, Reward
+from marl_llm.advantages import group_advantages
 from marl_llm.buffer import TrajectoryBuffer
-from marl_llm.config import RunConfig
-from marl_llm.metrics import PhaseTimer
+from marl_llm.config import RolloutConfig, RunConfig, check, check_choice, check_min, check_positive
+from marl_llm.losses import PG_AGGREGATIONS, LossConfig
+from marl_llm.metrics import PhaseTimer, mean
 from marl_llm.policy import Policy, PolicySpec
-from marl_llm.types import Episode
+from marl_llm.types import Episode, GenerationRequest, Sample, SamplingConfig
 
 
 @dataclass
 class AlgoConfig:
     name: str = ""
+
+
+@dataclass
+class PGConfig(AlgoConfig):
+    """Settings of a group-relative policy-gradient algorithm (GRPO, MLPO, MAGRPO)."""
+
+    group_size: int = 4                 # G samples per prompt (a group)
+    std_normalize: bool = False         # A = (R - mean) / std (GRPO) instead of R - mean (Dr. GRPO)
+    clip_eps: Optional[float] = 0.2     # PPO ratio clip; null: none
+    kl_coef: float = 0.0                # KL to the reference (the learner scores it)
+    loss_agg: str = "token_sum_norm"    # marl_llm.losses.PG_AGGREGATIONS
+
+    def __post_init__(self):
+        check_min("algo.group_size", self.group_size, 2,
+                  "group-relative advantages (R - group mean) are all zero with one sample per group")
+        check(self.clip_eps is None or self.clip_eps > 0, "algo.clip_eps", self.clip_eps,
+              "must be > 0 or null (no clipping)")
+        check_positive("algo.kl_coef", self.kl_coef, allow_zero=True)
+        check_choice("algo.loss_agg", self.loss_agg, PG_AGGREGATIONS)
 
 
 class Algorithm:
@@ -32,16 +70,20 @@ class Algorithm:
         self.run = run
         self.policies: dict[str, Policy] = {}
         self.buffer: TrajectoryBuffer | None = None
-        # the trainer's phase timer: `with self.timer("generate"): ...` splits step time by phase
+        # phase timer: `with self.timer("generate"): ...` splits step time by phase (the trainer's
+        # own timer once `setup` has run)
         self.timer = PhaseTimer()
 
     def policy_specs(self) -> list[PolicySpec]:
         """The policies this algorithm needs; the framework builds them before `setup`."""
         raise NotImplementedError
 
-    def setup(self, policies: dict[str, Policy], buffer: TrajectoryBuffer) -> None:
+    def setup(self, policies: dict[str, Policy], buffer: TrajectoryBuffer,
+              timer: Optional[PhaseTimer] = None) -> None:
         self.policies = policies
         self.buffer = buffer
+        if timer is not None:
+            self.timer = timer
 
     def prepare(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One-off work before training (e.g. MLPO's team answers, MALT's tree); returns the
@@ -66,3 +108,121 @@ class Algorithm:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    # ---- shared helpers ---------------------------------------------------------------------------
+    def seed(self, *parts: Any) -> int:
+        """A request seed from the run seed and the request's coordinates (phase, step, role, index)."""
+        return seed_for(self.run.seed, *parts)
+
+    def sampling(self, n: int = 1, temperature: Optional[float] = None, seed: Optional[int] = None) -> SamplingConfig:
+        """`n` samples at `temperature` (default `rollout.temperature`) with `rollout.*` settings."""
+        return sampling(self.run.rollout, n, temperature, seed)
+
+    def requests(self, role: str, tasks: Sequence[dict[str, Any]], n: int = 1, temperature: Optional[float] = None,
+                 seed: Optional[tuple] = None, contexts: Optional[Sequence[dict[str, Any]]] = None,
+                 ) -> list[GenerationRequest]:
+        """One request per task for `role`: the env's prompt (with that task's entry of `contexts`),
+        `n` samples at `temperature` (default `rollout.temperature`); request i is seeded with
+        `self.seed(*seed, i)` (no seed if `seed` is None)."""
+        return [GenerationRequest(messages=self.env.prompt(t, role, **(contexts[i] if contexts else {})),
+                                  sampling=self.sampling(n, temperature, None if seed is None else self.seed(*seed, i)))
+                for i, t in enumerate(tasks)]
+
+    @property
+    def loss(self) -> LossConfig:
+        """The policy-gradient loss of a `PGConfig` algorithm (token sums over
+        `rollout.max_new_tokens` for `token_sum_norm`)."""
+        if not isinstance(self.cfg, PGConfig):
+            raise NotImplementedError(f"{type(self).__name__}: Config is not a PGConfig; define its own loss")
+        return LossConfig(kind="pg", clip_eps=self.cfg.clip_eps, kl_coef=self.cfg.kl_coef, agg=self.cfg.loss_agg,
+                          norm_tokens=self.run.rollout.max_new_tokens)
+
+
+def seed_for(*parts: Any) -> int:
+    """A 32-bit seed from any values (run seed, phase, step, index, ...): the same in every process
+    (crc32 of their text, not Python's salted hash) and different for different coordinates."""
+    return zlib.crc32("-".join(map(str, parts)).encode())
+
+
+def sampling(rollout: RolloutConfig, n: int = 1, temperature: Optional[float] = None,
+             seed: Optional[int] = None) -> SamplingConfig:
+    """A SamplingConfig from the run's `rollout.*`. At temperature 0 (greedy) top_p is irrelevant,
+    so it is set to 1.0 (backends then take the argmax on every path)."""
+    temperature = rollout.temperature if temperature is None else temperature
+    return SamplingConfig(n=n, temperature=temperature, top_p=rollout.top_p if temperature > 0 else 1.0,
+                          max_tokens=rollout.max_new_tokens, seed=seed)
+
+
+def group_episodes(episodes: Iterable[Episode]) -> dict[str, list[Episode]]:
+    """Episodes by `Episode.group` (the G samples of one prompt), groups in order of first appearance."""
+    groups: dict[str, list[Episode]] = {}
+    for ep in episodes:
+        groups.setdefault(ep.group, []).append(ep)
+    return groups
+
+
+def group_samples(episodes: Iterable[Episode], std_normalize: bool = False) -> list[Sample]:
+    """Single-turn credit: one Sample per episode (its first turn), A = R - mean of its group
+    (divided by the group's std with `std_normalize`); samples in group order."""
+    samples = []
+    for eps in group_episodes(episodes).values():
+        for ep, a in zip(eps, group_advantages([e.reward for e in eps], std_normalize=std_normalize)):
+            t = ep.turns[0]
+            samples.append(Sample(t.prompt_ids, t.completion_ids, advantage=a))
+    return samples
+
+
+def reward_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
+    """The standard metrics block of a step: reward/mean, reward/max, reward/<component> (means
+    over episodes), groups/mixed (share of groups of 2+ episodes whose rewards differ: the groups
+    that carry a group-relative gradient; absent without such groups) and tokens/completion_mean
+    (over the distinct turns)."""
+    rewards = [e.reward for e in episodes if e.reward is not None]
+    out: dict[str, float] = {"reward/mean": mean(rewards), "reward/max": max(rewards) if rewards else float("nan")}
+    for k in (episodes[0].components if episodes else {}):
+        out[f"reward/{k}"] = mean(e.components.get(k, 0.0) for e in episodes)
+    multi = [g for g in group_episodes(episodes).values() if len(g) > 1]
+    if multi:
+        out["groups/mixed"] = mean(len({e.reward for e in g}) > 1 for g in multi)
+    turns = {t.id: t for e in episodes for t in e.turns}
+    if turns:
+        out["tokens/completion_mean"] = mean(len(t.completion_ids) for t in turns.values())
+    return out
+
+
+def score_metrics(scores: Sequence[Reward]) -> dict[str, float]:
+    """Evaluation block of scored outputs: "reward" (mean total) and each component's mean."""
+    out = {"reward": mean(s.total for s in scores)}
+    for k in (scores[0].components if scores else {}):
+        out[k] = mean(s.components.get(k, 0.0) for s in scores)
+    return out
+
+
+def majority_index(answers: Sequence[Optional[str]],
+                   equal: Optional[Callable[[str, str], bool]] = None) -> Optional[int]:
+    """Index of a representative of the most common answer (the first position that gave it).
+
+    None answers (nothing extractable) do not vote; ties go to the answer that appeared first;
+    None if no position has an answer. `equal` groups equivalent answers (default ==; pass the
+    env's `answers_equal`)."""
+    equal = equal or (lambda a, b: a == b)
+    reps: list[int] = []
+    counts: list[int] = []
+    for i, a in enumerate(answers):
+        if a is None:
+            continue
+        for k, r in enumerate(reps):
+            if equal(a, answers[r]):
+                counts[k] += 1
+                break
+        else:
+            reps.append(i)
+            counts.append(1)
+    if not reps:
+        return None
+    return reps[counts.index(max(counts))]
+
+
+def vote(env: Env, texts: Sequence[str]) -> Optional[int]:
+    """`majority_index` over the answers `env` extracts from `texts`, compared with `env.answers_equal`."""
+    return majority_index([env.extract_answer(t or "") for t in texts], env.answers_equal)

@@ -1,44 +1,30 @@
 """GRPO: one policy, G samples per prompt, group-relative advantages — the single-agent baseline.
 
-Defaults follow Dr. GRPO (advantage = reward - group mean, no std division, token sums divided by
-a constant instead of each sample's length); `std_normalize=true, loss_agg=seq_mean_token_mean`
-gives the original GRPO.
+What GRPO specifies (DeepSeekMath, arXiv 2402.03300): G samples per prompt, advantage = (reward -
+group mean) / group std, a PPO-style clipped ratio and a KL penalty to a reference policy. Our
+defaults follow Dr. GRPO (arXiv 2503.20783): no std division and token sums divided by a constant
+(`rollout.max_new_tokens`) instead of each sample's length; `std_normalize=true,
+loss_agg=seq_mean_token_mean` gives the original GRPO. Where the papers leave it open: one
+optimiser step per batch (so the ratio is 1 at the step and the clip only bounds it), KL off by
+default (`kl_coef > 0` keeps a frozen copy of the base as the reference, scored by the learner),
+evaluation is one greedy sample per held-out task.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
 
-from algorithms.base import AlgoConfig, Algorithm
-from marl_llm.advantages import group_advantages
-from marl_llm.losses import LossConfig
-from marl_llm.metrics import mean
+from algorithms.base import Algorithm, PGConfig, group_samples, reward_metrics, score_metrics
 from marl_llm.policy import PolicySpec
 from marl_llm.registry import register_algorithm
-from marl_llm.types import Episode, GenerationRequest, Sample, SamplingConfig, Turn
+from marl_llm.types import Episode, Turn
 
 ROLE = "single"
 
 
 @dataclass
-class GRPOConfig(AlgoConfig):
+class GRPOConfig(PGConfig):
     name: str = "grpo"
     group_size: int = 8
-    std_normalize: bool = False
-    loss_agg: str = "token_sum_norm"
-    clip_eps: Optional[float] = 0.2
-    kl_coef: float = 0.0
-
-
-def sample_groups(policy, env, tasks, role, n, rollout, seed, context=None):
-    """Sample `n` completions per task for one role, batched into one generate call."""
-    reqs = [GenerationRequest(messages=env.prompt(t, role, **(context[i] if context else {})),
-                              sampling=SamplingConfig(n=n, temperature=rollout.temperature,
-                                                      top_p=rollout.top_p,
-                                                      max_tokens=rollout.max_new_tokens,
-                                                      seed=seed + i))
-            for i, t in enumerate(tasks)]
-    return policy.generate(reqs)
 
 
 @register_algorithm("grpo")
@@ -48,16 +34,10 @@ class GRPO(Algorithm):
     def policy_specs(self):
         return [PolicySpec("policy", self.run.model, trainable=True, reference=self.cfg.kl_coef > 0)]
 
-    @property
-    def loss(self) -> LossConfig:
-        return LossConfig(kind="pg", clip_eps=self.cfg.clip_eps, kl_coef=self.cfg.kl_coef,
-                          agg=self.cfg.loss_agg, norm_tokens=self.run.rollout.max_new_tokens)
-
     def collect(self, tasks, step):
-        policy = self.policies["policy"]
         with self.timer("generate"):
-            groups = sample_groups(policy, self.env, tasks, ROLE, self.cfg.group_size,
-                                   self.run.rollout, seed=self.run.seed * 1_000_003 + step * 1009)
+            groups = self.policies["policy"].generate(
+                self.requests(ROLE, tasks, self.cfg.group_size, seed=("collect", step)))
         episodes = []
         with self.timer("reward"):
             for task, comps in zip(tasks, groups):
@@ -69,44 +49,12 @@ class GRPO(Algorithm):
         return episodes
 
     def update(self, episodes, step):
-        groups: dict[str, list[Episode]] = {}
-        for ep in episodes:
-            groups.setdefault(ep.group, []).append(ep)
-        samples = []
-        for eps in groups.values():
-            advs = group_advantages([e.reward for e in eps], std_normalize=self.cfg.std_normalize)
-            for ep, a in zip(eps, advs):
-                t = ep.turns[0]
-                samples.append(Sample(t.prompt_ids, t.completion_ids, advantage=a))
-        if self.cfg.kl_coef > 0:
-            with self.timer("reference"):
-                refs = self.policies["policy"].logprobs(samples, reference=True)
-            for s, r in zip(samples, refs):
-                s.ref_logprobs = r
+        samples = group_samples(episodes, std_normalize=self.cfg.std_normalize)
         with self.timer("train"):
             train_metrics = self.policies["policy"].train(samples, self.loss)
-        rewards = [e.reward for e in episodes]
-        metrics: dict[str, Any] = {
-            "reward/mean": mean(rewards),
-            "reward/max": max(rewards),
-            "groups/mixed": mean(len({e.reward for e in g}) > 1 for g in groups.values()),
-            "tokens/completion_mean": mean(len(e.turns[0].completion_ids) for e in episodes),
-        }
-        for k in episodes[0].components:
-            metrics[f"reward/{k}"] = mean(e.components.get(k, 0.0) for e in episodes)
-        metrics.update(train_metrics)
-        return metrics
+        return {**reward_metrics(episodes), **train_metrics}
 
     def evaluate(self, tasks):
         """Greedy single-sample score of the policy on held-out tasks."""
-        policy = self.policies["policy"]
-        reqs = [GenerationRequest(messages=self.env.prompt(t, ROLE),
-                                  sampling=SamplingConfig(n=1, temperature=0.0,
-                                                          max_tokens=self.run.rollout.max_new_tokens))
-                for t in tasks]
-        outs = policy.generate(reqs)
-        scores = [self.env.reward(t, {ROLE: o[0].text}) for t, o in zip(tasks, outs)]
-        result = {"reward": mean(s.total for s in scores)}
-        for k in (scores[0].components if scores else {}):
-            result[k] = mean(s.components.get(k, 0.0) for s in scores)
-        return result
+        outs = self.policies["policy"].generate(self.requests(ROLE, tasks, temperature=0.0))
+        return score_metrics([self.env.reward(t, {ROLE: o[0].text}) for t, o in zip(tasks, outs)])

@@ -1,5 +1,15 @@
 """MAGRPO: N agents, each its own policy and optimiser, trained on one joint reward.
 
+What the paper (MAGRPO: LLM collaboration trained with multi-agent GRPO) specifies: every agent
+samples G responses; their joint actions are scored by one joint reward (the writing and coding
+rewards live in the envs); the advantage is the reward minus the group mean, shared by all
+agents; each agent's loss is -(1/G) sum_g A_g * log pi_i(response | prompt), on-policy (no ratio
+clip, no KL); multi-turn training feeds external feedback back to the agents. What we chose and
+made configurable: `aligned` joint actions by default (`cross`: the Cartesian product, where a
+response gets the mean advantage of its joint actions), the advantage clamp (`adv_clamp`),
+per-turn sample weights (`turn_weights`), the best joint action of a turn as every agent's
+context for the next, early stop at the env's maximum, and the evaluation baselines below.
+
 Protocol (per task, per turn): every agent samples G responses to its own prompt; joint actions
 pair them (`aligned`: the g-th of every agent, G joint actions; `cross`: the Cartesian product,
 G^N); the env scores each joint action with one joint reward.
@@ -7,7 +17,7 @@ Credit: A = R - mean over the group (optionally / std), the same for every agent
 In `cross` mode a response takes part in several joint actions and gets the mean of their
 advantages (its marginal contribution).
 Loss per agent: -(1/G) sum_g A_g * log pi_i(response | prompt), log pi = sum of token log-probs
-(`agg=token_sum`, no ratio clip, no KL by default: the paper-era on-policy loss).
+(`loss_agg=token_sum`, no ratio clip, no KL by default).
 Multi-turn: the best joint action of turn t, with feedback from the env's transition (or an
 expert policy of the run), forms every agent's context for turn t+1; turn t's samples are
 weighted by `turn_weights[t]`; a task stops early once a turn's mean reward reaches the env's max.
@@ -21,20 +31,20 @@ from __future__ import annotations
 
 import itertools
 import logging
-from concurrent.futures import ThreadPoolExecutor
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from algorithms.base import AlgoConfig, Algorithm
+from algorithms.base import Algorithm, PGConfig, group_episodes, reward_metrics, score_metrics
 from envs.base import Reward
 from marl_llm.advantages import group_advantages
-from marl_llm.config import ConfigError, load_model_preset
-from marl_llm.losses import LossConfig
+from marl_llm.config import (ConfigError, check, check_choice, check_entries, check_min, check_positive,
+                             load_model_preset)
 from marl_llm.metrics import mean
 from marl_llm.policy import PolicySpec
 from marl_llm.registry import register_algorithm
-from marl_llm.types import Completion, Episode, GenerationRequest, Sample, SamplingConfig, Turn
+from marl_llm.types import Completion, Episode, GenerationRequest, Sample, Turn
 
 log = logging.getLogger(__name__)
 EVAL_BASELINES = ("single", "naive", "sequential", "discussion")
@@ -45,17 +55,15 @@ EXPERT_PROMPT = ("Task:\n{task}\n\nThe collaborators answered:\n{outputs}\n\n"
 
 
 @dataclass
-class MAGRPOConfig(AlgoConfig):
+class MAGRPOConfig(PGConfig):
     name: str = "magrpo"
     agents: list[str] = field(default_factory=lambda: ["agent1", "agent2"])
     # one model preset name per agent (conf/model/<name>.yaml); empty: every agent uses `model=`
     agent_models: list[str] = field(default_factory=list)
-    group_size: int = 4
     joint: str = "aligned"
-    std_normalize: bool = False
     adv_clamp: float = 10.0
     clip_eps: Optional[float] = None
-    kl_coef: float = 0.0
+    loss_agg: str = "token_sum"  # -(1/G) sum_g A_g log pi: summed token log-probs
     turns: int = 1
     turn_weights: list[float] = field(default_factory=lambda: [1.2, 0.8])
     # "env": the env's transition (e.g. unit-test diagnostics); "policy:<agent>": that agent's
@@ -69,22 +77,22 @@ class MAGRPOConfig(AlgoConfig):
     eval_baselines: list[str] = field(default_factory=lambda: list(EVAL_BASELINES))
 
     def __post_init__(self):
-        if self.joint not in ("aligned", "cross"):
-            raise ConfigError(f"algo.joint={self.joint!r} is not allowed; choose one of ['aligned', 'cross']")
-        if len(self.agents) < 1 or len(set(self.agents)) != len(self.agents):
-            raise ConfigError(f"algo.agents={self.agents} must be distinct, non-empty role names")
-        if self.agent_models and len(self.agent_models) != len(self.agents):
-            raise ConfigError(f"algo.agent_models has {len(self.agent_models)} entries for "
-                              f"{len(self.agents)} agents; give one preset per agent or none")
-        if self.turns < 1 or len(self.turn_weights) < self.turns:
-            raise ConfigError(f"algo.turns={self.turns} needs that many turn_weights (got {self.turn_weights})")
-        if self.feedback != "env" and not (self.feedback.startswith("policy:")
-                                           and self.feedback.split(":", 1)[1] in self.agents):
-            raise ConfigError(f"algo.feedback={self.feedback!r}: use 'env' or 'policy:<agent>' "
-                              f"with an agent of {self.agents}")
-        bad = [b for b in self.eval_baselines if b not in EVAL_BASELINES]
-        if bad:
-            raise ConfigError(f"algo.eval_baselines has unknown entries {bad}; allowed: {list(EVAL_BASELINES)}")
+        super().__post_init__()
+        check_choice("algo.joint", self.joint, ("aligned", "cross"))
+        check(len(self.agents) >= 1 and len(set(self.agents)) == len(self.agents), "algo.agents", self.agents,
+              "must be distinct, non-empty role names")
+        check(not self.agent_models or len(self.agent_models) == len(self.agents), "algo.agent_models",
+              self.agent_models, f"has {len(self.agent_models)} entries for {len(self.agents)} agents; "
+              "give one preset per agent or none")
+        check_positive("algo.adv_clamp", self.adv_clamp)
+        check_min("algo.turns", self.turns, 1)
+        check(len(self.turn_weights) >= self.turns, "algo.turn_weights", self.turn_weights,
+              f"needs one weight per turn (algo.turns={self.turns})")
+        check(self.feedback == "env" or (self.feedback.startswith("policy:")
+                                         and self.feedback.split(":", 1)[1] in self.agents),
+              "algo.feedback", self.feedback,
+              f"is not allowed; use 'env' or 'policy:<agent>' with an agent of {self.agents}")
+        check_entries("algo.eval_baselines", self.eval_baselines, EVAL_BASELINES)
 
 
 @register_algorithm("magrpo")
@@ -126,18 +134,9 @@ class MAGRPO(Algorithm):
         return specs
 
     @property
-    def loss(self) -> LossConfig:
-        return LossConfig(kind="pg", clip_eps=self.cfg.clip_eps, kl_coef=self.cfg.kl_coef, agg="token_sum")
-
-    @property
     def max_reward(self) -> float:
         """The joint reward's maximum for these agents (coding: 4.0 for a pair, 1.0 alone)."""
         return self.env.max_reward_for(self.cfg.agents)
-
-    def _sampling(self, n: int, seed: int, greedy: bool = False) -> SamplingConfig:
-        r = self.run.rollout
-        return SamplingConfig(n=n, temperature=0.0 if greedy else r.temperature, top_p=r.top_p,
-                              max_tokens=r.max_new_tokens, seed=seed)
 
     def _joint_actions(self) -> list[tuple[int, ...]]:
         G, N = self.cfg.group_size, len(self.cfg.agents)
@@ -145,13 +144,12 @@ class MAGRPO(Algorithm):
             return [(g,) * N for g in range(G)]
         return list(itertools.product(range(G), repeat=N))
 
-    def _generate(self, tasks, contexts, n: int, seed: int, greedy: bool = False):
+    def _generate(self, tasks, contexts, step: int, turn: int):
         """All agents' requests of one turn dispatched at once; returns agent -> per-task samples."""
         # seeds differ per agent: agents sharing a base model must not sample identical responses
         pending = {a: self.policies[a].generate_async(
-            [GenerationRequest(messages=self.env.prompt(t, a, **ctx.get(a, {})),
-                               sampling=self._sampling(n, seed + 7919 * k + i, greedy))
-             for i, (t, ctx) in enumerate(zip(tasks, contexts))]) for k, a in enumerate(self.cfg.agents)}
+            self.requests(a, tasks, self.cfg.group_size, seed=("collect", step, turn, a),
+                          contexts=[ctx.get(a, {}) for ctx in contexts])) for a in self.cfg.agents}
         return {a: p.result() for a, p in pending.items()}
 
     def _feedback(self, task, outputs: dict[str, str], reward: Reward) -> dict[str, str]:
@@ -161,7 +159,7 @@ class MAGRPO(Algorithm):
         question = self.env.prompt(task, self.cfg.agents[0])[-1]["content"]
         listing = "\n\n".join(f"[{a}]\n{o}" for a, o in outputs.items())
         msg = [{"role": "user", "content": EXPERT_PROMPT.format(task=question, outputs=listing)}]
-        text = expert.generate([GenerationRequest(messages=msg, sampling=self._sampling(1, 0, greedy=True))])[0][0].text
+        text = expert.generate([GenerationRequest(messages=msg, sampling=self.sampling(1, temperature=0.0))])[0][0].text
         return {a: text for a in outputs}
 
     def collect(self, tasks, step):
@@ -172,8 +170,7 @@ class MAGRPO(Algorithm):
             if not active:
                 break
             with self.timer("generate"):
-                outs = self._generate([tasks[i] for i in active], [contexts[i] for i in active],
-                                      self.cfg.group_size, seed=self.run.seed * 1_000_003 + step * 1009 + turn * 97)
+                outs = self._generate([tasks[i] for i in active], [contexts[i] for i in active], step, turn)
             still = []
             for k, ti in enumerate(active):
                 task = tasks[ti]
@@ -203,11 +200,8 @@ class MAGRPO(Algorithm):
 
     def credit(self, episodes: list[Episode]) -> dict[str, list[Sample]]:
         """Per agent: one Sample per distinct response, advantage = mean over its joint actions."""
-        groups: dict[str, list[Episode]] = {}
-        for ep in episodes:
-            groups.setdefault(ep.group, []).append(ep)
         samples: dict[str, list[Sample]] = {a: [] for a in self.cfg.agents}
-        for eps in groups.values():
+        for eps in group_episodes(episodes).values():
             advs = group_advantages([e.reward for e in eps], std_normalize=self.cfg.std_normalize,
                                     clamp=self.cfg.adv_clamp)
             weight = self.cfg.turn_weights[eps[0].meta["turn"]]
@@ -223,17 +217,9 @@ class MAGRPO(Algorithm):
 
     def update(self, episodes, step):
         samples = self.credit(episodes)
-        metrics: dict[str, Any] = {"reward/mean": mean(e.reward for e in episodes),
-                                   "reward/max": max(e.reward for e in episodes)}
-        for k in episodes[0].components:
-            metrics[f"reward/{k}"] = mean(e.components.get(k, 0.0) for e in episodes)
+        metrics: dict[str, Any] = reward_metrics(episodes)
         for turn in sorted({e.meta["turn"] for e in episodes}):
             metrics[f"reward/turn{turn}"] = mean(e.reward for e in episodes if e.meta["turn"] == turn)
-        if self.cfg.kl_coef > 0:
-            with self.timer("reference"):
-                for a in self.cfg.agents:
-                    for s, r in zip(samples[a], self.policies[a].logprobs(samples[a], reference=True)):
-                        s.ref_logprobs = r
         with self.timer("train"):
             train = lambda a: self.policies[a].train(samples[a], self.loss)  # noqa: E731
             if self.cfg.parallel_agents and len(self.cfg.agents) > 1:
@@ -252,8 +238,8 @@ class MAGRPO(Algorithm):
         requests are dispatched before any result is awaited (agents run in parallel)."""
         contexts = contexts or [{} for _ in tasks]
         pending = {role: self.policies[pol].generate_async(
-            [GenerationRequest(messages=self.env.prompt(t, role, **ctx.get(role, {})),
-                               sampling=self._sampling(1, i, greedy=True)) for i, (t, ctx) in enumerate(zip(tasks, contexts))])
+            self.requests(role, tasks, temperature=0.0, seed=("eval",),
+                          contexts=[ctx.get(role, {}) for ctx in contexts]))
             for role, pol in who.items()}
         return {role: [c[0] for c in p.result()] for role, p in pending.items()}
 
@@ -293,10 +279,7 @@ class MAGRPO(Algorithm):
         scores = self.env.reward_batch([(t, {r: final[r][i].text for r in who}) for i, t in enumerate(tasks)])
         top = self.env.max_reward_for(list(who))
         tokens = sum(len(c.completion_ids) for st in stages for comps in st.values() for c in comps)
-        out = {"reward": mean(s.total for s in scores),
-               "solved": mean(s.total >= top - 1e-9 for s in scores)}
-        for k in scores[0].components:
-            out[k] = mean(s.components.get(k, 0.0) for s in scores)
+        out = {**score_metrics(scores), "solved": mean(s.total >= top - 1e-9 for s in scores)}
         if "tests" in scores[0].components:
             out["pass"] = mean(s.components.get("tests", 0.0) >= 1.0 - 1e-9 for s in scores)
         out.update({"gens": float(sum(len(st) for st in stages)), "tokens": tokens / len(tasks),

@@ -1,14 +1,25 @@
 """MALT: a generator, a verifier and a refiner trained from a search tree (arXiv 2412.01928).
 
+What the paper specifies: three roles answer in sequence (generator -> verifier -> refiner);
+training data comes from a tree with branching n per level (n=3: 27 leaves per question) sampled
+at temperature 0.3; a leaf's value is its correctness, inner values are means of their children
+("global pooling"), a node is correct iff its value > 0.5; each role gets SFT on its correct
+nodes, then the verifier and refiner DPO (beta 0.2) on (correct, incorrect) siblings against the
+SFT model; the generator is SFT only; roles are LoRA adapters of one base; inference is three
+chains with a majority vote (MV@3). Where it is silent we chose: how steps map onto the tree
+collection (`iterations` blocks, below), all sibling pairs (or a cap), exporting the datasets,
+seeded local shuffles, the ablations and baselines of `evaluate`, and full copies per role as
+the default on CPU (`role_weights=lora` is the paper's set-up).
+
 Roles (one policy each, all trainable, full copies of the base; `algo.role_models` may give a
 different preset per role): the generator answers the question; the verifier reads the question
 and one answer and writes a critique; the refiner reads both and writes the final solution.
 
-Tree protocol (`collect`, per batch of questions). Three generate calls per batch, whatever its
-size: level 1 asks the generator for `branching` samples of every question (one request per
-question, n = branching); level 2 asks the verifier for `branching` critiques of every
-(question, answer); level 3 asks the refiner for `branching` refinements of every
-(question, answer, critique). Every node is a `Turn` (`parent` = the node it answers, `round` =
+Tree protocol (`collect`, per batch of questions): the levels are grown in one loop, one
+generate call per level for the whole batch, whatever its size: level 1 asks the generator for
+`branching` samples of every question (one request per question, n = branching); level 2 asks
+the verifier for `branching` critiques of every (question, answer); level 3 asks the refiner
+for `branching` refinements of every (question, answer, critique). Every node is a `Turn` (`parent` = the node it answers, `round` =
 its level); one question's whole tree (n + n^2 + n^3 turns, 3 + 9 + 27 by default) is one
 `Episode` in the trajectory buffer, with the values already written.
 
@@ -81,20 +92,22 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
-from algorithms.base import AlgoConfig, Algorithm
-from marl_llm.config import ConfigError, LoraConfig, ModelConfig, load_model_preset
+from algorithms.base import AlgoConfig, Algorithm, reward_metrics, score_metrics, vote
+from marl_llm.config import (ConfigError, LoraConfig, ModelConfig, check, check_choice, check_min, check_positive,
+                             check_range, load_model_preset)
 from marl_llm.losses import LossConfig
 from marl_llm.metrics import mean
 from marl_llm.policy import PolicySpec
 from marl_llm.registry import register_algorithm
-from marl_llm.types import Episode, GenerationRequest, PairSample, Sample, SamplingConfig, Turn, chunks
+from marl_llm.types import Episode, PairSample, Sample, Turn, chunks
 
 log = logging.getLogger(__name__)
 
-ROLES = ("generator", "verifier", "refiner")
+ROLES = ("generator", "verifier", "refiner")  # the tree's levels, in order
 LEVEL = {r: i for i, r in enumerate(ROLES)}
+CONTEXT_KEY = {"generator": "answer", "verifier": "critique"}  # how a node's text enters its descendants' prompts
 
 
 @dataclass
@@ -133,50 +146,37 @@ class MALTConfig(AlgoConfig):
     no_critique: str = "(no critique available)"
 
     def __post_init__(self):
-        def bad(key, value, allowed):
-            raise ConfigError(f"algo.{key}={value!r} is not allowed; {allowed}")
-
-        if not isinstance(self.branching, int) or self.branching < 1:
-            bad("branching", self.branching, "use an integer >= 1 (paper: 3)")
-        if not self.temperature > 0:
-            bad("temperature", self.temperature, "tree sampling needs a temperature > 0 (paper: 0.3)")
+        check(isinstance(self.branching, int) and self.branching >= 1, "algo.branching", self.branching,
+              "must be an integer >= 1 (paper: 3)")
+        check_positive("algo.temperature", self.temperature, note="tree sampling needs a temperature > 0 (paper: 0.3)")
         for key, v in [("value_threshold", self.value_threshold)] + [
                 (f"threshold_schedule[{i}]", t) for i, t in enumerate(self.threshold_schedule)]:
-            if not 0 <= v < 1:
-                bad(key, v, "thresholds must be in [0, 1) (values are means of 0/1 rewards)")
-        if self.iterations < 1:
-            bad("iterations", self.iterations, "use an integer >= 1")
-        if self.threshold_schedule and len(self.threshold_schedule) > self.iterations:
-            bad("threshold_schedule", list(self.threshold_schedule),
-                f"give at most algo.iterations={self.iterations} thresholds (one per iteration)")
-        if self.max_pairs_per_parent < 0:
-            bad("max_pairs_per_parent", self.max_pairs_per_parent, "use 0 (all pairs) or a positive cap")
+            check_range(f"algo.{key}", v, 0, 1, hi_open=True, note="values are means of 0/1 rewards")
+        check_min("algo.iterations", self.iterations, 1)
+        check(len(self.threshold_schedule) <= self.iterations, "algo.threshold_schedule", list(self.threshold_schedule),
+              f"has too many entries; give at most algo.iterations={self.iterations} thresholds (one per iteration)")
+        check_positive("algo.max_pairs_per_parent", self.max_pairs_per_parent, allow_zero=True,
+                       note="0 means all pairs")
         unknown = sorted(set(self.role_models) - set(ROLES))
-        if unknown:
-            bad("role_models", dict(self.role_models), f"keys must be roles of {list(ROLES)} (got {unknown})")
-        if self.role_weights not in ("copies", "lora"):
-            bad("role_weights", self.role_weights, "choose one of ['copies', 'lora']")
+        check(not unknown, "algo.role_models", dict(self.role_models), f"is not allowed: keys must be roles of "
+              f"{list(ROLES)} (got {unknown})")
+        check_choice("algo.role_weights", self.role_weights, ("copies", "lora"))
         for key, roles, allowed in (("sft_roles", self.sft_roles, ROLES),
                                     ("dpo_roles", self.dpo_roles, ("verifier", "refiner"))):
             wrong = [r for r in roles if r not in allowed]
-            if wrong or len(set(roles)) != len(roles):
-                hint = " (the generator's DPO is switched by algo.generator_dpo=true)" if "generator" in wrong else ""
-                bad(key, list(roles), f"give distinct roles of {list(allowed)}{hint}")
+            hint = " (the generator's DPO is switched by algo.generator_dpo=true)" if "generator" in wrong else ""
+            check(not wrong and len(set(roles)) == len(roles), f"algo.{key}", list(roles),
+                  f"is not allowed; give distinct roles of {list(allowed)}{hint}")
         for key in ("sft_epochs", "dpo_epochs"):
-            if getattr(self, key) < 0:
-                bad(key, getattr(self, key), "use an integer >= 0 (0 skips that phase)")
+            check_positive(f"algo.{key}", getattr(self, key), allow_zero=True, note="0 skips that phase")
         for key in ("sft_batch_size", "dpo_batch_size", "chains"):
-            if getattr(self, key) < 1:
-                bad(key, getattr(self, key), "use an integer >= 1")
-        if not self.dpo_beta > 0:
-            bad("dpo_beta", self.dpo_beta, "use a value > 0 (paper: 0.2)")
-        if self.eval_temperature < 0:
-            bad("eval_temperature", self.eval_temperature, "use a value >= 0")
-        if self.baselines not in ("initial", "frozen", "none"):
-            bad("baselines", self.baselines, "choose one of ['initial', 'frozen', 'none']")
-        if self.baselines == "frozen" and any(self.role_models.values()):
-            bad("baselines", self.baselines, "'frozen' builds one untrained copy of `model=`; with "
-                "algo.role_models use 'initial' (the untrained roles scored before training) or 'none'")
+            check_positive(f"algo.{key}", getattr(self, key))
+        check_positive("algo.dpo_beta", self.dpo_beta, note="paper: 0.2")
+        check_positive("algo.eval_temperature", self.eval_temperature, allow_zero=True)
+        check_choice("algo.baselines", self.baselines, ("initial", "frozen", "none"))
+        check(self.baselines != "frozen" or not any(self.role_models.values()), "algo.baselines", self.baselines,
+              "is not allowed with algo.role_models: 'frozen' builds one untrained copy of `model=`; use "
+              "'initial' (the untrained roles scored before training) or 'none'")
 
     def threshold(self, iteration: int) -> float:
         if self.threshold_schedule:
@@ -226,15 +226,20 @@ def label_tree(turns: Iterable[Turn], threshold: float) -> None:
 
 
 # ---- datasets -------------------------------------------------------------------------------------
+def prompt_context(path: dict[str, str]) -> dict[str, str]:
+    """A role's prompt context from the texts of its ancestors (role -> text): the generator's
+    output is the `answer`, the verifier's the `critique`."""
+    return {CONTEXT_KEY[r]: text for r, text in path.items() if r in CONTEXT_KEY}
+
+
 def _context(turn: Turn, by_id: dict[str, Turn]) -> dict[str, str]:
-    """The prompt context a role's node was generated from (its ancestors' texts)."""
-    if turn.agent == "verifier" and turn.parent in by_id:
-        return {"answer": by_id[turn.parent].text}
-    if turn.agent == "refiner" and turn.parent in by_id:
-        crit = by_id[turn.parent]
-        ans = by_id.get(crit.parent) if crit.parent else None
-        return {"answer": ans.text if ans else "", "critique": crit.text}
-    return {}
+    """The prompt context a node was generated from (its ancestors' texts)."""
+    path: dict[str, str] = {}
+    node = by_id.get(turn.parent) if turn.parent else None
+    while node is not None:
+        path[node.agent] = node.text
+        node = by_id.get(node.parent) if node.parent else None
+    return prompt_context(path)
 
 
 def _diagonal(n_chosen: int, n_rejected: int, cap: int) -> list[tuple[int, int]]:
@@ -334,31 +339,7 @@ def load_export(path: str | os.PathLike) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-# ---- voting ---------------------------------------------------------------------------------------
-def majority_index(answers: Sequence[Optional[str]],
-                   equal: Optional[Callable[[str, str], bool]] = None) -> Optional[int]:
-    """Index of a representative of the most common answer (the first chain that gave it).
-
-    None answers (nothing extractable) do not vote; ties go to the answer that appeared first;
-    None if no chain has an answer. `equal` groups equivalent answers (default: ==)."""
-    equal = equal or (lambda a, b: a == b)
-    reps: list[int] = []
-    counts: list[int] = []
-    for i, a in enumerate(answers):
-        if a is None:
-            continue
-        for k, r in enumerate(reps):
-            if equal(a, answers[r]):
-                counts[k] += 1
-                break
-        else:
-            reps.append(i)
-            counts.append(1)
-    if not reps:
-        return None
-    return reps[counts.index(max(counts))]
-
-
+# ---- verdicts ------------------------------------------------------------------------------------
 _VERDICT = re.compile(r"\b(incorrect|correct)\b", re.I)
 
 
@@ -399,27 +380,17 @@ class MALT(Algorithm):
         return model
 
     def policy_specs(self) -> list[PolicySpec]:
-        missing = [r for r in ROLES if r not in getattr(self.env, "roles", ())]
+        missing = [r for r in ROLES if r not in self.env.roles]
         if missing:
             raise ConfigError(f"env {self.run.env.name!r} has no prompt role for MALT roles {missing}; its roles: "
-                              f"{list(getattr(self.env, 'roles', ()))} (MALT needs {list(ROLES)})")
+                              f"{list(self.env.roles)} (MALT needs {list(ROLES)})")
         dpo = self.cfg.dpo_role_set
         specs = [PolicySpec(r, self.role_model(r), trainable=True, reference=r in dpo) for r in ROLES]
         if self.cfg.baselines == "frozen":
             specs.append(PolicySpec("base", self.run.model, trainable=False))
         return specs
 
-    # ---- sampling helpers -------------------------------------------------------------------------
-    def _sampling(self, n: int, temperature: float, seed: int) -> SamplingConfig:
-        r = self.run.rollout
-        return SamplingConfig(n=n, temperature=temperature, top_p=r.top_p, max_tokens=r.max_new_tokens, seed=seed)
-
-    def _requests(self, role: str, items: Sequence[tuple[dict, dict]], n: int, temperature: float,
-                  seed: int) -> list[GenerationRequest]:
-        return [GenerationRequest(messages=self.env.prompt(task, role, **ctx),
-                                  sampling=self._sampling(n, temperature, seed + i))
-                for i, (task, ctx) in enumerate(items)]
-
+    # ---- scoring ---------------------------------------------------------------------------------
     def _leaf_values(self, items: list[tuple[dict, dict[str, str]]]):
         rewards = self.env.reward_batch(items) if items else []
         key = self.cfg.reward_key
@@ -437,44 +408,32 @@ class MALT(Algorithm):
 
     # ---- collection -------------------------------------------------------------------------------
     def collect(self, tasks, step):
-        """One tree per question: 3 batched generate calls (one per level) for the whole batch."""
+        """One tree per question, grown level by level (generator, verifier, refiner): one batched
+        generate call per level for the whole batch."""
         cfg, n = self.cfg, self.cfg.branching
         thr = cfg.threshold(self.iteration)
-        seed = self.run.seed * 1_000_003 + step * 1009
         trees: list[list[Turn]] = [[] for _ in tasks]
+        # the open nodes: (task index, the node to branch from, role -> text along its path)
+        frontier: list[tuple[int, Optional[Turn], dict[str, str]]] = [(i, None, {}) for i in range(len(tasks))]
         with self.timer("generate"):
-            outs = self.policies["generator"].generate(
-                self._requests("generator", [(t, {}) for t in tasks], n, cfg.temperature, seed))
-            level1 = []  # (task index, generator turn)
-            for i, comps in enumerate(outs):
-                for c in comps:
-                    g = Turn.from_completion(c, agent="generator", policy="generator", round=0)
-                    trees[i].append(g)
-                    level1.append((i, g))
-            outs = self.policies["verifier"].generate(self._requests(
-                "verifier", [(tasks[i], {"answer": g.text}) for i, g in level1], n, cfg.temperature, seed + 100_003))
-            level2 = []  # (task index, generator turn, verifier turn)
-            for (i, g), comps in zip(level1, outs):
-                for c in comps:
-                    v = Turn.from_completion(c, agent="verifier", policy="verifier", round=1, parent=g.id)
-                    trees[i].append(v)
-                    level2.append((i, g, v))
-            outs = self.policies["refiner"].generate(self._requests(
-                "refiner", [(tasks[i], {"answer": g.text, "critique": v.text}) for i, g, v in level2],
-                n, cfg.temperature, seed + 200_006))
-            level3 = []
-            for (i, g, v), comps in zip(level2, outs):
-                for c in comps:
-                    r = Turn.from_completion(c, agent="refiner", policy="refiner", round=2, parent=v.id)
-                    trees[i].append(r)
-                    level3.append((i, g, v, r))
+            for level, role in enumerate(ROLES):
+                outs = self.policies[role].generate(self.requests(
+                    role, [tasks[i] for i, _, _ in frontier], n, cfg.temperature, seed=("tree", step, role),
+                    contexts=[prompt_context(path) for _, _, path in frontier]))
+                grown = []
+                for (i, parent, path), comps in zip(frontier, outs):
+                    for c in comps:
+                        t = Turn.from_completion(c, agent=role, policy=role, round=level,
+                                                 parent=None if parent is None else parent.id)
+                        trees[i].append(t)
+                        grown.append((i, t, {**path, role: t.text}))
+                frontier = grown
         with self.timer("reward"):
-            vals, rewards = self._leaf_values(
-                [(tasks[i], {"generator": g.text, "verifier": v.text, "refiner": r.text}) for i, g, v, r in level3])
+            vals, rewards = self._leaf_values([(tasks[i], path) for i, _, path in frontier])
         leaf_comps: list[list[dict[str, float]]] = [[] for _ in tasks]
-        for (i, _, _, r), val, rew in zip(level3, vals, rewards):
-            r.reward = val
-            r.meta["reward_total"] = float(rew.total)
+        for (i, leaf, _), val, rew in zip(frontier, vals, rewards):
+            leaf.reward = val
+            leaf.meta["reward_total"] = float(rew.total)
             leaf_comps[i].append(rew.components)
         episodes = []
         for i, (task, turns) in enumerate(zip(tasks, trees)):
@@ -496,15 +455,12 @@ class MALT(Algorithm):
         return (step + 1) % self.steps_per_iteration == 0 or (total > 0 and step + 1 >= total)
 
     def tree_metrics(self, episodes: list[Episode], threshold: float) -> dict[str, float]:
-        leaves = [t for e in episodes for t in e.turns if t.agent == "refiner" and t.reward is not None]
-        m: dict[str, Any] = {"reward/mean": mean(t.reward for t in leaves) if leaves else float("nan"),
-                             "tree/questions": len(episodes),
+        """The standard block over the trees (a tree's reward is its leaves' mean value, so
+        reward/mean is the mean leaf value and reward/max the best tree's), plus per-role node
+        values, correct-label shares and the dataset the trees would give."""
+        m: dict[str, Any] = {**reward_metrics(episodes), "tree/questions": len(episodes),
                              "tree/solvable": mean(any(t.reward and t.reward > 0 for t in e.turns if t.agent == "refiner")
                                                    for e in episodes)}
-        if leaves:
-            m["reward/max"] = max(t.reward for t in leaves)
-        for k in (episodes[0].components if episodes else {}):
-            m[f"reward/{k}"] = mean(e.components.get(k, 0.0) for e in episodes)
         for role in ROLES:
             nodes = [t for e in episodes for t in e.turns if t.agent == role and t.value is not None]
             m[f"tree/value/{role}"] = mean(t.value for t in nodes) if nodes else float("nan")
@@ -542,14 +498,14 @@ class MALT(Algorithm):
                  dataset_counts(rows), path)
         jobs = {r: (sft_samples(rows, r) if r in cfg.sft_roles and cfg.sft_epochs > 0 else [],
                     pair_samples(rows, r) if r in dpo else []) for r in ROLES}
-        seed = self.run.seed * 7_919 + k * 104_729
         with self.timer("train"):
             if cfg.parallel_roles:
                 with ThreadPoolExecutor(max_workers=len(ROLES), thread_name_prefix="malt-train") as pool:
-                    futs = {r: pool.submit(self.train_role, r, s, p, seed + LEVEL[r]) for r, (s, p) in jobs.items()}
+                    futs = {r: pool.submit(self.train_role, r, s, p, self.seed("train", k, r))
+                            for r, (s, p) in jobs.items()}
                     results = {r: f.result() for r, f in futs.items()}
             else:
-                results = {r: self.train_role(r, s, p, seed + LEVEL[r]) for r, (s, p) in jobs.items()}
+                results = {r: self.train_role(r, s, p, self.seed("train", k, r)) for r, (s, p) in jobs.items()}
         metrics: dict[str, Any] = {f"train/{k2}": v for k2, v in dataset_counts(rows).items()}
         for res in results.values():
             metrics.update(res)
@@ -585,6 +541,7 @@ class MALT(Algorithm):
             m[f"{role}/sft_loss"] = mean(r.get("loss", float("nan")) for r in res[-1])
         if pairs:
             policy.snapshot_reference()  # the SFT model is DPO's reference
+            # scored once here and reused by every DPO epoch (the learner would rescore per step)
             scored = policy.logprobs([s for p in pairs for s in p.as_samples()], reference=True)
             for i, p in enumerate(pairs):
                 p.ref_chosen_logp = float(sum(scored[2 * i]))
@@ -609,23 +566,11 @@ class MALT(Algorithm):
         self.steps_per_iteration = int(state.get("steps_per_iteration", self.steps_per_iteration))
         self.baselines = dict(state.get("baselines", {}))
         self.history = list(state.get("history", []))
-        self._pending = [e for e in self._stored_episodes() if e.meta.get("malt") and e.step > self.last_train_step]
+        stored = self.buffer.read() if self.buffer is not None else []
+        self._pending = [e for e in stored if e.meta.get("malt") and e.step > self.last_train_step]
         if self._pending:
             log.info("MALT resume: %d trees collected since the last training (step %d) read back from the buffer",
                      len(self._pending), self.last_train_step)
-
-    def _stored_episodes(self) -> Iterable[Episode]:
-        buf = self.buffer
-        if buf is None:
-            return []
-        if buf.path is not None and Path(buf.path).exists():
-            def read():
-                with open(buf.path) as f:
-                    for line in f:
-                        if line.strip():
-                            yield Episode.from_dict(json.loads(line))
-            return read()
-        return list(buf.episodes)
 
     # ---- evaluation -------------------------------------------------------------------------------
     def prepare(self, tasks):
@@ -659,9 +604,7 @@ class MALT(Algorithm):
         return self._leaf_values(items)[0]
 
     def _vote(self, task_texts: list[str], task_correct: list[float]) -> float:
-        answers = [self.env.extract_answer(t or "") for t in task_texts]
-        equal = getattr(self.env, "answers_equal", None)
-        idx = majority_index(answers, equal)
+        idx = vote(self.env, task_texts)
         return 0.0 if idx is None else float(task_correct[idx])
 
     def chain_metrics(self, tasks, pols: dict, ablations: Optional[bool] = None) -> dict[str, float]:
@@ -671,30 +614,31 @@ class MALT(Algorithm):
         ablations = cfg.eval_ablations if ablations is None else ablations
         if not tasks:
             return {}
-        seed, temp = self.run.seed * 7_919 + 17, cfg.eval_temperature
-        G = pols["generator"].generate(self._requests("generator", [(t, {}) for t in tasks], C, temp, seed))
-        flat = [(i, c) for i in range(len(tasks)) for c in range(C)]
+        flat = [(i, c) for i in range(len(tasks)) for c in range(C)]  # (question, chain)
+        chain_tasks = [tasks[i] for i, _ in flat]
+
+        def ask(role: str, stage: str, contexts: list[dict[str, str]]):
+            """One request per chain, all of a stage dispatched at once."""
+            return pols[role].generate_async(self.requests(role, chain_tasks, 1, cfg.eval_temperature,
+                                                           seed=("eval", stage), contexts=contexts))
+
+        def chain_texts(results) -> dict[tuple[int, int], str]:
+            return {k: (r[0].text if r else "") for k, r in zip(flat, results)}
+
+        G = pols["generator"].generate(self.requests("generator", tasks, C, cfg.eval_temperature, seed=("eval", "g")))
         g_text = {(i, c): (G[i][c].text if c < len(G[i]) else "") for i, c in flat}
-        v_pending = pols["verifier"].generate_async(self._requests(
-            "verifier", [(tasks[i], {"answer": g_text[i, c]}) for i, c in flat], 1, temp, seed + 100_003))
-        gr_pending = pols["refiner"].generate_async(self._requests(
-            "refiner", [(tasks[i], {"answer": g_text[i, c], "critique": cfg.no_critique}) for i, c in flat],
-            1, temp, seed + 300_009)) if ablations else None
-        V = v_pending.result()
-        v_text = {k: (V[j][0].text if V[j] else "") for j, k in enumerate(flat)}
-        r_pending = pols["refiner"].generate_async(self._requests(
-            "refiner", [(tasks[i], {"answer": g_text[i, c], "critique": v_text[i, c]}) for i, c in flat],
-            1, temp, seed + 200_006))
-        gv_pending = pols["generator"].generate_async(self._requests(
-            "generator", [(tasks[i], {"previous": g_text[i, c], "feedback": v_text[i, c]}) for i, c in flat],
-            1, temp, seed + 400_012)) if ablations else None
-        R = r_pending.result()
-        r_text = {k: (R[j][0].text if R[j] else "") for j, k in enumerate(flat)}
+        v_pending = ask("verifier", "v", [{"answer": g_text[k]} for k in flat])
+        gr_pending = ask("refiner", "gr", [{"answer": g_text[k], "critique": cfg.no_critique} for k in flat]) \
+            if ablations else None
+        v_text = chain_texts(v_pending.result())
+        r_pending = ask("refiner", "r", [{"answer": g_text[k], "critique": v_text[k]} for k in flat])
+        gv_pending = ask("generator", "gv", [{"previous": g_text[k], "feedback": v_text[k]} for k in flat]) \
+            if ablations else None
+        r_text = chain_texts(r_pending.result())
         stages = {"generator": ("generator", g_text), "refiner": ("refiner", r_text)}
         if ablations:
-            GV, GR = gv_pending.result(), gr_pending.result()
-            stages["gv"] = ("generator", {k: (GV[j][0].text if GV[j] else "") for j, k in enumerate(flat)})
-            stages["gr"] = ("refiner", {k: (GR[j][0].text if GR[j] else "") for j, k in enumerate(flat)})
+            stages["gv"] = ("generator", chain_texts(gv_pending.result()))
+            stages["gr"] = ("refiner", chain_texts(gr_pending.result()))
         correct = {name: dict(zip(flat, self._correct([(tasks[i], {key: texts[i, c]}) for i, c in flat])))
                    for name, (key, texts) in stages.items()}
         final = self.env.reward_batch([(tasks[i], {"generator": g_text[i, c], "verifier": v_text[i, c],
@@ -714,11 +658,9 @@ class MALT(Algorithm):
             "acc/refiner": mean(correct["refiner"].values()),
             "acc/verifier_verdict": mean(v is not None and v == (correct["generator"][k] > 0)
                                          for v, k in zip(verdicts, flat)),
-            "reward": mean(r.total for r in final),
+            **score_metrics(final),
             "generations_per_question": float(3 * C),
         }
-        for key in (final[0].components if final else {}):
-            res[key] = mean(r.components.get(key, 0.0) for r in final)
         if ablations:
             res.update({"mv/gv": mv("gv"), "mv/gr": mv("gr"), "acc/gv": mean(correct["gv"].values()),
                         "acc/gr": mean(correct["gr"].values())})

@@ -1,46 +1,58 @@
-"""MLPO: train only a leader that coordinates a frozen team (arXiv 2507.08960; spec: ALGORITHMS.md §1).
+"""MLPO: train only a leader that coordinates a frozen team (arXiv 2507.08960).
+
+What the paper specifies: K frozen team agents (K=3) answer a task; a leader model reads the task
+and the team's answers and writes the final solution; only the leader is trained, first with SFT,
+then with GRPO using the Dr. GRPO changes (A = R - group mean, no std division; token sums over a
+constant instead of per-sample lengths); tasks that the team already solves (>= 75% correct team
+answers) are dropped; at inference the team and the leader iterate for T rounds (T=5), the team
+revising after reading the leader's previous output; the trained leader also answers alone.
+
+Where the paper is silent, we chose:
+  - the SFT recipe: `rejection` (the leader's own correct syntheses of a first sampling pass) or
+    `file` (a user JSONL file, format in `read_sft_file`); `none` skips it;
+  - the team answers are sampled once before training (`team_samples` per agent per task,
+    `team_temperature`) and stored; each RL prompt draws one stored answer per agent (seeded), or
+    none with probability `solo_fraction` (this trains the single-agent mode too);
+  - G (`group_size`) is 4, KL is off (`kl_coef=0`; the reference is the post-SFT leader), and the
+    loss divides token sums by `rollout.max_new_tokens`;
+  - `rounds=2` by default (CPU evaluation time); greedy leader and single-agent baselines.
 
 Agents: one trainable `leader` policy (rollout workers + a ZeRO-3 learner group) and K frozen team
 agents `team0 .. team{K-1}` (the same model or different ones). Team agents with the same weights
-share one frozen policy `team-<model>` (rollout workers only), so a homogeneous team runs one engine.
+share one frozen policy (named after the first of them), so a homogeneous team runs one engine.
 
 prepare(tasks) — once per run; the result is persisted by the trainer (train_tasks.jsonl):
   1. every team agent answers every training task `team_samples` times (all K agents' requests
      dispatched at once); the answers are stored on the task (key `mlpo_team`) and, as one episode
      per task, in the trajectory buffer;
   2. tasks where >= `easy_threshold` of the team answers are already correct are dropped;
-  3. optional SFT warm-up of the leader: `rejection` (its own correct syntheses of a first
-     sampling pass) or `file` (a user JSONL file, format in `read_sft_file`).
+  3. the optional SFT warm-up of the leader.
 collect(tasks, step) — per task, the leader's prompt holds the task and one draw of the stored
-  team answers (one sample per agent, seeded), or the task alone with probability `solo_fraction`
-  (trains the zero-shot single-agent mode); G leader samples; reward = env reward of the leader.
-update — Dr. GRPO: A = R - mean over the G samples (no std division); token sums divided by the
-  constant max_new_tokens (no per-length normalisation); clipped ratio; KL to the reference only
-  if kl_coef > 0. Only the leader trains.
+  team answers, or the task alone; G leader samples; reward = env reward of the leader.
+update — A = R - mean over the G samples; clipped-ratio PG loss; only the leader trains.
 evaluate(tasks) — the T-round protocol: round 0 the team answers alone, the leader synthesises;
   round t > 0 each team agent revises from the task, its previous answer and the leader's previous
   output, and the leader synthesises again; the answer is the leader's last <answer>. Reported with
   K+1 generations per round, and the baselines: leader alone, single agent, team majority vote and
-  the untrained leader with the same team.
+  the untrained leader (a frozen team policy with the leader's base weights) with the same team.
 """
 from __future__ import annotations
 
 import json
 import logging
 import random
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from algorithms.base import AlgoConfig, Algorithm
-from marl_llm.advantages import group_advantages
-from marl_llm.config import ConfigError, ModelConfig, load_model_preset
-from marl_llm.losses import PG_AGGREGATIONS, LossConfig
+from algorithms.base import Algorithm, PGConfig, group_samples, reward_metrics, vote
+from marl_llm.config import (ConfigError, ModelConfig, check, check_choice, check_entries, check_positive,
+                             check_range, load_model_preset)
+from marl_llm.losses import LossConfig
 from marl_llm.metrics import mean
 from marl_llm.policy import PolicySpec
 from marl_llm.registry import register_algorithm
-from marl_llm.types import Completion, Episode, GenerationRequest, Sample, SamplingConfig, Turn, chunks
+from marl_llm.types import Completion, Episode, GenerationRequest, Sample, Turn, chunks
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +63,7 @@ EVAL_BASELINES = ("single", "majority", "untrained")
 
 
 @dataclass
-class MLPOConfig(AlgoConfig):
+class MLPOConfig(PGConfig):
     """MLPO settings. Optimiser settings (lr, betas, micro-batch) are `learner.*`; sampling
     temperature/top_p/max_new_tokens of the leader's RL samples are `rollout.*`; the optional
     format reward is the env's (`env.format_weight`, e.g. 0.1)."""
@@ -66,20 +78,18 @@ class MLPOConfig(AlgoConfig):
     # ---- data preparation -----------------------------------------------------------------------
     max_train_tasks: Optional[int] = 24     # prepare at most this many training tasks (seeded pick); null: all
     easy_threshold: Optional[float] = 0.75  # drop tasks with >= this share of correct team answers; null: keep all
-    # ---- SFT warm-up of the leader (spec step 1; recipe OPEN -> rejection sampling) -------------
+    # ---- SFT warm-up of the leader (the paper does not publish its recipe: rejection sampling) -
     sft_warmup: str = "rejection"           # none | rejection | file
     sft_file: Optional[str] = None          # JSONL for sft_warmup=file (format: read_sft_file)
     sft_samples: int = 2                    # rejection: leader syntheses sampled per kept task
     sft_require_format: bool = False        # rejection: keep only correct AND well-formed syntheses
     sft_epochs: int = 1                     # passes over the SFT examples
     sft_batch_size: int = 16                # examples per optimiser step
-    # ---- RL of the leader (GRPO with Dr. GRPO changes) -------------------------------------------
-    group_size: int = 4                     # G leader samples per prompt (paper: OPEN)
+    # ---- RL of the leader: GRPO with Dr. GRPO changes (PGConfig: group_size, std_normalize,
+    # clip_eps, kl_coef, loss_agg = token sums / max_new_tokens)
+    group_size: int = 4                     # G leader samples per prompt (paper: open)
     solo_fraction: float = 0.25             # share of RL prompts without team answers (single-agent mode)
     shuffle_team: bool = True               # shuffle the order of the drawn team answers in the prompt
-    clip_eps: Optional[float] = 0.2
-    kl_coef: float = 0.0
-    loss_agg: str = "token_sum_norm"        # Dr. GRPO: token sums / max_new_tokens
     # ---- evaluation -----------------------------------------------------------------------------
     rounds: int = 2                         # T rounds of team + leader at inference (paper 5; 2 keeps CPU evals short)
     eval_temperature: float = 0.0           # leader and single-agent baseline (greedy)
@@ -87,46 +97,29 @@ class MLPOConfig(AlgoConfig):
     eval_baselines: list[str] = field(default_factory=lambda: list(EVAL_BASELINES))
 
     def __post_init__(self):
-        def bad(key, value, allowed):
-            raise ConfigError(f"algo.{key}={value!r} is not allowed; {allowed}")
-
-        if self.team_size < 1:
-            bad("team_size", self.team_size, "it must be >= 1")
-        if self.team_models and len(self.team_models) != self.team_size:
-            raise ConfigError(f"algo.team_models has {len(self.team_models)} entries ({self.team_models}) for "
-                              f"team_size={self.team_size}; give one model preset per team agent or none")
+        super().__post_init__()
+        check_positive("algo.team_size", self.team_size)
+        check(not self.team_models or len(self.team_models) == self.team_size, "algo.team_models", self.team_models,
+              f"has {len(self.team_models)} entries for team_size={self.team_size}; "
+              "give one model preset per team agent or none")
         for key in ("team_samples", "sft_samples", "sft_epochs", "sft_batch_size", "rounds"):
-            if getattr(self, key) < 1:
-                bad(key, getattr(self, key), "it must be >= 1")
-        if self.group_size < 2:
-            bad("group_size", self.group_size, "it must be >= 2 (a group-mean baseline needs 2 samples)")
-        if self.max_train_tasks is not None and self.max_train_tasks < 1:
-            bad("max_train_tasks", self.max_train_tasks, "use an integer >= 1 or null (all tasks)")
-        if self.easy_threshold is not None and not 0 < self.easy_threshold <= 1:
-            bad("easy_threshold", self.easy_threshold, "use a share in (0, 1] or null (no filtering)")
-        if not 0 <= self.solo_fraction <= 1:
-            bad("solo_fraction", self.solo_fraction, "it must be in [0, 1]")
-        if self.clip_eps is not None and self.clip_eps <= 0:
-            bad("clip_eps", self.clip_eps, "use a value > 0 or null (no clipping)")
-        if self.kl_coef < 0:
-            bad("kl_coef", self.kl_coef, "it must be >= 0")
-        if self.loss_agg not in PG_AGGREGATIONS:
-            bad("loss_agg", self.loss_agg, f"choose one of {list(PG_AGGREGATIONS)}")
+            check_positive(f"algo.{key}", getattr(self, key))
+        if self.max_train_tasks is not None:
+            check_positive("algo.max_train_tasks", self.max_train_tasks, note="or null (all tasks)")
+        if self.easy_threshold is not None:
+            check_range("algo.easy_threshold", self.easy_threshold, 0, 1, lo_open=True, note="or null (no filtering)")
+        check_range("algo.solo_fraction", self.solo_fraction, 0, 1)
         for key in ("team_temperature", "eval_temperature"):
-            if getattr(self, key) < 0:
-                bad(key, getattr(self, key), "it must be >= 0")
-        if self.sft_warmup not in SFT_MODES:
-            bad("sft_warmup", self.sft_warmup, f"choose one of {list(SFT_MODES)}")
+            check_positive(f"algo.{key}", getattr(self, key), allow_zero=True)
+        check_choice("algo.sft_warmup", self.sft_warmup, SFT_MODES)
         if self.sft_warmup == "file":
-            if not self.sft_file:
-                raise ConfigError("algo.sft_warmup=file needs algo.sft_file=<path to a JSONL file>")
+            check(bool(self.sft_file), "algo.sft_file", self.sft_file,
+                  "is missing: algo.sft_warmup=file needs algo.sft_file=<path to a JSONL file>")
             read_sft_file(self.sft_file)  # fails now, before any engine starts
-        elif self.sft_file:
-            raise ConfigError(f"algo.sft_file={self.sft_file!r} is set but algo.sft_warmup={self.sft_warmup!r}; "
-                              "use algo.sft_warmup=file to train on it")
-        unknown = [b for b in self.eval_baselines if b not in EVAL_BASELINES]
-        if unknown:
-            bad("eval_baselines", self.eval_baselines, f"entries {unknown} unknown; choose from {list(EVAL_BASELINES)}")
+        else:
+            check(not self.sft_file, "algo.sft_file", self.sft_file,
+                  f"is set but algo.sft_warmup={self.sft_warmup!r}; use algo.sft_warmup=file to train on it")
+        check_entries("algo.eval_baselines", self.eval_baselines, EVAL_BASELINES)
 
 
 # ---- pure helpers (unit-tested without engines) ---------------------------------------------------
@@ -198,28 +191,6 @@ def draw_team(n_samples: list[int], rng: random.Random, solo_fraction: float,
     return picks
 
 
-def majority_index(env, texts: list[str]) -> Optional[int]:
-    """Index of a text carrying the most common extracted answer (ties: the answer seen first);
-    None if no text has an answer. Answers are compared with the env's `answers_equal` if it has one."""
-    same = getattr(env, "answers_equal", None) or (lambda a, b: a is not None and a == b)
-    reps: list[tuple[str, int]] = []  # (answer, index of its first text)
-    counts: list[int] = []
-    for i, t in enumerate(texts):
-        a = env.extract_answer(t or "")
-        if a is None:
-            continue
-        for j, (r, _) in enumerate(reps):
-            if same(a, r):
-                counts[j] += 1
-                break
-        else:
-            reps.append((a, i))
-            counts.append(1)
-    if not reps:
-        return None
-    return reps[counts.index(max(counts))][1]
-
-
 def same_weights(a: ModelConfig, b: ModelConfig) -> bool:
     """Whether two model configs load the same base weights (the name and serving limits aside)."""
     from marl_llm.models import TINY_DEFAULTS
@@ -236,8 +207,16 @@ def _strip(task: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in task.items() if k != TEAM_KEY}
 
 
-def _stable_rng(*parts) -> random.Random:
-    return random.Random("mlpo-" + "-".join(str(p) for p in parts))  # str seeds are process-independent
+@dataclass
+class Round:
+    """One round of the inference protocol for one leader variant."""
+
+    team: list[list[Completion]]  # [agent][task]: the team's answers of this round
+    leader: list[Completion]      # [task]: the leader's synthesis of them
+
+    def answers(self, i: int) -> list[str]:
+        """The K team answers to task i."""
+        return [agent[i].text for agent in self.team]
 
 
 # ---- the algorithm -------------------------------------------------------------------------------
@@ -297,19 +276,6 @@ class MLPO(Algorithm):
                 pos += len(reqs_per_agent[k])
         return out
 
-    @property
-    def loss(self) -> LossConfig:
-        return LossConfig(kind="pg", clip_eps=self.cfg.clip_eps, kl_coef=self.cfg.kl_coef,
-                          agg=self.cfg.loss_agg, norm_tokens=self.run.rollout.max_new_tokens)
-
-    def _sampling(self, n: int, temperature: float, seed: int) -> SamplingConfig:
-        r = self.run.rollout
-        return SamplingConfig(n=n, temperature=temperature, top_p=r.top_p if temperature > 0 else 1.0,
-                              max_tokens=r.max_new_tokens, seed=seed)
-
-    def _request(self, task, role: str, sampling: SamplingConfig, **context) -> GenerationRequest:
-        return GenerationRequest(messages=self.env.prompt(task, role, **context), sampling=sampling)
-
     def _is_correct(self, r) -> float:
         """A Reward's correctness: its `correct` component (else: the reward at its maximum)."""
         return float(r.components.get("correct", float(r.total >= self.env.max_reward - 1e-9)))
@@ -317,16 +283,12 @@ class MLPO(Algorithm):
     def _correct(self, task, role: str, text: str) -> float:
         return self._is_correct(self.env.reward(task, {role: text}))
 
-    def _seed(self, *parts) -> int:
-        """A request seed from the run seed and a request's coordinates (phase, step, agent, task)."""
-        return zlib.crc32("-".join(map(str, (self.run.seed, *parts))).encode())
-
     # ---- prepare: team answers once, easy-task filter, SFT warm-up -------------------------------
     def prepare(self, tasks):
         tasks = [dict(t) for t in tasks]
         n_env = len(tasks)
         if self.cfg.max_train_tasks is not None and n_env > self.cfg.max_train_tasks:
-            pick = sorted(random.Random(self.run.seed).sample(range(n_env), self.cfg.max_train_tasks))
+            pick = sorted(random.Random(self.seed("pick_tasks")).sample(range(n_env), self.cfg.max_train_tasks))
             tasks = [tasks[i] for i in pick]
         with self.timer("team_answers"):
             self.store_team_answers(tasks)
@@ -360,9 +322,8 @@ class MLPO(Algorithm):
                      len(tasks) - len(todo), K)
         outs: list[list[list[Completion]]] = [[] for _ in range(K)]
         if todo:
-            sampling = lambda k, i: self._sampling(S, self.cfg.team_temperature, self._seed("team", k, i))  # noqa: E731
-            outs = self.team_generate([[self._request(tasks[i], "team", sampling(k, i)) for i in todo]
-                                       for k in range(K)])
+            outs = self.team_generate([self.requests("team", [tasks[i] for i in todo], S, self.cfg.team_temperature,
+                                                     seed=("team", k)) for k in range(K)])
         episodes = []
         for j, i in enumerate(todo):
             task = tasks[i]
@@ -394,7 +355,7 @@ class MLPO(Algorithm):
         if not isinstance(task.get(TEAM_KEY), dict):
             raise RuntimeError(f"MLPO: training task {task.get('id')!r} has no stored team answers "
                                f"({TEAM_KEY!r}); were the tasks prepared by algo=mlpo?")
-        rng = _stable_rng(self.run.seed, step, index, task.get("id"))
+        rng = random.Random(self.seed("draw", step, index, task.get("id")))
         return draw_team([len(a) for a in task[TEAM_KEY]["answers"]], rng, self.cfg.solo_fraction,
                          self.cfg.shuffle_team)
 
@@ -409,7 +370,7 @@ class MLPO(Algorithm):
             log.warning("MLPO SFT warm-up (%s): no examples kept; skipping it", self.cfg.sft_warmup)
             return stats
         sft = LossConfig(kind="sft", agg="token_mean")
-        rng = random.Random(self.run.seed)
+        rng = random.Random(self.seed("sft_order"))
         losses = []
         for _ in range(self.cfg.sft_epochs):
             order = samples[:]
@@ -427,10 +388,9 @@ class MLPO(Algorithm):
     def rejection_samples(self, tasks) -> tuple[list[Sample], dict[str, float]]:
         """The leader's own correct syntheses (prompts drawn as in RL, `sft_samples` per task)."""
         draws = [self.draw(t, -1, i) for i, t in enumerate(tasks)]
-        reqs = [self._request(t, LEADER, self._sampling(self.cfg.sft_samples, self.run.rollout.temperature,
-                                                        self._seed("sft", i)), **self.leader_context(t, d))
-                for i, (t, d) in enumerate(zip(tasks, draws))]
-        outs = self.policies[LEADER].generate(reqs)
+        outs = self.policies[LEADER].generate(self.requests(
+            LEADER, tasks, self.cfg.sft_samples, seed=("sft",),
+            contexts=[self.leader_context(t, d) for t, d in zip(tasks, draws)]))
         seen, samples, n = set(), [], 0
         for task, comps in zip(tasks, outs):
             for c in comps:
@@ -468,7 +428,7 @@ class MLPO(Algorithm):
 
     def _tokenizer(self):
         """The leader's tokenizer, templating chats exactly as the rollout workers do.
-        (Workaround: the Policy handle has no tokenize method; see the MLPO report.)"""
+        (The Policy handle has no tokenize method, so the file's examples are tokenized here.)"""
         from transformers import AutoTokenizer
 
         from marl_llm.models import resolve_model
@@ -477,9 +437,8 @@ class MLPO(Algorithm):
     # ---- collect: G leader samples over a draw of the stored team answers -----------------------
     def collect(self, tasks, step):
         draws = [self.draw(t, step, i) for i, t in enumerate(tasks)]
-        reqs = [self._request(t, LEADER, self._sampling(self.cfg.group_size, self.run.rollout.temperature,
-                                                        self._seed("collect", step, i)), **self.leader_context(t, d))
-                for i, (t, d) in enumerate(zip(tasks, draws))]
+        reqs = self.requests(LEADER, tasks, self.cfg.group_size, seed=("collect", step),
+                             contexts=[self.leader_context(t, d) for t, d in zip(tasks, draws)])
         with self.timer("generate"):
             groups = self.policies[LEADER].generate(reqs)
         episodes = []
@@ -499,33 +458,16 @@ class MLPO(Algorithm):
 
     # ---- update: Dr. GRPO on the leader only -----------------------------------------------------
     def credit(self, episodes: list[Episode]) -> list[Sample]:
-        """A = R - mean over the episode's group (no std division)."""
-        groups: dict[str, list[Episode]] = {}
-        for ep in episodes:
-            groups.setdefault(ep.group, []).append(ep)
-        samples = []
-        for eps in groups.values():
-            for ep, a in zip(eps, group_advantages([e.reward for e in eps], std_normalize=False)):
-                t = ep.turns[0]
-                samples.append(Sample(t.prompt_ids, t.completion_ids, advantage=a))
-        return samples
+        """A = R - mean over the episode's group (Dr. GRPO: no std division by default)."""
+        return group_samples(episodes, std_normalize=self.cfg.std_normalize)
 
     def update(self, episodes, step):
         samples = self.credit(episodes)
         with self.timer("train"):
-            # with kl_coef > 0 the learner scores the reference itself (samples carry no ref_logprobs)
             train_metrics = self.policies[LEADER].train(samples, self.loss)
-        groups: dict[str, list[Episode]] = {}
-        for ep in episodes:
-            groups.setdefault(ep.group, []).append(ep)
         team = [e for e in episodes if not e.meta.get("solo")]
         solo = [e for e in episodes if e.meta.get("solo")]
-        metrics: dict[str, Any] = {
-            "reward/mean": mean(e.reward for e in episodes),
-            "reward/max": max(e.reward for e in episodes),
-            "groups/mixed": mean(len({e.reward for e in g}) > 1 for g in groups.values()),
-            "tokens/completion_mean": mean(len(e.turns[0].completion_ids) for e in episodes),
-        }
+        metrics: dict[str, Any] = reward_metrics(episodes)
         if team:
             metrics["reward/with_team"] = mean(e.reward for e in team)
             metrics["team/drawn_correct"] = mean(e.meta["team_correct"] for e in team)
@@ -534,8 +476,6 @@ class MLPO(Algorithm):
                 metrics["reward/team_all_wrong"] = mean(e.reward for e in wrong)
         if solo:
             metrics["reward/solo"] = mean(e.reward for e in solo)
-        for k in episodes[0].components:
-            metrics[f"reward/{k}"] = mean(e.components.get(k, 0.0) for e in episodes)
         metrics.update(train_metrics)
         metrics.update(self._report)  # prepare/SFT statistics, once (on the first step)
         self._report = {}
@@ -550,52 +490,45 @@ class MLPO(Algorithm):
                 return name
         return None
 
-    def run_rounds(self, tasks, leaders: dict[str, str], seed: int) -> dict[str, dict[str, list]]:
+    def run_rounds(self, tasks, leaders: dict[str, str]) -> dict[str, list[Round]]:
         """The inference protocol for several leader variants (variant -> leader policy) in lockstep.
 
         Round 0: each team agent answers alone (shared by all variants); round t > 0: each agent
         revises from its previous answer and that variant's previous leader output. After the team,
         each variant's leader synthesises the round's K answers. Every round dispatches all team
-        requests at once (one batch per team policy), then all leaders at once.
-        Returns variant -> {"team": [round][agent][task] Completion, "leader": [round][task] Completion}.
+        requests at once (one batch per team policy), then all leaders at once. Seeds depend on
+        (round, agent, task) only, so every evaluation draws the same samples.
+        Returns variant -> the T rounds.
         """
-        T, n = self.cfg.rounds, len(tasks)
-        team_s = lambda t, k, i: self._sampling(1, self.cfg.team_temperature, self._seed("eval", seed, t, k, i))  # noqa: E731
-        lead_s = lambda t, i: self._sampling(1, self.cfg.eval_temperature, self._seed("eval", seed, t, "leader", i))  # noqa: E731
-        traces = {v: {"team": [], "leader": []} for v in leaders}
-        variants = list(leaders)
-        for t in range(T):
-            # team: round 0 once for everyone, later rounds per variant
-            owners = [None] if t == 0 else variants
-            reqs_per_agent = []
-            for k in range(len(self.team)):
-                reqs = []
-                for v in owners:
-                    for i, task in enumerate(tasks):
-                        ctx = {} if v is None else {"previous": traces[v]["team"][t - 1][k][i].text,
-                                                    "leader": traces[v]["leader"][t - 1][i].text}
-                        reqs.append(self._request(task, "team", team_s(t, k, i), **ctx))
-                reqs_per_agent.append(reqs)
-            results = self.team_generate(reqs_per_agent)
-            for j, v in enumerate(owners):
-                for u in (variants if v is None else [v]):
-                    traces[u]["team"].append([[results[k][j * n + i][0] for i in range(n)]
-                                              for k in range(len(self.team))])
-            # leader: every variant synthesises its own team's answers of this round
-            pending = {v: self.policies[leaders[v]].generate_async(
-                [self._request(task, LEADER, lead_s(t, i),
-                               team_answers=[traces[v]["team"][t][k][i].text for k in range(len(self.team))])
-                 for i, task in enumerate(tasks)]) for v in variants}
+        n, variants = len(tasks), list(leaders)
+        traces: dict[str, list[Round]] = {v: [] for v in variants}
+        for t in range(self.cfg.rounds):
+            askers = variants[:1] if t == 0 else variants  # round 0 is asked once and shared
+
+            def context(v, k):  # agent k's prompt context per task, for variant v (round 0: none)
+                if t == 0:
+                    return None
+                prev = traces[v][-1]
+                return [{"previous": a.text, "leader": lead.text} for a, lead in zip(prev.team[k], prev.leader)]
+
+            results = self.team_generate([[r for v in askers for r in self.requests(
+                "team", tasks, 1, self.cfg.team_temperature, seed=("eval", t, k), contexts=context(v, k))]
+                for k in range(len(self.team))])
+            # results[k]: agent k's answers for each asker in turn (n each)
+            asked = {v: [[c[0] for c in res[j * n:(j + 1) * n]] for res in results] for j, v in enumerate(askers)}
+            team = {v: asked[v if t else askers[0]] for v in variants}
+            pending = {v: self.policies[leaders[v]].generate_async(self.requests(
+                LEADER, tasks, 1, self.cfg.eval_temperature, seed=("eval", t, LEADER),
+                contexts=[{"team_answers": [agent[i].text for agent in team[v]]} for i in range(n)]))
+                for v in variants}
             for v, p in pending.items():
-                traces[v]["leader"].append([c[0] for c in p.result()])
+                traces[v].append(Round(team=team[v], leader=[c[0] for c in p.result()]))
         return traces
 
     def evaluate(self, tasks):
         if not tasks:
             return {}
-        K, T, n = self.cfg.team_size, self.cfg.rounds, len(tasks)
-        seed = 424_242  # the same draws at every evaluation, so numbers are comparable across steps
-        greedy = lambda i: self._sampling(1, self.cfg.eval_temperature, self._seed("eval", seed, i))  # noqa: E731
+        K, n = self.cfg.team_size, len(tasks)
         leaders = {"": LEADER}
         if "untrained" in self.cfg.eval_baselines:
             base = self.untrained_leader()
@@ -606,43 +539,41 @@ class MLPO(Algorithm):
                 log.info("MLPO eval: no team policy has the leader's base model %r (team_models=%s); "
                          "skipping the untrained-leader baseline", self.run.model.name, self.cfg.team_models)
         # one-generation baselines go out first; they run while the team answers round 0
+        alone = lambda role: self.requests(role, tasks, 1, self.cfg.eval_temperature, seed=("eval", role))  # noqa: E731
         pending = {}
         if self.cfg.eval_leader_alone:
-            pending["leader_alone"] = self.policies[LEADER].generate_async(
-                [self._request(t, LEADER, greedy(i)) for i, t in enumerate(tasks)])
+            pending["leader_alone"] = self.policies[LEADER].generate_async(alone(LEADER))
         if "single" in self.cfg.eval_baselines:
-            pending["single"] = self.policies[self.team_policy(self.team[0])].generate_async(
-                [self._request(t, "single", greedy(i)) for i, t in enumerate(tasks)])
-        traces = self.run_rounds(tasks, leaders, seed)
+            pending["single"] = self.policies[self.team_policy(self.team[0])].generate_async(alone("single"))
+        traces = self.run_rounds(tasks, leaders)
         out: dict[str, float] = {}
-        for prefix, tr in traces.items():
+        for prefix, rounds in traces.items():
             gens = tokens = 0
-            for t in range(T):
+            for t, rd in enumerate(rounds):
                 gens += K + 1
-                tokens += sum(len(c.completion_ids) for k in range(K) for c in tr["team"][t][k])
-                tokens += sum(len(c.completion_ids) for c in tr["leader"][t])
+                tokens += sum(len(c.completion_ids) for c in [*rd.leader, *(c for agent in rd.team for c in agent)])
                 out[f"acc/{prefix}round{t}"] = mean(self._correct(task, LEADER, c.text)
-                                                    for task, c in zip(tasks, tr["leader"][t]))
+                                                    for task, c in zip(tasks, rd.leader))
                 if not prefix:
-                    out[f"acc/team_round{t}"] = mean(self._correct(task, "team", tr["team"][t][k][i].text)
-                                                     for i, task in enumerate(tasks) for k in range(K))
+                    out[f"acc/team_round{t}"] = mean(self._correct(task, "team", c.text)
+                                                     for agent in rd.team for task, c in zip(tasks, agent))
                     out[f"gens/round{t}"] = float(gens)
                     out[f"tokens/round{t}"] = tokens / n
-            out[f"acc/{prefix}final"] = out[f"acc/{prefix}round{T - 1}"]
-        final = traces[""]["leader"][T - 1]
+            out[f"acc/{prefix}final"] = out[f"acc/{prefix}round{len(rounds) - 1}"]
+        final = traces[""][-1].leader
         out["reward"] = mean(self.env.reward(t, {LEADER: c.text}).total for t, c in zip(tasks, final))
         # does the leader stay right when no team answer of round 0 is?
-        r0 = traces[""]["team"][0]
-        wrong = [i for i, t in enumerate(tasks) if not any(self._correct(t, "team", r0[k][i].text) for k in range(K))]
+        r0 = traces[""][0]
+        wrong = [i for i, t in enumerate(tasks) if not any(self._correct(t, "team", a) for a in r0.answers(i))]
         out["frac/team_round0_all_wrong"] = len(wrong) / n
         if wrong:
             out["acc/final_when_team_all_wrong"] = mean(self._correct(tasks[i], LEADER, final[i].text) for i in wrong)
         if "majority" in self.cfg.eval_baselines:
-            votes = [majority_index(self.env, [r0[k][i].text for k in range(K)]) for i in range(n)]
-            out["acc/majority"] = mean(0.0 if v is None else self._correct(t, "team", r0[v][i].text)
-                                       for i, (t, v) in enumerate(zip(tasks, votes)))
+            picks = [(t, r0.answers(i), vote(self.env, r0.answers(i))) for i, t in enumerate(tasks)]
+            out["acc/majority"] = mean(0.0 if v is None else self._correct(t, "team", answers[v])
+                                       for t, answers, v in picks)
             out["gens/majority"] = float(K)
-            out["tokens/majority"] = sum(len(r0[k][i].completion_ids) for k in range(K) for i in range(n)) / n
+            out["tokens/majority"] = sum(len(c.completion_ids) for agent in r0.team for c in agent) / n
         for key, role in (("leader_alone", LEADER), ("single", "single")):
             if key in pending:
                 comps = [c[0] for c in pending[key].result()]

@@ -96,6 +96,11 @@ class Env:
     def extract_answer(self, text: str) -> Optional[str]:
         return text
 
+    def answers_equal(self, a: Optional[str], b: Optional[str]) -> bool:
+        """Whether two extracted answers are the same answer (majority votes group by this);
+        envs with equivalent spellings (e.g. math: "3.0" and "3") override it."""
+        return a is not None and a == b
+
     def reward(self, task: dict[str, Any], outputs: dict[str, str]) -> Reward:
         """Joint reward of all agents' outputs (agent name -> text) on `task`."""
         raise NotImplementedError

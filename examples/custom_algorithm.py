@@ -8,24 +8,33 @@ kept answers with the SFT loss. Run it with the plugin module and its config fol
 
 From another package, expose the module through the entry-point group `marl_llm.algorithms`
 instead of `plugins=`; the config file then ships in that package's search path.
+
+It uses the shared scaffolding of algorithms/base.py: `self.requests` (seeded requests with the
+run's sampling settings), `group_episodes`, `reward_metrics` and `score_metrics`, and the
+config-validation helpers of marl_llm/config.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from algorithms.base import AlgoConfig, Algorithm
-from algorithms.grpo import sample_groups
+from algorithms.base import AlgoConfig, Algorithm, group_episodes, reward_metrics, score_metrics
+from marl_llm.config import check_min
 from marl_llm.losses import LossConfig
 from marl_llm.metrics import mean
 from marl_llm.policy import PolicySpec
 from marl_llm.registry import register_algorithm
 from marl_llm.types import Episode, Sample, Turn
 
+ROLE = "single"
+
 
 @dataclass
 class RAFTConfig(AlgoConfig):
     name: str = "raft"
     group_size: int = 4
+
+    def __post_init__(self):  # checked at start-up, before any engine starts
+        check_min("algo.group_size", self.group_size, 2, "the best answer is ranked against the group's mean")
 
 
 @register_algorithm("raft")
@@ -36,30 +45,27 @@ class RAFT(Algorithm):
         return [PolicySpec("policy", self.run.model)]
 
     def collect(self, tasks, step):
-        # protocol: one agent, G samples per task
-        groups = sample_groups(self.policies["policy"], self.env, tasks, "single", self.cfg.group_size,
-                               self.run.rollout, seed=self.run.seed + step * 1009)
+        # protocol: one agent, G samples per task (request i seeded from the run seed, step and i)
+        reqs = self.requests(ROLE, tasks, self.cfg.group_size, seed=("collect", step))
+        groups = self.policies["policy"].generate(reqs)
         episodes = []
         for task, comps in zip(tasks, groups):
             for c in comps:
-                r = self.env.reward(task, {"single": c.text})
-                episodes.append(Episode(task=task, turns=[Turn.from_completion(c, "single", "policy")],
-                                        reward=r.total, group=str(task["id"]), step=step))
+                r = self.env.reward(task, {ROLE: c.text})
+                episodes.append(Episode(task=task, turns=[Turn.from_completion(c, ROLE, "policy")],
+                                        reward=r.total, components=r.components, group=str(task["id"]), step=step))
         return episodes
 
     def update(self, episodes, step):
         # credit: the best sample of each group, if it is better than the group's mean
-        groups: dict[str, list[Episode]] = {}
-        for ep in episodes:
-            groups.setdefault(ep.group, []).append(ep)
-        best = [max(g, key=lambda e: e.reward) for g in groups.values()]
-        keep = [e for e, g in zip(best, groups.values()) if e.reward > mean(x.reward for x in g)]
-        metrics = {"reward/mean": mean(e.reward for e in episodes), "raft/kept": len(keep)}
+        keep = [max(g, key=lambda e: e.reward) for g in group_episodes(episodes).values()
+                if max(e.reward for e in g) > mean(e.reward for e in g)]
+        metrics = {**reward_metrics(episodes), "raft/kept": len(keep)}
         if keep:  # loss: SFT on the kept answers
             samples = [Sample(e.turns[0].prompt_ids, e.turns[0].completion_ids) for e in keep]
             metrics.update(self.policies["policy"].train(samples, LossConfig(kind="sft")))
         return metrics
 
     def evaluate(self, tasks):
-        groups = sample_groups(self.policies["policy"], self.env, tasks, "single", 1, self.run.rollout, seed=0)
-        return {"reward": mean(self.env.reward(t, {"single": g[0].text}).total for t, g in zip(tasks, groups))}
+        outs = self.policies["policy"].generate(self.requests(ROLE, tasks, temperature=0.0))
+        return score_metrics([self.env.reward(t, {ROLE: o[0].text}) for t, o in zip(tasks, outs)])

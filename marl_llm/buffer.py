@@ -65,21 +65,31 @@ class TrajectoryBuffer:
             tmp.write_text("".join(lines[:total]))
             os.replace(tmp, self.path)
 
+    def read(self) -> Iterator[Episode]:
+        """Every episode written so far, oldest first: the file's (all of them, also those beyond
+        `keep_last`) or, for an in-memory buffer, the ones held. Read lazily, line by line."""
+        if self.path is not None and self.path.exists():
+            return _read_jsonl(self.path)
+        return iter(list(self.episodes))
+
     @classmethod
     def load(cls, path: str | os.PathLike, keep_last: int | None = None) -> "TrajectoryBuffer":
         buf = cls(path, keep_last=keep_last)
-        p = Path(path)
-        if p.exists():
-            with open(p) as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        ep = Episode.from_dict(json.loads(line))
-                    except (json.JSONDecodeError, TypeError) as e:
-                        raise ValueError(f"{p}:{line_no}: not a trajectory-buffer episode ({e})") from e
-                    buf.episodes.append(ep)
-                    buf.total += 1
+        if buf.path.exists():
+            for ep in _read_jsonl(buf.path):
+                buf.episodes.append(ep)
+                buf.total += 1
             if keep_last is not None:
                 buf.episodes = buf.episodes[-keep_last:]
         return buf
+
+
+def _read_jsonl(path: Path) -> Iterator[Episode]:
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield Episode.from_dict(json.loads(line))
+            except (json.JSONDecodeError, TypeError) as e:
+                raise ValueError(f"{path}:{line_no}: not a trajectory-buffer episode ({e})") from e

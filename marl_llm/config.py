@@ -6,11 +6,12 @@ and then validates `algo` and `env` against the `Config` dataclass of the regist
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -22,14 +23,39 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key, the value and what is allowed."""
 
 
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+# ---- the validation idiom: every Config's __post_init__ calls these (engine groups here, every
+# plugin's Config in algorithms/ and envs/). Each raises ConfigError "<key>=<value> <problem>; <what
+# is allowed>" so a bad value stops the run before any engine starts.
+def check(ok: bool, key: str, value: Any, rule: str) -> None:
+    """The general form: `rule` says what is allowed (e.g. "must be >= 2 (why)")."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r} {rule}")
 
 
-def _positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+def check_choice(key: str, value: Any, allowed: Sequence) -> None:
+    check(value in allowed, key, value, f"is not allowed; choose one of {list(allowed)}")
+
+
+def check_entries(key: str, values: Sequence, allowed: Sequence) -> None:
+    """Every entry of a list setting is one of `allowed`."""
+    unknown = [v for v in values if v not in allowed]
+    check(not unknown, key, list(values), f"is not allowed: unknown entries {unknown}; choose from {list(allowed)}")
+
+
+def check_positive(key: str, value: float, allow_zero: bool = False, note: str = "") -> None:
+    ok = value > 0 or (allow_zero and value == 0)
+    check(ok, key, value, f"must be {'>= 0' if allow_zero else '> 0'}" + (f"; {note}" if note else ""))
+
+
+def check_min(key: str, value: float, minimum: float, note: str = "") -> None:
+    check(value >= minimum, key, value, f"must be >= {minimum}" + (f"; {note}" if note else ""))
+
+
+def check_range(key: str, value: float, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False,
+                note: str = "") -> None:
+    ok = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+    interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    check(ok, key, value, f"must be in {interval}" + (f"; {note}" if note else ""))
 
 
 @dataclass
@@ -40,12 +66,11 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
     def __post_init__(self):
-        _positive("model.lora.r", self.r)
-        _positive("model.lora.alpha", self.alpha)
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"model.lora.dropout={self.dropout!r} must be in [0, 1)")
-        if not self.target_modules:
-            raise ConfigError("model.lora.target_modules is empty; name the linear layers to adapt (e.g. q_proj)")
+        check_positive("model.lora.r", self.r)
+        check_positive("model.lora.alpha", self.alpha)
+        check_range("model.lora.dropout", self.dropout, 0, 1, hi_open=True)
+        check(bool(self.target_modules), "model.lora.target_modules", self.target_modules,
+              "is empty; name the linear layers to adapt (e.g. q_proj)")
 
 
 @dataclass
@@ -69,11 +94,11 @@ class ModelConfig:
     lora: Optional[LoraConfig] = None
 
     def __post_init__(self):
-        _choice("model.source", self.source, ("hf", "tiny", "smollm2_gguf"))
-        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        if self.source == "hf" and not self.path:
-            raise ConfigError(f"model {self.name!r} has source=hf but no model.path (Hub id or folder)")
-        _positive("model.max_model_len", self.max_model_len)
+        check_choice("model.source", self.source, ("hf", "tiny", "smollm2_gguf"))
+        check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        check(self.source != "hf" or bool(self.path), "model.path", self.path,
+              f"is needed with model.source=hf (model {self.name!r}): a Hub id or a folder")
+        check_positive("model.max_model_len", self.max_model_len)
 
 
 @dataclass
@@ -99,13 +124,12 @@ class RolloutConfig:
     weight_sync_timeout_s: float = 300.0
 
     def __post_init__(self):
-        _choice("rollout.backend", self.backend, ("vllm", "hf"))
-        _positive("rollout.num_workers", self.num_workers)
-        _positive("rollout.temperature", self.temperature, allow_zero=True)
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"rollout.top_p={self.top_p!r} must be in (0, 1]")
-        _positive("rollout.max_new_tokens", self.max_new_tokens)
-        _positive("rollout.threads", self.threads, allow_zero=True)
+        check_choice("rollout.backend", self.backend, ("vllm", "hf"))
+        check_positive("rollout.num_workers", self.num_workers)
+        check_positive("rollout.temperature", self.temperature, allow_zero=True)
+        check_range("rollout.top_p", self.top_p, 0, 1, lo_open=True)
+        check_positive("rollout.max_new_tokens", self.max_new_tokens)
+        check_positive("rollout.threads", self.threads, allow_zero=True)
 
 
 @dataclass
@@ -132,15 +156,15 @@ class LearnerConfig:
     collective_timeout_s: float = 300.0
 
     def __post_init__(self):
-        _positive("learner.num_ranks", self.num_ranks)
-        _choice("learner.zero_stage", self.zero_stage, (0, 1, 2, 3))
-        _positive("learner.lr", self.lr)
-        _positive("learner.micro_batch_size", self.micro_batch_size)
-        _positive("learner.threads", self.threads, allow_zero=True)
+        check_positive("learner.num_ranks", self.num_ranks)
+        check_choice("learner.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        check_positive("learner.lr", self.lr)
+        check_positive("learner.micro_batch_size", self.micro_batch_size)
+        check_positive("learner.threads", self.threads, allow_zero=True)
         self.share_prompts = str(self.share_prompts).lower()
-        _choice("learner.share_prompts", self.share_prompts, ("auto", "true", "false"))
+        check_choice("learner.share_prompts", self.share_prompts, ("auto", "true", "false"))
         self.bf16 = str(self.bf16).lower()  # YAML booleans arrive as "True"/"False"
-        _choice("learner.bf16", self.bf16, ("auto", "true", "false"))
+        check_choice("learner.bf16", self.bf16, ("auto", "true", "false"))
 
 
 @dataclass
@@ -152,7 +176,7 @@ class ClusterConfig:
     namespace: str = "marl_llm"
 
     def __post_init__(self):
-        _choice("cluster.name", self.name, ("local", "ray"))
+        check_choice("cluster.name", self.name, ("local", "ray"))
 
 
 @dataclass
@@ -169,30 +193,21 @@ class TrainerConfig:
     keep_checkpoints: int = 2
 
     def __post_init__(self):
-        _positive("trainer.steps", self.steps, allow_zero=True)
-        _positive("trainer.batch_size", self.batch_size)
-        _positive("trainer.save_every", self.save_every, allow_zero=True)
-        _positive("trainer.eval_every", self.eval_every, allow_zero=True)
-        _positive("trainer.keep_checkpoints", self.keep_checkpoints)
+        check_positive("trainer.steps", self.steps, allow_zero=True)
+        check_positive("trainer.batch_size", self.batch_size)
+        check_positive("trainer.save_every", self.save_every, allow_zero=True)
+        check_positive("trainer.eval_every", self.eval_every, allow_zero=True)
+        check_positive("trainer.keep_checkpoints", self.keep_checkpoints)
 
 
 @dataclass
 class RunConfig:
-    algo: Any
-    env: Any
-    model: ModelConfig
-    rollout: RolloutConfig
-    learner: LearnerConfig
-    cluster: ClusterConfig
-    trainer: TrainerConfig
-    seed: int = 0
-    plugins: list[str] = field(default_factory=list)
+    """The whole validated run: the one list of the run's config groups (validation, the saved
+    config.yaml and the trainer all read these fields). `algo` and `env` hold the registered
+    plugins' Config dataclasses."""
 
-
-@dataclass
-class _Schema:
-    algo: dict[str, Any] = field(default_factory=dict)
-    env: dict[str, Any] = field(default_factory=dict)
+    algo: Any = None
+    env: Any = None
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -248,15 +263,11 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     algo, env = plain.pop("algo", {}), plain.pop("env", {})
     import_plugins(plain.get("plugins") or [])
     try:
-        schema: _Schema = _structured(_Schema, plain)
+        run: RunConfig = _structured(RunConfig, plain)  # the engine groups; algo/env below
     except OmegaConfBaseException as e:
         raise ConfigError(f"bad config: {_omegaconf_message(e)}") from None
-    return RunConfig(
-        algo=plugin_config(ALGORITHMS, "algo", algo),
-        env=plugin_config(ENVS, "env", env),
-        model=schema.model, rollout=schema.rollout, learner=schema.learner,
-        cluster=schema.cluster, trainer=schema.trainer, seed=schema.seed, plugins=schema.plugins,
-    )
+    return dataclasses.replace(run, algo=plugin_config(ALGORITHMS, "algo", algo),
+                               env=plugin_config(ENVS, "env", env))
 
 
 def conf_dir() -> Path:

@@ -9,7 +9,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,7 @@ def _progress(total: int, initial: int, enabled: bool):
 def _save_config(run: RunConfig, out: Path) -> None:
     def plain(x):
         return asdict(x) if is_dataclass(x) else x
-    data = {k: plain(getattr(run, k)) for k in ("algo", "env", "model", "rollout", "learner",
-                                                  "cluster", "trainer", "seed", "plugins")}
+    data = {f.name: plain(getattr(run, f.name)) for f in fields(run)}
     (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(data)))
 
 
@@ -79,9 +78,9 @@ class Trainer:
 
         env = ENVS.get(run.env.name)(run.env, seed=run.seed)
         algo = ALGORITHMS.get(run.algo.name)(run.algo, env, run)
-        algo.timer = self.timer
         specs = algo.policy_specs()
-        cluster = Cluster(run.cluster).start(Cluster(run.cluster).cpus_needed(specs, run))
+        cluster = Cluster(run.cluster)
+        cluster.start(cluster.cpus_needed(specs, run))
         policies: dict[str, Any] = {}
         metrics = MetricsLogger(out, tensorboard=run.trainer.tensorboard)
         try:
@@ -98,7 +97,7 @@ class Trainer:
                 metrics.truncate_after(state.step)
             buffer = TrajectoryBuffer(buffer_path, keep_last=10_000)
             buffer.total = state.buffer_total
-            algo.setup(policies, buffer)
+            algo.setup(policies, buffer, self.timer)
             if state.algo:
                 algo.load_state_dict(state.algo)
 

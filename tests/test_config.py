@@ -39,6 +39,23 @@ def test_bad_values_name_key_and_allowed(override, needle):
     assert needle in str(e.value)
 
 
+@pytest.mark.parametrize("overrides, needle", [
+    (("algo=grpo", "algo.loss_agg=mean"),
+     "algo.loss_agg='mean' is not allowed; choose one of ['token_sum', 'token_sum_norm', 'token_mean', "
+     "'seq_mean_token_mean']"),
+    (("algo=grpo", "algo.group_size=1"), "algo.group_size=1 must be >= 2; group-relative advantages"),
+    (("algo=mlpo", "algo.group_size=1"), "algo.group_size=1 must be >= 2"),
+    (("algo=magrpo", "algo.group_size=1"), "algo.group_size=1 must be >= 2"),
+    (("algo=magrpo", "algo.loss_agg=sum"), "algo.loss_agg='sum' is not allowed"),
+    (("algo=malt", "algo.baselines=later"), "algo.baselines='later' is not allowed; choose one of"),
+])
+def test_plugin_values_validated_at_start_up(overrides, needle):
+    """Every plugin Config checks its values when the composed config is validated (no engine)."""
+    with pytest.raises(ConfigError) as e:
+        validate(composed("env=toy", *overrides))
+    assert needle in str(e.value)
+
+
 def test_unknown_plugin_key_rejected():
     with pytest.raises(ConfigError, match="group_sise"):
         validate(composed("env=toy", "+algo.group_sise=4"))

@@ -2,7 +2,8 @@
 import pytest
 
 from algorithms.magrpo import MAGRPO, MAGRPOConfig
-from marl_llm.config import ConfigError
+from envs.base import make_env
+from marl_llm.config import ConfigError, RunConfig
 from marl_llm.types import Episode, Turn
 
 
@@ -11,9 +12,8 @@ def _turn(agent, i):
 
 
 def _algo(**kw):
-    algo = MAGRPO.__new__(MAGRPO)
-    algo.cfg = MAGRPOConfig(**kw)
-    return algo
+    cfg = MAGRPOConfig(**kw)
+    return MAGRPO(cfg, make_env({"name": "toy"}), RunConfig(algo=cfg))
 
 
 def test_aligned_advantage_is_shared_by_all_agents():
@@ -50,6 +50,10 @@ def test_advantage_clamped():
     (dict(agent_models=["tiny"]), "one preset per agent"),
     (dict(turns=3), "turn_weights"),
     (dict(feedback="policy:zed"), "policy:<agent>"),
+    (dict(group_size=1), "algo.group_size=1 must be >= 2; group-relative advantages"),
+    (dict(loss_agg="mean"), "algo.loss_agg='mean' is not allowed; choose one of ['token_sum'"),
+    (dict(clip_eps=0.0), "algo.clip_eps=0.0 must be > 0 or null"),
+    (dict(adv_clamp=0.0), "algo.adv_clamp=0.0 must be > 0"),
 ])
 def test_bad_config(kw, needle):
     with pytest.raises(ConfigError, match=None) as e:

@@ -3,16 +3,15 @@ writing env (prompts and rewards are the env's own; only generation is faked).""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+from helpers import FakePolicy as SharedFakePolicy
 
 from algorithms.magrpo import MAGRPO, MAGRPOConfig
 from envs.base import make_env
 from marl_llm.buffer import TrajectoryBuffer
 from marl_llm.config import (ClusterConfig, ConfigError, LearnerConfig, RolloutConfig, RunConfig, TrainerConfig,
                              load_model_preset)
-from marl_llm.types import Completion
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTS = str(ROOT / "examples" / "data" / "tldr_posts.jsonl")
@@ -34,29 +33,28 @@ TRAINED_TEXT = {
 }
 
 
-class FakePolicy:
-    def __init__(self, name, texts):
-        self.name, self.texts, self.calls = name, texts, 0
+def reply_by_prompt(p, r, j):
+    """What each policy writes, chosen by what its prompt asks for; evaluation must be greedy."""
+    assert r.sampling.temperature == 0.0 and r.sampling.n == 1  # evaluation is greedy
+    user = r.messages[-1]["content"]
+    if "Your teammates answered" in user:
+        key = "discussion"
+    elif "Your partner's concise summary" in user:
+        key = "sequential"
+    elif "Write two summaries" in user:
+        key = "single"
+    elif "concise summary of this post" in user:
+        key = "agent1"
+    else:
+        key = "agent2"
+    return p.texts.get(key, p.texts.get("agent2"))
 
-    def generate_async(self, requests):
-        self.calls += 1
-        out = []
-        for r in requests:
-            assert r.sampling.temperature == 0.0 and r.sampling.n == 1  # evaluation is greedy
-            user = r.messages[-1]["content"]
-            if "Your teammates answered" in user:
-                key = "discussion"
-            elif "Your partner's concise summary" in user:
-                key = "sequential"
-            elif "Write two summaries" in user:
-                key = "single"
-            elif "concise summary of this post" in user:
-                key = "agent1"
-            else:
-                key = "agent2"
-            text = self.texts.get(key, self.texts.get("agent2"))
-            out.append([Completion(prompt_ids=[1], completion_ids=[7] * len(text.split()), logprobs=[], text=text)])
-        return SimpleNamespace(result=lambda: out)
+
+def FakePolicy(name, texts):
+    """The shared fake (tests/helpers.py) with this file's texts; completions are one [7] per word."""
+    pol = SharedFakePolicy(name, reply_by_prompt, completion_ids=lambda text: [7] * len(text.split()))
+    pol.texts = texts
+    return pol
 
 
 def make_algo(env=None, **kw):
@@ -118,13 +116,13 @@ def test_evaluate_scores_trained_and_every_baseline_with_the_right_outputs():
     assert "pass" not in out  # writing has no unit tests
 
     # baselines use frozen weights: computed once per task set, reused; the trained pair re-runs
-    calls = base.calls
+    calls = len(base.calls)
     assert calls == 1 + 2 + 2 + 4  # one request batch per role and stage: single, naive, sequential, discussion
     again = algo.evaluate(tasks)
-    assert base.calls == calls and trained["agent1"].calls == 2
+    assert len(base.calls) == calls and len(trained["agent1"].calls) == 2
     assert again["naive/reward"] == out["naive/reward"]
     algo.evaluate(tasks[:2])
-    assert base.calls == 2 * calls
+    assert len(base.calls) == 2 * calls
 
 
 def test_coding_reports_pass_rate_on_unit_tests():

@@ -13,14 +13,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import FakePolicy as SharedFakePolicy
 
+from algorithms.base import majority_index
 from algorithms.malt import (MALT, ROLES, MALTConfig, backup_values, build_dataset, export_jsonl, is_correct,
-                             label_tree, load_export, majority_index, pair_samples, sft_samples, verdict)
+                             label_tree, load_export, pair_samples, sft_samples, verdict)
 from envs.base import Env, EnvConfig, Reward, make_env
 from marl_llm.buffer import TrajectoryBuffer
 from marl_llm.config import (ClusterConfig, ConfigError, LearnerConfig, LoraConfig, ModelConfig, RolloutConfig,
                              RunConfig, TrainerConfig)
-from marl_llm.types import Completion, Episode, Turn
+from marl_llm.types import Episode, Turn
 
 
 # ---- fakes ------------------------------------------------------------------------------------------
@@ -46,47 +48,12 @@ def ids(text):
     return [1 + (ord(ch) % 200) for ch in text] or [1]
 
 
-class Done:
-    def __init__(self, out):
-        self.out = out
-
-    def result(self):
-        return self.out
-
-
-class FakePolicy:
-    def __init__(self, name, respond):
-        self.name, self.respond = name, respond
-        self.gen_calls = []   # one entry (the request list) per generate/generate_async call
-        self.events = []
-
-    def generate_async(self, requests):
-        requests = list(requests)
-        self.gen_calls.append(requests)
-        out = []
-        for r in requests:
-            content = r.messages[-1]["content"]
-            comps = []
-            for k in range(r.sampling.n):
-                text = self.respond(json.loads(content), k)
-                comps.append(Completion(prompt_ids=ids(content), completion_ids=ids(text),
-                                        logprobs=[-0.5] * len(ids(text)), text=text))
-            out.append(comps)
-        return Done(out)
-
-    def generate(self, requests):
-        return self.generate_async(requests).result()
-
-    def train(self, samples, loss):
-        self.events.append(("train", loss.kind, list(samples), loss))
-        return {"loss": 0.5, "accuracy": 1.0, "reward_margin": 0.1}
-
-    def logprobs(self, samples, reference=False):
-        self.events.append(("logprobs", reference, len(samples)))
-        return [[-0.25] * len(s.completion_ids) for s in samples]
-
-    def snapshot_reference(self):
-        self.events.append(("snapshot",))
+def FakePolicy(name, respond):
+    """The shared fake (tests/helpers.py) answering from the JSON prompt: `respond(prompt, k)`."""
+    return SharedFakePolicy(name, lambda p, req, k: respond(json.loads(req.messages[-1]["content"]), k),
+                            prompt_ids=lambda req: ids(req.messages[-1]["content"]), completion_ids=ids,
+                            sample_logprob=-0.5, score_logprob=-0.25,
+                            train_metrics={"loss": 0.5, "accuracy": 1.0, "reward_margin": 0.1})
 
 
 def tree_responders(n):
@@ -250,9 +217,9 @@ def test_majority_vote_and_ties():
 def test_collect_is_three_batched_calls(tmp_path, k):
     algo, pols = make_algo(tmp_path, branching=3)
     eps = algo.collect(tasks(k), step=0)
-    assert [len(pols[r].gen_calls) for r in ROLES] == [1, 1, 1]
-    assert [len(pols[r].gen_calls[0]) for r in ROLES] == [k, 3 * k, 9 * k]
-    assert all(req.sampling.n == 3 and req.sampling.temperature == 0.3 for r in ROLES for req in pols[r].gen_calls[0])
+    assert [len(pols[r].calls) for r in ROLES] == [1, 1, 1]
+    assert [len(pols[r].calls[0]) for r in ROLES] == [k, 3 * k, 9 * k]
+    assert all(req.sampling.n == 3 and req.sampling.temperature == 0.3 for r in ROLES for req in pols[r].calls[0])
     assert len(eps) == k
     for ep in eps:
         by_id = {t.id: t for t in ep.turns}
@@ -270,8 +237,8 @@ def test_collect_is_three_batched_calls(tmp_path, k):
         assert g_vals == pytest.approx([1 / 9, 3 / 9, 6 / 9])
         assert ep.reward == pytest.approx(10 / 27) and ep.meta["threshold"] == 0.5
     # the verifier saw the generator's answer; the refiner saw answer and critique
-    assert json.loads(pols["verifier"].gen_calls[0][0].messages[0]["content"])["answer"].startswith("G0")
-    p = json.loads(pols["refiner"].gen_calls[0][0].messages[0]["content"])
+    assert json.loads(pols["verifier"].calls[0][0].messages[0]["content"])["answer"].startswith("G0")
+    p = json.loads(pols["refiner"].calls[0][0].messages[0]["content"])
     assert p["answer"].startswith("G0") and p["critique"].startswith("V0")
 
 
@@ -398,8 +365,8 @@ def eval_responders():
 def test_evaluate_chains_votes_and_ablations(tmp_path):
     algo, pols = make_algo(tmp_path, responders=eval_responders())
     res = algo.evaluate(tasks(4))
-    assert [len(pols[r].gen_calls) for r in ROLES] == [2, 1, 2]   # batched: G (+G+V), V, R (+G+R)
-    assert [len(c) for c in pols["refiner"].gen_calls] == [12, 12]
+    assert [len(pols[r].calls) for r in ROLES] == [2, 1, 2]   # batched: G (+G+V), V, R (+G+R)
+    assert [len(c) for c in pols["refiner"].calls] == [12, 12]
     assert res["acc/generator"] == pytest.approx(1 / 3) and res["mv/g"] == 1.0   # 3-way tie -> first
     assert res["acc/refiner"] == pytest.approx(2 / 3) and res["mv/gvr"] == res["accuracy"] == 1.0
     assert res["acc/verifier_verdict"] == 1.0
@@ -508,13 +475,9 @@ def test_with_verifiable_answer_envs(tmp_path, env_cfg):
     def ref(p, k):
         return gold(p) if k == 0 and "answer 0" in p and "critique 0" in p else "I give up."
 
-    class TextPolicy(FakePolicy):
-        def generate_async(self, requests):
-            requests = list(requests)
-            self.gen_calls.append(requests)
-            return Done([[Completion(ids(r.messages[-1]["content"]), ids(f"{k}"), [-0.1],
-                                     self.respond(r.messages[-1]["content"], k)) for k in range(r.sampling.n)]
-                         for r in requests])
+    def TextPolicy(name, respond):  # plain-text prompts (a real env's)
+        return SharedFakePolicy(name, lambda p, req, k: respond(req.messages[-1]["content"], k),
+                                prompt_ids=lambda req: ids(req.messages[-1]["content"]), completion_ids=ids)
 
     cfg = MALTConfig(branching=2)
     algo = MALT(cfg, env, make_run(tmp_path, cfg))

@@ -16,17 +16,17 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+from helpers import FakePolicy as SharedFakePolicy
 
-from algorithms.mlpo import (MLPO, TEAM_KEY, MLPOConfig, draw_team, is_easy, majority_index,
-                             read_sft_file, same_weights)
+from algorithms.base import vote
+from algorithms.mlpo import MLPO, TEAM_KEY, MLPOConfig, draw_team, is_easy, read_sft_file, same_weights
 from envs.qa import AnswerEnv, AnswerEnvConfig
 from marl_llm.buffer import TrajectoryBuffer
 from marl_llm.config import (ClusterConfig, ModelConfig, ConfigError, LearnerConfig, RolloutConfig, RunConfig,
                              TrainerConfig, load_model_preset)
-from marl_llm.types import Completion, Episode, Turn
+from marl_llm.types import Episode, Turn
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_NEW = 16
@@ -58,48 +58,9 @@ def ans(x) -> str:
     return f"<answer>{x}</answer>"
 
 
-class FakePolicy:
-    """A Policy stand-in: `reply(policy, request, j)` gives the j-th sample's text."""
-
-    counter = 0
-
-    def __init__(self, name, reply, trainable=False):
-        self.name, self.reply, self.trainable = name, reply, trainable
-        self.calls: list[list] = []
-        self.trained: list[tuple[list, object]] = []
-        self.synced = self.snapshots = 0
-
-    def generate(self, requests):
-        self.calls.append(list(requests))
-        out = []
-        for req in requests:
-            comps = []
-            for j in range(req.sampling.n):
-                FakePolicy.counter += 1
-                text = self.reply(self, req, j)
-                comps.append(Completion(prompt_ids=[1, 2, 3, qnum(req)], logprobs=[],
-                                        completion_ids=list(range(1, len(text.split()) + 1)), text=text))
-            out.append(comps)
-        return out
-
-    def generate_async(self, requests):
-        out = self.generate(requests)
-        return SimpleNamespace(result=lambda: out)
-
-    def train(self, samples, loss):
-        if not self.trainable:
-            raise RuntimeError(f"policy {self.name!r} is frozen")
-        self.trained.append((list(samples), loss))
-        return {"loss": 0.5 / len(self.trained)}
-
-    def logprobs(self, samples, reference=False):
-        return [[0.0] * len(s.completion_ids) for s in samples]
-
-    def sync_weights(self):
-        self.synced += 1
-
-    def snapshot_reference(self):
-        self.snapshots += 1
+def FakePolicy(name, reply, trainable=False):
+    """The shared fake (tests/helpers.py); prompt ids end with the question number."""
+    return SharedFakePolicy(name, reply, trainable=trainable, prompt_ids=lambda req: [1, 2, 3, qnum(req)])
 
 
 def make_run(algo_cfg, model="tiny"):
@@ -149,7 +110,7 @@ def wrong(p, req, j):
     (dict(sft_warmup="file"), "needs algo.sft_file"),
     (dict(sft_warmup="file", sft_file="/nonexistent/x.jsonl"), "does not exist"),
     (dict(sft_file="x.jsonl"), "use algo.sft_warmup=file"),
-    (dict(eval_baselines=["single", "debate"]), "['debate'] unknown"),
+    (dict(eval_baselines=["single", "debate"]), "unknown entries ['debate']"),
     (dict(max_train_tasks=0), "algo.max_train_tasks=0"),
 ])
 def test_bad_config_names_value_and_allowed(kw, needle):
@@ -373,15 +334,15 @@ def _protocol_algo(rounds=3):
     def team(p, req, j):
         c = req.messages[-1]["content"]
         if "Your team proposed" in c:  # team0's policy prompted as the (untrained) leader
-            return f"{p.name}-as-leader#{FakePolicy.counter} {ans(-2)}"
+            return f"{p.name}-as-leader#{SharedFakePolicy.counter} {ans(-2)}"
         ok = "Your previous solution" in c
-        return f"{p.name}#{FakePolicy.counter} {ans(qnum(req) if ok else -1)}"
+        return f"{p.name}#{SharedFakePolicy.counter} {ans(qnum(req) if ok else -1)}"
 
     def leader(p, req, j):
         c = req.messages[-1]["content"]
         found = re.findall(r"<answer>(-?\d+)</answer>", c)
         best = max(set(found), key=found.count) if found else "-3"
-        return f"leader#{FakePolicy.counter} {ans(best)}"
+        return f"leader#{SharedFakePolicy.counter} {ans(best)}"
 
     return make_algo(leader, [team, team], n_tasks=3, rounds=rounds)
 
@@ -390,7 +351,7 @@ def test_round_protocol_contexts_batches_and_counts():
     algo, env, pol = _protocol_algo(rounds=3)
     tasks = env.eval_tasks()
     env.prompts.clear()
-    traces = algo.run_rounds(tasks, {"": "leader", "untrained_": "team0"}, seed=1)
+    traces = algo.run_rounds(tasks, {"": "leader", "untrained_": "team0"})
     K, n = 2, len(tasks)
     # one batched call per team policy per round (round 0 shared by both variants), then the leaders
     assert [len(c) for c in pol["team1"].calls] == [n, 2 * n, 2 * n]
@@ -400,19 +361,19 @@ def test_round_protocol_contexts_batches_and_counts():
     leader_ctx = [c for role, c in env.prompts if role == "leader"]
     assert team_ctx[: K * n] == [{}] * (K * n)  # round 0: the team answers alone
     for v, tr in traces.items():
-        assert len(tr["team"]) == len(tr["leader"]) == 3
-        assert tr["team"][0] == traces[""]["team"][0]  # round 0 is shared by the variants
+        assert len(tr) == 3
+        assert tr[0].team == traces[""][0].team  # round 0 is shared by the variants
         for t in range(3):
             for i in range(n):
-                want = {"team_answers": [tr["team"][t][k][i].text for k in range(K)]}
+                want = {"team_answers": [tr[t].team[k][i].text for k in range(K)]}
                 assert want in leader_ctx
                 for k in range(K):
                     if t > 0:
-                        assert {"previous": tr["team"][t - 1][k][i].text,
-                                "leader": tr["leader"][t - 1][i].text} in team_ctx
+                        assert {"previous": tr[t - 1].team[k][i].text,
+                                "leader": tr[t - 1].leader[i].text} in team_ctx
     # the revision of the trained variant saw the trained leader, the untrained one its own leader
-    assert traces[""]["leader"][0][0].text.startswith("leader#")
-    assert traces["untrained_"]["leader"][0][0].text.startswith("team0-as-leader#")
+    assert traces[""][0].leader[0].text.startswith("leader#")
+    assert traces["untrained_"][0].leader[0].text.startswith("team0-as-leader#")
 
 
 def test_evaluate_reports_rounds_generations_and_baselines():
@@ -447,14 +408,14 @@ def test_evaluate_skips_untrained_baseline_without_a_matching_team_policy(caplog
 
 def test_majority_vote():
     env = QEnv()
-    assert majority_index(env, [ans(3), ans(4), ans(3)]) == 0
-    assert majority_index(env, [ans(4), ans(3), ans(3)]) == 1
-    assert majority_index(env, [ans(4), ans(3)]) == 0  # tie: the answer seen first
-    assert majority_index(env, ["no answer", ans(5)]) == 1
-    assert majority_index(env, ["none", ""]) is None
+    assert vote(env, [ans(3), ans(4), ans(3)]) == 0
+    assert vote(env, [ans(4), ans(3), ans(3)]) == 1
+    assert vote(env, [ans(4), ans(3)]) == 0  # tie: the answer seen first
+    assert vote(env, ["no answer", ans(5)]) == 1
+    assert vote(env, ["none", ""]) is None
     from envs.math import MathConfig, MathEnv
     menv = MathEnv(MathConfig(source="generator", train_size=1, eval_size=1))
-    assert majority_index(menv, [ans(5), ans("3.0"), ans(3)]) == 1  # equivalence via answers_equal
+    assert vote(menv, [ans(5), ans("3.0"), ans(3)]) == 1  # equivalence via answers_equal
 
 
 def test_state_dict_roundtrip():

@@ -81,6 +81,19 @@ def test_buffer_keep_last_bounds_memory_not_disk(tmp_path):
     assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 5
 
 
+def test_buffer_read_gives_every_stored_episode(tmp_path):
+    buf = TrajectoryBuffer(tmp_path / "b.jsonl", keep_last=2)
+    buf.add([_episode(i) for i in range(5)])
+    assert [e.reward for e in buf.read()] == [0.0, 1.0, 2.0, 3.0, 4.0]  # the file's, beyond keep_last
+    mem = TrajectoryBuffer()
+    mem.add([_episode(7)])
+    assert [e.reward for e in mem.read()] == [7.0]                     # no file: the episodes held
+    with open(tmp_path / "b.jsonl", "a") as f:
+        f.write("{not json\n")
+    with pytest.raises(ValueError, match="b.jsonl:6"):
+        list(buf.read())
+
+
 def test_group_advantages():
     assert group_advantages([1.0, 0.0, 0.0, 1.0]) == [0.5, -0.5, -0.5, 0.5]
     z = group_advantages([1.0, 0.0], std_normalize=True)

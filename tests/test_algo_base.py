@@ -1,0 +1,92 @@
+"""The shared algorithm scaffolding of algorithms/base.py (no engines)."""
+import pytest
+
+from algorithms.base import (Algorithm, PGConfig, group_episodes, group_samples, majority_index, reward_metrics,
+                             sampling, score_metrics, seed_for, vote)
+from envs.base import Env, EnvConfig, Reward
+from marl_llm.config import ConfigError, RolloutConfig, RunConfig
+from marl_llm.types import Episode, Turn
+
+
+def _ep(group, reward, n_tokens=2, components=None):
+    t = Turn(agent="single", policy="policy", prompt_ids=[1], completion_ids=list(range(n_tokens)), text="x")
+    return Episode(task={"id": group}, turns=[t], reward=reward, components=components or {"correct": reward},
+                   group=group)
+
+
+def test_group_episodes_keeps_first_appearance_order():
+    eps = [_ep("b", 1.0), _ep("a", 0.0), _ep("b", 0.0)]
+    groups = group_episodes(eps)
+    assert list(groups) == ["b", "a"] and groups["b"] == [eps[0], eps[2]]
+
+
+def test_group_samples_are_group_relative():
+    eps = [_ep("a", 3.0), _ep("b", 1.0), _ep("a", 1.0), _ep("b", 1.0)]
+    assert [s.advantage for s in group_samples(eps)] == [1.0, -1.0, 0.0, 0.0]
+    assert [s.advantage for s in group_samples(eps, std_normalize=True)] == pytest.approx([1.0, -1.0, 0.0, 0.0],
+                                                                                         abs=1e-5)
+
+
+def test_reward_metrics_block():
+    eps = [_ep("a", 1.0, 2), _ep("a", 0.0, 4), _ep("b", 1.0, 6), _ep("b", 1.0, 8)]
+    m = reward_metrics(eps)
+    assert m == {"reward/mean": 0.75, "reward/max": 1.0, "reward/correct": 0.75, "groups/mixed": 0.5,
+                 "tokens/completion_mean": 5.0}
+    assert "groups/mixed" not in reward_metrics([_ep("a", 1.0), _ep("b", 0.0)])  # no group of 2+
+
+
+def test_score_metrics():
+    assert score_metrics([Reward(1.0, {"c": 1.0}), Reward(0.0, {"c": 0.5})]) == {"reward": 0.5, "c": 0.75}
+
+
+def test_sampling_forces_top_p_1_at_temperature_0():
+    rollout = RolloutConfig(temperature=0.7, top_p=0.9, max_new_tokens=12)
+    s = sampling(rollout, n=3, seed=5)
+    assert (s.n, s.temperature, s.top_p, s.max_tokens, s.seed) == (3, 0.7, 0.9, 12, 5)
+    g = sampling(rollout, temperature=0.0)
+    assert (g.temperature, g.top_p) == (0.0, 1.0)
+
+
+def test_seeds_are_stable_and_distinct():
+    assert seed_for(0, "collect", 3, 1) == seed_for(0, "collect", 3, 1)
+    seeds = {seed_for(s, phase, step, i) for s in (0, 1) for phase in ("collect", "eval") for step in range(5)
+             for i in range(8)}
+    assert len(seeds) == 2 * 2 * 5 * 8 and all(0 <= x < 2 ** 32 for x in seeds)
+
+
+class _Env(Env):
+    roles = ("single",)
+
+    def prompt(self, task, role="single", **context):
+        return [{"role": "user", "content": f"{task['q']} {context}"}]
+
+
+def test_requests_and_seed_of_an_algorithm():
+    run = RunConfig(algo=PGConfig(), rollout=RolloutConfig(temperature=1.0, top_p=0.8, max_new_tokens=7), seed=3)
+    algo = Algorithm(run.algo, _Env(EnvConfig(name="e")), run)
+    reqs = algo.requests("single", [{"q": "a"}, {"q": "b"}], 2, seed=("collect", 4), contexts=[{"x": 1}, {}])
+    assert [r.messages[0]["content"] for r in reqs] == ["a {'x': 1}", "b {}"]
+    assert [r.sampling.seed for r in reqs] == [seed_for(3, "collect", 4, 0), seed_for(3, "collect", 4, 1)]
+    assert all((r.sampling.n, r.sampling.top_p, r.sampling.max_tokens) == (2, 0.8, 7) for r in reqs)
+    assert algo.requests("single", [{"q": "a"}], temperature=0.0)[0].sampling.seed is None
+    loss = algo.loss
+    assert (loss.kind, loss.agg, loss.norm_tokens, loss.clip_eps, loss.kl_coef) == ("pg", "token_sum_norm", 7, 0.2, 0.0)
+
+
+def test_majority_vote_and_env_equivalence():
+    assert majority_index(["3", "4", "4"]) == 1 and majority_index([None, None]) is None
+    env = _Env(EnvConfig(name="e"))
+    assert env.answers_equal("3", "3") and not env.answers_equal(None, None)  # the base Env's rule
+    assert vote(env, ["x", "y", "y"]) == 1
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(group_size=1), "algo.group_size=1 must be >= 2; group-relative advantages"),
+    (dict(loss_agg="avg"), "algo.loss_agg='avg' is not allowed; choose one of"),
+    (dict(clip_eps=-0.1), "algo.clip_eps=-0.1 must be > 0 or null"),
+    (dict(kl_coef=-1.0), "algo.kl_coef=-1.0 must be >= 0"),
+])
+def test_pg_config_rejects_bad_values(kw, needle):
+    with pytest.raises(ConfigError) as e:
+        PGConfig(**kw)
+    assert needle in str(e.value)
