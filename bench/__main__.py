@@ -1,7 +1,15 @@
-"""`make bench` / `python -m bench [--quick] [--only rollout,grpo,sandbox]` — performance tables.
+"""`make bench` / `python -m bench [--quick] [--only vs_trl,vs_vllm,learner,...]` — performance tables.
 
 Every section compares against a baseline measured in the same run and reports ratios (these
 machines are shared and noisy; absolute seconds are informative only):
+  vs_trl   one GRPO step of marl_llm (defaults: vLLM rollout, ZeRO-3 learner) vs TRL's
+           GRPOTrainer with identical settings on the same tasks in the same order (TRL at each
+           thread count up to the machine's cores; the best one is the baseline)
+  vs_vllm  raw `vllm.LLM` with the rollout worker's engine arguments vs the rollout worker as
+           training uses it (a Ray actor behind Policy.generate): tokens/s on the same prompts
+  learner  training tokens/s and model FLOP/s of the learner vs the machine's GEMM ceiling
+           (a torch matmul at the learner's dtype and thread count), and what each learner
+           optimisation is worth (shared prompts, ZeRO-3 vs ZeRO-0, threads)
   rollout  tokens/s of the vLLM backend vs the HF transformers backend, same model and prompts
   grpo     one GRPO step split by phase (generate, reward, train, sync), vLLM vs HF rollout
   sandbox  HumanEval canonical solutions per second: run_many (parallel) vs run_code in a loop
@@ -122,7 +130,119 @@ def bench_lora(quick: bool) -> None:
           ["policy", "sync_s", "sync_MiB", "x_sync_vs_full", "gen_tok/s", "x_gen_vs_full"], rows)
 
 
-SECTIONS = {"rollout": bench_rollout, "grpo": bench_grpo, "sandbox": bench_sandbox, "lora": bench_lora}
+# ---- vs TRL ----------------------------------------------------------------------------------
+GRPO_SETTINGS = ["algo=grpo", "env=math", "algo.group_size=4", "trainer.batch_size=4",
+                 "rollout.max_new_tokens=64", "rollout.temperature=1.0", "rollout.top_p=1.0",
+                 "algo.clip_eps=0.2", "algo.kl_coef=0.0", "algo.loss_agg=token_sum_norm",
+                 "algo.std_normalize=false", "learner.grad_clip=1.0", "learner.gradient_checkpointing=false"]
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _marl_grpo(model: str, steps: int, out: str, extra: list[str] = ()) -> list[dict]:
+    overrides = GRPO_SETTINGS + [f"model={model}", f"trainer.steps={steps}", "trainer.save_every=0",
+                                 "trainer.eval_every=0", "trainer.progress=false", f"trainer.output_dir={out}",
+                                 *extra]
+    subprocess.run([sys.executable, "-m", "marl_llm.train", *overrides], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=3600)
+    return [json.loads(l) for l in Path(out, "metrics.jsonl").read_text().splitlines()]
+
+
+def _tasks_by_step(run_dir: str) -> list[list[dict]]:
+    """Each step's tasks in the order marl_llm sampled them (one per group), from buffer.jsonl."""
+    steps: dict[int, dict[str, dict]] = {}
+    for line in Path(run_dir, "buffer.jsonl").read_text().splitlines():
+        ep = json.loads(line)
+        steps.setdefault(ep["step"], {}).setdefault(ep["group"], ep["task"])
+    return [list(steps[k].values()) for k in sorted(steps)]
+
+
+def bench_vs_trl(quick: bool) -> None:
+    model, steps = ("tiny", 2) if quick else ("smollm2-135m", 3)
+    threads = sorted({1, runtime.cpu_cores()})
+    with tempfile.TemporaryDirectory() as tmp:
+        recs = _marl_grpo(model, steps, os.path.join(tmp, "marl"))[1:]  # step 1 includes warm-up
+        spec = {"overrides": GRPO_SETTINGS + [f"model={model}"], "role": "single", "group_size": 4,
+                "clip_eps": 0.2, "steps": _tasks_by_step(os.path.join(tmp, "marl"))}
+        Path(tmp, "spec.json").write_text(json.dumps(spec))
+        trl = []
+        for n in threads:
+            out = os.path.join(tmp, f"trl{n}.json")
+            subprocess.run([sys.executable, "-m", "bench.trl_step", "--spec", os.path.join(tmp, "spec.json"),
+                            "--threads", str(n), "--out", out], check=True, timeout=3600,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            trl.append(json.loads(Path(out).read_text()))
+    rows = []
+    m = {p: _mean([r.get(f"time/{p}", 0.0) for r in recs]) for p in ("generate", "reward", "train", "sync", "step")}
+    m_tokens = _mean([r["tokens/completion_mean"] * 16 for r in recs])
+    for t in trl:  # TRL's step 1 holds its warm-up too
+        gen, step = _mean(t["generate"][1:]), _mean(t["step"][1:])
+        t.update(gen=gen, stepm=step, tok=_mean(t["tokens"][1:]))
+    best = min(trl, key=lambda t: t["stepm"])
+    for t in trl:
+        rows.append([f"TRL GRPOTrainer, {t['threads']} thread(s)" + (" (best)" if t is best else ""),
+                     t["gen"], t["stepm"] - t["gen"], 0.0, t["stepm"], t["tok"], best["stepm"] / t["stepm"]])
+    rows.append(["marl_llm (vLLM rollout, ZeRO-3 learner)", m["generate"], m["train"] + m["reward"], m["sync"],
+                 m["step"], m_tokens, best["stepm"] / m["step"]])
+    table(f"vs_trl: one GRPO step on env=math, {model}, 4 tasks x G=4 x 64 new tokens, same tasks in the same "
+          f"order, mean of steps 2..{steps} (seconds; baseline: TRL at its best thread count, "
+          f"{best['threads']}; {runtime.cpu_cores()} cores)",
+          ["run", "generate", "train", "sync", "step", "tokens", "x_vs_trl_best"], rows)
+
+
+# ---- vs raw vLLM ------------------------------------------------------------------------------
+def bench_vs_vllm(quick: bool) -> None:
+    import multiprocessing as mp
+
+    from bench.workers import raw_vllm_worker, rollout_actor_worker
+    model = "tiny" if quick else "smollm2-135m"
+    prompts = [f"Tom has {i} apples and buys {i + 3} more. How many apples does he have now?" for i in range(16)]
+    args = (model, prompts, 4, 64)
+    ctx = mp.get_context("spawn")
+    results = []
+    for fn in (raw_vllm_worker, rollout_actor_worker):  # one engine at a time: they would share the cores
+        with ctx.Pool(1) as pool:
+            results.append(pool.apply(fn, (args,)))
+    base = results[0]["tokens"] / results[0]["seconds"]
+    table(f"vs_vllm: {model}, {len(prompts)} prompts x n=4 x 64 tokens, after one warm-up call "
+          "(baseline: raw vllm.LLM in-process with the worker's engine arguments)",
+          ["engine", "tokens", "seconds", "tok/s", "x_vs_raw", "threads"],
+          [[r["name"], r["tokens"], r["seconds"], r["tokens"] / r["seconds"], (r["tokens"] / r["seconds"]) / base,
+            r["threads"]] for r in results])
+
+
+# ---- learner ----------------------------------------------------------------------------------
+def bench_learner(quick: bool) -> None:
+    import multiprocessing as mp
+
+    from bench.workers import gemm_ceiling, learner_worker
+    model = "tiny" if quick else "smollm2-135m"
+    cores = runtime.cpu_cores()
+    variants = [("default: ZeRO-3, shared prompts", 3, "auto", cores),
+                ("flat batch (share_prompts=false)", 3, "false", cores),
+                ("ZeRO-0", 0, "auto", cores),
+                ("one thread (the old default)", 3, "auto", 1)]
+    ctx = mp.get_context("spawn")
+    rows, base = [], None
+    for name, stage, share, threads in variants:
+        with ctx.Pool(1) as pool:  # a fresh process each: DeepSpeed's process group is per process
+            r = pool.apply(learner_worker, ((model, stage, share, threads, 2 if quick else 3),))
+        with ctx.Pool(1) as pool:
+            ceiling = pool.apply(gemm_ceiling, ((r["dtype"], threads, r["hidden"], r["intermediate"]),))
+        base = base or r["seconds"]
+        rows.append([name, threads, r["seconds"], r["tokens"] / r["seconds"], r["flops"] / r["seconds"] / 1e9,
+                     ceiling / 1e9, r["flops"] / r["seconds"] / ceiling, base / r["seconds"]])
+    table(f"learner: one train_step of {model}, 4 prompts x G=4, 88-token prompts, 64-token completions "
+          "(model FLOP/s = 6 x matmul params x tokens through the model + logits; ceiling = torch matmul "
+          "at the same dtype and threads; baseline: the default)",
+          ["learner", "threads", "step_s", "train_tok/s", "GFLOP/s", "ceiling_GFLOP/s", "share_of_ceiling",
+           "x_vs_default"], rows)
+
+
+SECTIONS = {"vs_trl": bench_vs_trl, "vs_vllm": bench_vs_vllm, "learner": bench_learner,
+            "rollout": bench_rollout, "grpo": bench_grpo, "sandbox": bench_sandbox, "lora": bench_lora}
 
 
 def main() -> None:

@@ -110,6 +110,30 @@ def lora_engine_args(max_loras: int, max_rank: int) -> dict:
     return dict(enable_lora=True, max_loras=max_loras, max_lora_rank=rank)
 
 
+def engine_args(model_path: str, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, seed: int,
+                lora: Optional[dict] = None, gpu: bool = False) -> dict:
+    """`vllm.LLM` keyword arguments of a rollout engine (the bench builds a raw engine from them)."""
+    kw = dict(
+        model=model_path, tokenizer=model_path, seed=seed, dtype=model_cfg.dtype,
+        max_model_len=model_cfg.max_model_len, enforce_eager=rollout_cfg.enforce_eager,
+        enable_prefix_caching=rollout_cfg.enable_prefix_caching,
+        tensor_parallel_size=rollout_cfg.tensor_parallel_size,
+        logprobs_mode=LOGPROBS_MODE, worker_extension_cls=EXTENSION,
+    )
+    if lora:  # {"max_loras": adapters sharing this engine, "max_lora_rank": their largest r}
+        kw.update(lora_engine_args(lora["max_loras"], lora["max_lora_rank"]))
+    if gpu:
+        kw.update(gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, enable_sleep_mode=True)
+    else:
+        # otherwise the CPU engine claims ~90% of RAM (VLLM_CPU_KVCACHE_SPACE is the env twin)
+        kw.update(kv_cache_memory_bytes=int(rollout_cfg.kv_cache_gb * 2**30))
+        # vLLM 0.32 on CPU: a seeded request whose prompt is split by chunked prefill crashes the
+        # engine ("CPU Generator does not use offset"); every algorithm seeds its requests, so
+        # prompts are always prefilled whole (any batch over the token budget waits a step)
+        kw.update(enable_chunked_prefill=False)
+    return kw
+
+
 class VLLMBackend(RolloutBackend):
     name = "vllm"
     multi_lora = True
@@ -126,26 +150,9 @@ class VLLMBackend(RolloutBackend):
         self.in_process = engine_in_process()
         if not self.gpu:
             check_cpu_head_dim(model_path)
-        kw = dict(
-            model=model_path, tokenizer=model_path, seed=seed, dtype=model_cfg.dtype,
-            max_model_len=model_cfg.max_model_len, enforce_eager=rollout_cfg.enforce_eager,
-            enable_prefix_caching=rollout_cfg.enable_prefix_caching,
-            tensor_parallel_size=rollout_cfg.tensor_parallel_size,
-            logprobs_mode=LOGPROBS_MODE, worker_extension_cls=EXTENSION,
-        )
-        if lora:  # {"max_loras": adapters sharing this engine, "max_lora_rank": their largest r}
-            kw.update(lora_engine_args(lora["max_loras"], lora["max_lora_rank"]))
+        kw = engine_args(model_path, model_cfg, rollout_cfg, seed, lora, self.gpu)
         self.adapters: dict = {}  # adapter name -> vllm LoRARequest
         self._lora_ids = 0
-        if self.gpu:
-            kw.update(gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, enable_sleep_mode=True)
-        else:
-            # otherwise the CPU engine claims ~90% of RAM (VLLM_CPU_KVCACHE_SPACE is the env twin)
-            kw.update(kv_cache_memory_bytes=int(rollout_cfg.kv_cache_gb * 2**30))
-            # vLLM 0.32 on CPU: a seeded request whose prompt is split by chunked prefill crashes the
-            # engine ("CPU Generator does not use offset"); every algorithm seeds its requests, so
-            # prompts are always prefilled whole (any batch over the token budget waits a step)
-            kw.update(enable_chunked_prefill=False)
         t0 = time.perf_counter()
         self.llm = vllm.LLM(**kw)
         self.start_s = time.perf_counter() - t0
