@@ -7,6 +7,7 @@ and then validates `algo` and `env` against the `Config` dataclass of the regist
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from marl_llm.metrics import LOGGERS
 from marl_llm.registry import ALGORITHMS, ENVS
 
 
@@ -151,9 +153,11 @@ class TrainerConfig:
     eval_size: int = 16
     output_dir: str = "outputs/run"
     resume: bool = False
-    tensorboard: bool = True
+    # metrics.jsonl is always written; these get the same scalars (see marl_llm.metrics)
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
     progress: bool = True
     keep_checkpoints: int = 2
+    report: bool = True  # write <output_dir>/report/ at the end (python -m marl_llm.report)
 
     def __post_init__(self):
         _positive("trainer.steps", self.steps, allow_zero=True)
@@ -161,6 +165,11 @@ class TrainerConfig:
         _positive("trainer.save_every", self.save_every, allow_zero=True)
         _positive("trainer.eval_every", self.eval_every, allow_zero=True)
         _positive("trainer.keep_checkpoints", self.keep_checkpoints)
+        for name in self.loggers:
+            _choice("trainer.loggers", name, LOGGERS)
+        if "wandb" in self.loggers and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("trainer.loggers has 'wandb' but the wandb package is not installed: "
+                              "pip install 'marl_llm[wandb]', or drop it from trainer.loggers")
 
 
 @dataclass
