@@ -41,9 +41,6 @@ def mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-LOGGERS = ("tensorboard", "wandb")
-
-
 def _load_config(out_dir: Path) -> dict[str, Any]:
     path = out_dir / "config.yaml"
     if not path.exists():
@@ -88,6 +85,7 @@ class _Wandb:
 
 
 _SINKS = {"tensorboard": _TensorBoard, "wandb": _Wandb}
+LOGGERS = tuple(_SINKS)
 
 
 class MetricsLogger:

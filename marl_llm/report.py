@@ -3,8 +3,8 @@
 Writes a self-contained folder (default `<first run_dir>/report/`): `index.html` (no server, no
 JavaScript, opens offline) and the PNG figures it shows, drawn with matplotlib's Agg canvas:
 
-- `reward.png`: training reward per step, raw (thin) and smoothed (thick: trailing mean over
-  max(3, n/10) steps, drawn from 5 steps on). Panel "reward": `reward/mean` and every other
+- `reward.png`: training reward per step, raw (thin) and smoothed (thick: centred moving mean
+  over about max(3, n/10) steps, drawn from 5 steps on). Panel "reward": `reward/mean` and every other
   `reward/<x>` except `reward/max` (the algorithm's subsets: MLPO's with_team / solo, MAGRPO's
   per-turn rewards); panel "reward components": the `reward/<c>` whose `c` is a component of the
   episodes in buffer.jsonl (a sole component equal to the total is not repeated).
@@ -40,7 +40,7 @@ import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import yaml
 from matplotlib import colormaps
@@ -50,6 +50,7 @@ from matplotlib.ticker import MaxNLocator
 
 WIDTH_IN, ROW_IN, DPI = 10.0, 3.2, 100      # every PNG is 1000 px wide, 320 px per row of panels
 MAX_PANELS = 12
+MAX_BARS = 100                               # time.png: stacked bars up to this many steps, areas beyond
 ONE_OFF_PHASES = ("setup", "prepare")        # the trainer times these once, before the first step
 SUFFIXES = ("ci_low", "ci_high", "n")        # marl_llm.stats: eval/<name>/ci_low|ci_high|n
 COST = re.compile(r"(^|/)(gens|tokens|latency_s|tokens_per_s|generations_per_question)(/|$)")
@@ -122,39 +123,43 @@ class Run:
         return list(self.table)
 
 
-def _read_jsonl(path: Path, notes: list[str]) -> list[dict[str, Any]]:
+def _json_lines(path: Path, notes: list[str], limit: Optional[int] = None) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of a JSON-lines file; a line that is not a JSON object becomes a note."""
+    with open(path, errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if limit is not None and i > limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                notes.append(f"{path.name} line {i} is not valid JSON (cut off by a crash?): skipped")
+                continue
+            if isinstance(obj, dict):
+                yield i, obj
+            else:
+                notes.append(f"{path.name} line {i} is not a JSON object: skipped")
+
+
+def _read_metrics(path: Path, notes: list[str]) -> list[dict[str, Any]]:
     out = []
-    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            notes.append(f"{path.name} line {i} is not valid JSON (cut off by a crash?): skipped")
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+    for i, rec in _json_lines(path, notes):
+        if isinstance(rec.get("step"), int):
             out.append(rec)
         else:
             notes.append(f"{path.name} line {i} has no integer step: skipped")
     return out
 
 
-def _buffer_names(path: Path, notes: list[str], lines: int = 20) -> tuple[list[str], list[str]]:
+def _buffer_names(path: Path, notes: list[str]) -> tuple[list[str], list[str]]:
     """Reward component names and agent/role/policy names from the first episodes of the buffer."""
     components: dict[str, None] = {}
     entities: dict[str, None] = {}
-    with open(path, errors="replace") as f:
-        for i, line in enumerate(f):
-            if i >= lines:
-                break
-            try:
-                ep = json.loads(line)
-            except json.JSONDecodeError:
-                notes.append(f"buffer.jsonl line {i + 1} is not valid JSON: reward components may be missing")
-                break
-            components.update(dict.fromkeys(ep.get("components") or {}))
-            for turn in ep.get("turns") or []:
-                entities.update(dict.fromkeys(x for x in (turn.get("agent"), turn.get("policy")) if x))
+    for _, ep in _json_lines(path, notes, limit=20):
+        components.update(dict.fromkeys(ep.get("components") or {}))
+        for turn in ep.get("turns") or []:
+            entities.update(dict.fromkeys(x for x in (turn.get("agent"), turn.get("policy")) if x))
     return list(components), list(entities)
 
 
@@ -176,7 +181,7 @@ def load_run(path: str | Path) -> Run:
     else:
         run.notes.append("no config.yaml")
     if (p / "metrics.jsonl").is_file():
-        run.records = _read_jsonl(p / "metrics.jsonl", run.notes)
+        run.records = _read_metrics(p / "metrics.jsonl", run.notes)
     else:
         run.notes.append("no metrics.jsonl: the run stopped before its first step was logged")
     if run.records and not any(k.startswith("eval/") for r in run.records for k in r):
@@ -217,8 +222,8 @@ def label_runs(runs: list[Run]) -> None:
     if len(runs) == 1:
         runs[0].label = runs[0].path.name
         return
-    keys = sorted({k for r in runs for k in r.config} - {"trainer.output_dir"})
-    differ = [k for k in keys if len({json.dumps(r.config.get(k), sort_keys=True, default=str) for r in runs}) > 1]
+    # choices of a whole group (algo.name, model.name, ...) first: they say the most in few words
+    differ = sorted(set(config_diff(runs)) - {"trainer.output_dir"}, key=lambda k: (not k.endswith(".name"), k))
     for r in runs:
         parts = [f"{k}={r.config.get(k)}" for k in differ]
         r.label = ", ".join(parts[:3]) + (f", ... (+{len(parts) - 3})" if len(parts) > 3 else "") if parts else r.path.name
@@ -272,9 +277,10 @@ def _step_axis(ax) -> None:
 
 
 def smooth(ys: list[float]) -> list[float]:
-    """Trailing mean over max(3, n/10) points."""
-    w = max(3, len(ys) // 10)
-    return [sum(ys[max(0, i - w + 1): i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(ys))]
+    """Centred moving mean over about max(3, n/10) points (fewer at the ends): unlike a trailing
+    mean or an EMA it does not shift the curve to later steps."""
+    h = max(1, len(ys) // 20)
+    return [sum(ys[max(0, i - h): i + h + 1]) / len(ys[max(0, i - h): i + h + 1]) for i in range(len(ys))]
 
 
 def _draw_line(ax, run: Run, key: str, color, label: str, evaluation: bool) -> bool:
@@ -354,17 +360,22 @@ def _components(runs: list[Run]) -> set[str]:
     return {c for r in runs for c in r.components}
 
 
+def _components_group(runs: list[Run], lines: list[tuple[str, str]], total: str) -> Group:
+    """The reward components panel; empty when the only component is the total itself (toy)."""
+    if len(lines) == 1 and all(r.table.get(lines[0][0]) == r.table.get(total) for r in runs):
+        lines = []
+    return Group("reward components", lines)
+
+
 def reward_plot(runs: list[Run]) -> Optional[Plot]:
     keys, comps = _union_keys(runs), _components(runs)
     reward = [k for k in keys if k.startswith("reward/") and k != "reward/max" and k[7:] not in comps]
     reward.sort(key=lambda k: k != "reward/mean")
     components = [k for k in keys if k.startswith("reward/") and k[7:] in comps]
-    if len(components) == 1 and all(r.table.get(components[0]) == r.table.get("reward/mean") for r in runs):
-        components = []  # a sole component equal to the total adds nothing
     groups = [Group("reward", [(k, "mean (all episodes)" if k == "reward/mean" else k[7:]) for k in reward]),
-              Group("reward components", [(k, k[7:]) for k in components])]
+              _components_group(runs, [(k, k[7:]) for k in components], "reward/mean")]
     return _panels_figure(runs, groups, "reward.png", "Training reward per step",
-                          "Training reward per step: raw (thin) and smoothed (thick, trailing mean), the mean "
+                          "Training reward per step: raw (thin) and smoothed (thick, centred moving mean), the mean "
                           "over the step's episodes and the algorithm's subsets; then the env's reward components.",
                           "reward")
 
@@ -413,7 +424,9 @@ def eval_groups(keys: list[str], components: set[str]) -> list[Group]:
 
 
 def eval_plot(runs: list[Run]) -> Optional[Plot]:
-    return _panels_figure(runs, eval_groups(_union_keys(runs), _components(runs)), "eval.png", "Evaluation",
+    groups = [_components_group(runs, g.lines, "eval/reward") if g.title == "reward components" else g
+              for g in eval_groups(_union_keys(runs), _components(runs))]
+    return _panels_figure(runs, groups, "eval.png", "Evaluation",
                           "Held-out evaluation per evaluation step (marker), with its interval where the metrics "
                           "carry one (eval/<name>/ci_low, ci_high); dashed: the algorithm's baselines.",
                           "score", evaluation=True)
@@ -466,8 +479,12 @@ def time_plot(runs: list[Run]) -> Optional[Plot]:
             else:
                 vals = [run.table[f"time/{p}"].get(s, 0.0) for s in steps]
             if any(vals):
-                ax.bar(steps, vals, bottom=bottom, color=colors[p], label=p, width=0.8)
-                bottom = [b + v for b, v in zip(bottom, vals)]
+                top = [b + v for b, v in zip(bottom, vals)]
+                if len(steps) <= MAX_BARS:
+                    ax.bar(steps, vals, bottom=bottom, color=colors[p], label=p, width=0.8)
+                else:  # thousands of bars are slow to draw and unreadable: stacked areas
+                    ax.fill_between(steps, bottom, top, color=colors[p], label=p, lw=0, step="mid")
+                bottom = top
         ax.set_title(run.label if len(runs) > 1 else "seconds per step", fontsize=10)
         _step_axis(ax)
         ax.set_ylabel("seconds")

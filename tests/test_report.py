@@ -95,6 +95,19 @@ def test_single_run_report(tmp_path):
     assert "learner.lr" in html and "class='note'" not in html  # a complete run: nothing to note
 
 
+def test_smoothing_keeps_trends_in_place():
+    assert report.smooth([2.0] * 7) == [2.0] * 7
+    line = [float(x) for x in range(40)]
+    assert report.smooth(line)[2:-2] == line[2:-2]  # a centred mean does not lag a trend
+
+
+def test_long_run_time_figure_uses_areas(tmp_path):
+    run = report.load_run(make_run(tmp_path / "long", grpo_records(report.MAX_BARS + 50, evals=False)))
+    report.label_runs([run])
+    ax = report.time_plot([run]).fig.axes[0]
+    assert not ax.patches and len(ax.collections) == 4  # generate, train, sync, other: one area each
+
+
 def test_reward_and_eval_panels_follow_the_metric_names():
     runs = [report.Run(path=Path("r"), table={"reward/mean": {1: 0.1}, "reward/with_team": {1: 0.2},
                                                "reward/solo": {1: 0.0}, "reward/max": {1: 1.0},
