@@ -271,6 +271,10 @@ def _grid(n: int, title: str) -> tuple[Figure, list]:
     return fig, axes
 
 
+def _short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def _step_axis(ax) -> None:
     ax.set_xlabel("step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -346,7 +350,8 @@ def _panels_figure(runs: list[Run], groups: list[Group], name: str, title: str, 
     if multi:  # one legend for the run colours
         from matplotlib.lines import Line2D
         handles = [Line2D([], [], color=run_colors[i], lw=2) for i in range(len(runs))]
-        fig.legend(handles, [r.label for r in runs], loc="outside lower center", ncols=min(3, len(runs)), fontsize=8)
+        ncols = min(3 if max(len(r.label) for r in runs) <= 40 else 1, len(runs))
+        fig.legend(handles, [r.label for r in runs], loc="outside lower center", ncols=ncols, fontsize=8)
     if dropped > 0:
         caption += f" ({dropped} more panels not shown.)"
     return Plot(name, title, caption, fig)
@@ -485,7 +490,7 @@ def time_plot(runs: list[Run]) -> Optional[Plot]:
                 else:  # thousands of bars are slow to draw and unreadable: stacked areas
                     ax.fill_between(steps, bottom, top, color=colors[p], label=p, lw=0, step="mid")
                 bottom = top
-        ax.set_title(run.label if len(runs) > 1 else "seconds per step", fontsize=10)
+        ax.set_title(_short(run.label) if len(runs) > 1 else "seconds per step", fontsize=9)
         _step_axis(ax)
         ax.set_ylabel("seconds")
         ax.grid(alpha=0.3, axis="y")
