@@ -46,6 +46,7 @@ import yaml
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 WIDTH_IN, ROW_IN, DPI = 10.0, 3.2, 100      # every PNG is 1000 px wide, 320 px per row of panels
@@ -287,10 +288,10 @@ def smooth(ys: list[float]) -> list[float]:
     return [sum(ys[max(0, i - h): i + h + 1]) / len(ys[max(0, i - h): i + h + 1]) for i in range(len(ys))]
 
 
-def _draw_line(ax, run: Run, key: str, color, label: str, evaluation: bool) -> bool:
+def _draw_line(ax, run: Run, key: str, color, label: str, evaluation: bool) -> None:
     xs, ys = run.series(key)
     if not xs:
-        return False
+        return
     if evaluation:
         lo, hi = run.table.get(f"{key}/ci_low", {}), run.table.get(f"{key}/ci_high", {})
         ax.plot(xs, ys, color=color, marker="o", ms=4, lw=1.5, label=label)
@@ -304,18 +305,16 @@ def _draw_line(ax, run: Run, key: str, color, label: str, evaluation: bool) -> b
         ax.plot(xs, smooth(ys), color=color, lw=2, label=label)
     else:
         ax.plot(xs, ys, color=color, lw=1.5, marker="o", ms=4, label=label)
-    return True
 
 
-def _draw_ref(ax, run: Run, key: str, color, label: str) -> bool:
+def _draw_ref(ax, run: Run, key: str, color, label: str) -> None:
     xs, ys = run.series(key)
     if not xs:
-        return False
+        return
     if max(ys) - min(ys) < 1e-12:
         ax.axhline(ys[-1], color=color, ls="--", lw=1.3, label=f"{label} ({ys[-1]:.3g})")
     else:
         ax.plot(xs, ys, color=color, ls="--", marker="x", lw=1.3, label=label)
-    return True
 
 
 def _panels_figure(runs: list[Run], groups: list[Group], name: str, title: str, caption: str,
@@ -330,17 +329,15 @@ def _panels_figure(runs: list[Run], groups: list[Group], name: str, title: str, 
     panels = panels[:MAX_PANELS]
     fig, axes = _grid(len(panels), title)
     run_colors = _colors(len(runs))
-    drawn_runs: set[int] = set()
     for ax, g in zip(axes, panels):
         colors = _colors(len(g.lines) + len(g.refs))
         for ri, run in enumerate(runs):
             for li, (key, label) in enumerate(g.lines):
-                if key and _draw_line(ax, run, key, run_colors[ri] if multi else colors[li],
-                                      run.label if multi else label, evaluation) and multi:
-                    drawn_runs.add(ri)
-            for fi, (key, label) in enumerate(g.refs):
-                _draw_ref(ax, run, key, run_colors[ri] if multi else colors[len(g.lines) + fi],
-                          f"{label}, {run.label}" if multi else label)
+                if key:
+                    _draw_line(ax, run, key, run_colors[ri] if multi else colors[li],
+                               run.label if multi else label, evaluation)
+            for fi, (key, label) in enumerate(g.refs):  # with several runs the colour tells the run
+                _draw_ref(ax, run, key, run_colors[ri] if multi else colors[len(g.lines) + fi], label)
         ax.set_title(g.title, fontsize=10)
         _step_axis(ax)
         ax.set_ylabel(ylabel)
@@ -348,7 +345,6 @@ def _panels_figure(runs: list[Run], groups: list[Group], name: str, title: str, 
         if ax.get_legend_handles_labels()[0] and not (multi and not g.refs):
             ax.legend(fontsize=7, loc="best")
     if multi:  # one legend for the run colours
-        from matplotlib.lines import Line2D
         handles = [Line2D([], [], color=run_colors[i], lw=2) for i in range(len(runs))]
         ncols = min(3 if max(len(r.label) for r in runs) <= 40 else 1, len(runs))
         fig.legend(handles, [r.label for r in runs], loc="outside lower center", ncols=ncols, fontsize=8)
