@@ -49,11 +49,13 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from marl_llm.stats import CI_HIGH, CI_LOW, CI_N, interval_from_metrics
+
 WIDTH_IN, ROW_IN, DPI = 10.0, 3.2, 100      # every PNG is 1000 px wide, 320 px per row of panels
 MAX_PANELS = 12
 MAX_BARS = 100                               # time.png: stacked bars up to this many steps, areas beyond
 ONE_OFF_PHASES = ("setup", "prepare")        # the trainer times these once, before the first step
-SUFFIXES = ("ci_low", "ci_high", "n")        # marl_llm.stats: eval/<name>/ci_low|ci_high|n
+SUFFIXES = (CI_LOW, CI_HIGH, CI_N)           # marl_llm.stats: eval/<name>/ci_low|ci_high|n
 COST = re.compile(r"(^|/)(gens|tokens|latency_s|tokens_per_s|generations_per_question)(/|$)")
 PER_AGENT_METRIC = re.compile(r"(reward|value|correct|loss)$")
 LEARNER_TOKENS = "learner tokens/s"          # derived: n_tokens / time/train
@@ -293,7 +295,7 @@ def _draw_line(ax, run: Run, key: str, color, label: str, evaluation: bool) -> N
     if not xs:
         return
     if evaluation:
-        lo, hi = run.table.get(f"{key}/ci_low", {}), run.table.get(f"{key}/ci_high", {})
+        lo, hi = run.table.get(f"{key}/{CI_LOW}", {}), run.table.get(f"{key}/{CI_HIGH}", {})
         ax.plot(xs, ys, color=color, marker="o", ms=4, lw=1.5, label=label)
         with_ci = [(x, lo[x], hi[x]) for x in xs if x in lo and x in hi]
         if with_ci:
@@ -523,16 +525,24 @@ def _summary(run: Run) -> dict[str, Any]:
     """summary.json flattened; for an unfinished run, the first and last training rewards and the
     last evaluation from metrics.jsonl."""
     if run.summary is not None:
-        return {k: v for k, v in _flatten(run.summary).items() if k not in ("output_dir",)}
-    out: dict[str, Any] = {}
-    if run.records:
-        out["steps logged"] = max(r["step"] for r in run.records)
-    for key in run.keys():
-        xs, ys = run.series(key)
-        if key.startswith("reward/"):
-            out[f"train.{key}.first"], out[f"train.{key}.last"] = ys[0], ys[-1]
-        elif key.startswith("eval/") and not COST.search(key):
-            out[f"eval.{key[5:]} (step {xs[-1]})"] = ys[-1]
+        out = {k: v for k, v in _flatten(run.summary).items() if k != "output_dir"}
+    else:
+        out = {}
+        if run.records:
+            out["steps logged"] = max(r["step"] for r in run.records)
+        for key in run.keys():
+            xs, ys = run.series(key)
+            if key.startswith("reward/"):
+                out[f"train.{key}.first"], out[f"train.{key}.last"] = ys[0], ys[-1]
+            elif key.startswith("eval/") and not COST.search(key):
+                out[f"eval.{key[5:]}"] = ys[-1]
+    # an interval (marl_llm.stats keys) is shown in one cell: 0.312 [0.142, 0.556], n=16
+    for key in list(out):
+        iv = interval_from_metrics(out, key)
+        if iv is not None:
+            out[key] = iv.format(3)
+            for suffix in SUFFIXES:
+                out.pop(f"{key}/{suffix}", None)
     return out
 
 

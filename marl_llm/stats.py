@@ -13,15 +13,16 @@ signed: `+0.09 [+0.04, +0.14], n=400`).
 Metric-name convention (read by `python -m marl_llm.report`): an evaluation scalar
 `eval/<name>` may carry its interval as `eval/<name>/ci_low` and `eval/<name>/ci_high` (same
 scale as the point, `conf` 0.95) and its sample size as `eval/<name>/n`;
-`interval_metrics("eval/acc", iv)` builds exactly these keys. The report draws the interval
-when both bounds are present and the point alone otherwise.
+`interval_metrics("eval/acc", iv)` builds exactly these keys and `interval_from_metrics` reads
+them back. The report draws the interval when both bounds are present (the point alone
+otherwise) and prints it in its summary table as `0.312 [0.142, 0.556], n=16`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Sequence
+from typing import Optional, Sequence
 
 CI_LOW, CI_HIGH, CI_N = "ci_low", "ci_high", "n"
 
@@ -31,14 +32,13 @@ class Interval:
     estimate: float
     low: float
     high: float
-    n: int
+    n: Optional[int]      # None: not known (an interval read back from metrics without its /n)
     signed: bool = False  # a difference: print with an explicit sign
 
     def format(self, digits: int = 2) -> str:
-        fmt = f"{{:{'+' if self.signed else ''}.{digits}f}}"
-        f = fmt.format
+        f = f"{{:{'+' if self.signed else ''}.{digits}f}}".format
         bounds = f"[{f(self.low)}, {f(self.high)}]" if not math.isnan(self.low) else "[no interval]"
-        return f"{f(self.estimate)} {bounds}, n={self.n}"
+        return f"{f(self.estimate)} {bounds}" + (f", n={self.n}" if self.n is not None else "")
 
     def __str__(self) -> str:
         return self.format()
@@ -162,4 +162,16 @@ def paired_difference(a: Sequence[float], b: Sequence[float], conf: float = 0.95
 
 def interval_metrics(key: str, iv: Interval) -> dict[str, float]:
     """The scalars that carry `iv` for the metric `key` (see the module docstring)."""
-    return {key: iv.estimate, f"{key}/{CI_LOW}": iv.low, f"{key}/{CI_HIGH}": iv.high, f"{key}/{CI_N}": iv.n}
+    out = {key: iv.estimate, f"{key}/{CI_LOW}": iv.low, f"{key}/{CI_HIGH}": iv.high}
+    if iv.n is not None:
+        out[f"{key}/{CI_N}"] = iv.n
+    return out
+
+
+def interval_from_metrics(metrics: dict[str, float], key: str) -> Optional[Interval]:
+    """The interval `interval_metrics` stored for `key` in `metrics`, None if it has none."""
+    if key not in metrics or f"{key}/{CI_LOW}" not in metrics or f"{key}/{CI_HIGH}" not in metrics:
+        return None
+    n = metrics.get(f"{key}/{CI_N}")
+    return Interval(metrics[key], metrics[f"{key}/{CI_LOW}"], metrics[f"{key}/{CI_HIGH}"],
+                    None if n is None else int(n))

@@ -201,6 +201,9 @@ def test_crashed_run_reports_what_exists(tmp_path):
     assert "metrics.jsonl line 6 is not valid JSON" in html
     assert "no summary.json" in html and "metrics stop at step 5 of 10" in html
     assert "train.reward/mean.last" in html  # the summary table falls back to metrics.jsonl
+    # the last evaluation (step 4) with its interval in one cell, as marl_llm.stats formats it
+    assert f"<td>eval.reward</td><td>{wilson_interval(6, 16).format(3)}</td>" in html
+    assert "eval.reward/ci_low" not in html
 
 
 def test_run_that_stopped_before_its_first_step(tmp_path):

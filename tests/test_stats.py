@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from marl_llm.stats import (Interval, interval_metrics, mean_interval, paired_difference, t_quantile,
-                            wilson_interval, z_quantile)
+from marl_llm.stats import (Interval, interval_from_metrics, interval_metrics, mean_interval, paired_difference,
+                            t_quantile, wilson_interval, z_quantile)
 
 
 @pytest.mark.parametrize("k,n,low,high", [
@@ -90,10 +90,15 @@ def test_format():
     assert wilson_interval(5, 16).format(3) == "0.312 [0.142, 0.556], n=16"
 
 
-def test_interval_metrics_keys():
-    m = interval_metrics("eval/acc", wilson_interval(3, 4))
+def test_interval_metrics_keys_round_trip():
+    iv = wilson_interval(3, 4)
+    m = interval_metrics("eval/acc", iv)
     assert set(m) == {"eval/acc", "eval/acc/ci_low", "eval/acc/ci_high", "eval/acc/n"}
     assert m["eval/acc/n"] == 4 and m["eval/acc/ci_low"] < 0.75 < m["eval/acc/ci_high"]
+    assert interval_from_metrics(m, "eval/acc") == iv
+    del m["eval/acc/n"]
+    assert str(interval_from_metrics(m, "eval/acc")) == "0.75 [0.30, 0.95]"  # size unknown: not printed
+    assert interval_from_metrics({"eval/acc": 0.5}, "eval/acc") is None
 
 
 @pytest.mark.parametrize("call,match", [
