@@ -594,7 +594,10 @@ def write_report(run_dirs: list[str | Path], out: Optional[str | Path] = None) -
     runs = [load_run(d) for d in run_dirs]
     label_runs(runs)
     out_dir = Path(out) if out is not None else runs[0].path / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReportError(f"cannot create the report folder out={out_dir}: {e.strerror}") from None
     plots = [p for p in (make(runs) for make in PLOTS) if p is not None]
     for p in plots:
         p.fig.savefig(out_dir / p.name, dpi=DPI)

@@ -221,10 +221,12 @@ def test_run_that_stopped_before_its_first_step(tmp_path):
     (["run_dir={tmp}/missing"], "does not exist"),
     ([], "no run_dir given"),
     (["run_dir={tmp}", "colour=red"], "bad argument 'colour=red'"),
+    (["run_dir={run}", "out={tmp}/notes.txt/report"], "cannot create the report folder"),
 ])
-def test_not_a_run_is_one_line_error(tmp_path, args, message):
+def test_not_a_run_or_bad_argument_is_one_line_error(tmp_path, args, message):
     (tmp_path / "notes.txt").write_text("not a run")
-    r = subprocess.run([sys.executable, "-m", "marl_llm.report"] + [a.format(tmp=tmp_path) for a in args],
+    run = make_run(tmp_path / "run", grpo_records(3))
+    r = subprocess.run([sys.executable, "-m", "marl_llm.report"] + [a.format(tmp=tmp_path, run=run) for a in args],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
