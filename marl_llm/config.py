@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from marl_llm.metrics import LOGGERS
 from marl_llm.registry import ALGORITHMS, ENVS
 
 
@@ -188,9 +190,11 @@ class TrainerConfig:
     eval_size: int = 16
     output_dir: str = "outputs/run"
     resume: bool = False
-    tensorboard: bool = True
+    # metrics.jsonl is always written; these get the same scalars (see marl_llm.metrics)
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
     progress: bool = True
     keep_checkpoints: int = 2
+    report: bool = True  # write <output_dir>/report/ at the end (python -m marl_llm.report)
 
     def __post_init__(self):
         check_positive("trainer.steps", self.steps, allow_zero=True)
@@ -198,6 +202,10 @@ class TrainerConfig:
         check_positive("trainer.save_every", self.save_every, allow_zero=True)
         check_positive("trainer.eval_every", self.eval_every, allow_zero=True)
         check_positive("trainer.keep_checkpoints", self.keep_checkpoints)
+        check_entries("trainer.loggers", self.loggers, LOGGERS)
+        check("wandb" not in self.loggers or importlib.util.find_spec("wandb") is not None, "trainer.loggers",
+              self.loggers, "names wandb but the wandb package is not installed; pip install 'marl_llm[wandb]' "
+              "or drop it from trainer.loggers")
 
 
 @dataclass

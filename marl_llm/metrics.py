@@ -1,4 +1,4 @@
-"""Metrics sinks (JSONL always, TensorBoard optional), per-phase timers and the progress bar."""
+"""Metrics sinks (metrics.jsonl always; TensorBoard and Weights & Biases on request) and per-phase timers."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,9 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+import yaml
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +41,65 @@ def mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _load_config(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / "config.yaml"
+    if not path.exists():
+        return {}
+    return yaml.safe_load(path.read_text()) or {}
+
+
+class _TensorBoard:
+    def __init__(self, out_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    """A Weights & Biases run per trainer process. Mode, project and entity come from wandb's own
+    environment variables (WANDB_MODE=offline needs no network or login; WANDB_PROJECT defaults
+    to marl_llm); files go to $WANDB_DIR or else the run folder (`<run>/wandb/`). The run's
+    config.yaml is the wandb config; system-stats sampling is off (it costs a CPU on small machines)."""
+
+    def __init__(self, out_dir: Path):
+        import wandb
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "marl_llm"), name=out_dir.name,
+                              dir=os.environ.get("WANDB_DIR", str(out_dir)), config=_load_config(out_dir),
+                              settings=wandb.Settings(x_disable_stats=True, console="off", silent=True))
+        log.info("wandb run %s (%s mode): %s", self.run.id, self.run.settings.mode, self.run.dir)
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        import wandb
+        self.run.finish()
+        wandb.teardown()  # finish() can return before wandb's service has written the run file
+
+
+_SINKS = {"tensorboard": _TensorBoard, "wandb": _Wandb}
+LOGGERS = tuple(_SINKS)
+
+
 class MetricsLogger:
     """Appends one JSON object per step to metrics.jsonl (flushed and fsynced, so a crash loses
-    nothing already logged) and mirrors scalars to TensorBoard when enabled."""
+    nothing already logged) and sends the same numeric scalars, under the same names, to each of
+    `loggers` (any of LOGGERS)."""
 
-    def __init__(self, out_dir: str | os.PathLike, tensorboard: bool = True):
+    def __init__(self, out_dir: str | os.PathLike, loggers: Sequence[str] = ("tensorboard",)):
+        unknown = [n for n in loggers if n not in _SINKS]
+        if unknown:
+            raise ValueError(f"unknown loggers {unknown}; choose from {list(LOGGERS)}")
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
-            except ImportError as e:
-                log.warning("TensorBoard logging is off (%s); metrics.jsonl is still written", e)
+        self.sinks = [_SINKS[n](self.path.parent) for n in dict.fromkeys(loggers)]
 
     def log(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
@@ -60,12 +107,10 @@ class MetricsLogger:
             f.write(json.dumps(clean) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        if self.tb is not None:
-            step = int(record.get("step", 0))
-            for k, v in clean.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k, v, step)
-            self.tb.flush()
+        scalars = {k: v for k, v in clean.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for sink in self.sinks:
+            sink.log(scalars, int(record.get("step", 0)))
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after `step` (a resume replays them)."""
@@ -77,5 +122,5 @@ class MetricsLogger:
         os.replace(tmp, self.path)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for sink in self.sinks:
+            sink.close()

@@ -82,7 +82,7 @@ class Trainer:
         cluster = Cluster(run.cluster)
         cluster.start(cluster.cpus_needed(specs, run))
         policies: dict[str, Any] = {}
-        metrics = MetricsLogger(out, tensorboard=run.trainer.tensorboard)
+        metrics = MetricsLogger(out, run.trainer.loggers)
         try:
             # ---- build: rollout workers for every policy, learner groups for trainable ones
             with self.timer("setup"):
@@ -150,10 +150,23 @@ class Trainer:
             bar.close()
             summary = self._summary(first, last)
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            self._report()
             return summary
         finally:
             metrics.close()
             cluster.shutdown(policies)
+
+    def _report(self) -> None:
+        """The run's figures (trainer.report; a plotting failure is logged, the run's results stand)."""
+        if not self.run.trainer.report:
+            log.info("report: python -m marl_llm.report run_dir=%s", self.out)
+            return
+        from marl_llm.report import write_report
+        try:
+            log.info("report: %s", write_report([self.out]))
+        except Exception:
+            log.exception("writing the report failed; the run's outputs are complete, retry with "
+                          "python -m marl_llm.report run_dir=%s", self.out)
 
     def _save(self, step: int, policies, stream: TaskStream, buffer: TrajectoryBuffer, algo) -> None:
         tmp = self.ckpts.staging(step)

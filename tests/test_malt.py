@@ -74,7 +74,7 @@ def make_run(tmp_path, cfg, steps=1, batch_size=2, model=None):
     return RunConfig(algo=cfg, env=EnvConfig(name="fake"), model=model or ModelConfig(name="tiny", source="tiny"),
                      rollout=RolloutConfig(max_new_tokens=16), learner=LearnerConfig(), cluster=ClusterConfig(),
                      trainer=TrainerConfig(steps=steps, batch_size=batch_size, output_dir=str(tmp_path),
-                                           tensorboard=False, progress=False))
+                                           loggers=[], progress=False))
 
 
 def make_algo(tmp_path, steps=1, responders=None, buffer=None, env=None, **kw):
@@ -513,7 +513,7 @@ def test_end_to_end_one_iteration_saves_all_roles(tmp_path, role_weights):
            "algo.chains=2", "env.train_size=8", "env.eval_size=2",
            # LoRA roles share one vLLM engine (an adapter slot per role); copies run on the hf backend
            f"rollout.backend={'vllm' if role_weights == 'lora' else 'hf'}",
-           "rollout.max_new_tokens=8", "trainer.tensorboard=false", "trainer.progress=false",
+           "rollout.max_new_tokens=8", "trainer.loggers=[]", "trainer.progress=false",
            f"algo.role_weights={role_weights}", f"trainer.output_dir={out}"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=Path(__file__).resolve().parent.parent,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"})

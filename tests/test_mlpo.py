@@ -449,7 +449,7 @@ def test_e2e_two_steps_heterogeneous_team(tmp_path):
     cmd = [sys.executable, "-m", "marl_llm.train", "algo=mlpo", "env=math", "model=tiny",
            "algo.team_models=[tiny,tiny-wide,tiny]", "trainer.steps=2", "trainer.batch_size=2",
            "trainer.save_every=2", "trainer.eval_every=2", "trainer.eval_size=2", "trainer.progress=false",
-           "trainer.tensorboard=false", f"trainer.output_dir={out}", "env.train_size=16", "env.eval_size=4",
+           "trainer.loggers=[]", f"trainer.output_dir={out}", "env.train_size=16", "env.eval_size=4",
            "algo.max_train_tasks=6", "algo.team_samples=2", "algo.group_size=2", "algo.rounds=2",
            "algo.easy_threshold=null", "algo.sft_warmup=file", f"algo.sft_file={sft}", "algo.sft_batch_size=2",
            "rollout.max_new_tokens=16", "learner.micro_batch_size=4"]
@@ -534,7 +534,7 @@ def test_learning_signal_leader_learns_to_use_team_answers(tmp_path):
            "learner": {"lr": float(os.environ.get("MLPO_SIGNAL_LR", "2e-5")), "micro_batch_size": 16,
                        "bf16": "false"},
            "trainer": {"steps": steps, "batch_size": 4, "save_every": 0, "eval_every": 0,
-                       "output_dir": str(tmp_path / "run"), "progress": False, "tensorboard": False},
+                       "output_dir": str(tmp_path / "run"), "progress": False, "loggers": []},
            "seed": 0}
     Trainer(validate(cfg)).fit()
     recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
