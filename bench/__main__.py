@@ -10,6 +10,7 @@ machines are shared and noisy; absolute seconds are informative only):
   learner  training tokens/s and model FLOP/s of the learner vs the machine's GEMM ceiling
            (a torch matmul at the learner's dtype and thread count), and what each learner
            optimisation is worth (shared prompts, ZeRO-3 vs ZeRO-0, threads)
+  magrpo   a 2-agent MAGRPO step vs a GRPO step with the same samples per agent
   rollout  tokens/s of the vLLM backend vs the HF transformers backend, same model and prompts
   grpo     one GRPO step split by phase (generate, reward, train, sync), vLLM vs HF rollout
   sandbox  HumanEval canonical solutions per second: run_many (parallel) vs run_code in a loop
@@ -67,23 +68,15 @@ def bench_rollout(quick: bool) -> None:
 
 
 # ---- grpo step -------------------------------------------------------------------------------
-def _train(backend: str, model: str, steps: int, out: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "marl_llm.train", "algo=grpo", "env=math", f"model={model}",
-           f"rollout.backend={backend}", f"trainer.steps={steps}", "trainer.batch_size=4",
-           "algo.group_size=4", "rollout.max_new_tokens=64", "trainer.save_every=0",
-           "trainer.eval_every=0", "trainer.progress=false", f"trainer.output_dir={out}"]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=3600)
-    return [json.loads(l) for l in Path(out, "metrics.jsonl").read_text().splitlines()]
-
-
 def bench_grpo(quick: bool) -> None:
     model, steps = ("tiny", 3) if quick else ("smollm2-135m", 3)
     phases = ["generate", "reward", "train", "sync", "step"]
     rows, base = [], None
     with tempfile.TemporaryDirectory() as tmp:
         for backend in ("hf", "vllm"):
-            recs = _train(backend, model, steps, os.path.join(tmp, backend))[1:]  # step 1 includes warm-up
-            avg = {p: sum(r.get(f"time/{p}", 0.0) for r in recs) / len(recs) for p in phases}
+            recs = _marl_run(GRPO_SETTINGS + [f"model={model}", f"rollout.backend={backend}"], steps,
+                             os.path.join(tmp, backend))[1:]  # step 1 includes warm-up
+            avg = _phase_means(recs, phases)
             base = base or avg["step"]
             rows.append([backend] + [avg[p] for p in phases] +
                         [avg["generate"] / avg["step"], base / avg["step"]])
@@ -141,13 +134,17 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def _marl_grpo(model: str, steps: int, out: str, extra: list[str] = ()) -> list[dict]:
-    overrides = GRPO_SETTINGS + [f"model={model}", f"trainer.steps={steps}", "trainer.save_every=0",
-                                 "trainer.eval_every=0", "trainer.progress=false", f"trainer.output_dir={out}",
-                                 *extra]
+def _marl_run(overrides: list[str], steps: int, out: str) -> list[dict]:
+    """A `marl_llm.train` run without evaluation or checkpoints; its metrics.jsonl records."""
+    overrides = [*overrides, f"trainer.steps={steps}", "trainer.save_every=0", "trainer.eval_every=0",
+                 "trainer.progress=false", "trainer.report=false", f"trainer.output_dir={out}"]
     subprocess.run([sys.executable, "-m", "marl_llm.train", *overrides], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=3600)
     return [json.loads(l) for l in Path(out, "metrics.jsonl").read_text().splitlines()]
+
+
+def _phase_means(recs: list[dict], phases=("generate", "reward", "train", "sync", "step")) -> dict[str, float]:
+    return {p: _mean([r.get(f"time/{p}", 0.0) for r in recs]) for p in phases}
 
 
 def _tasks_by_step(run_dir: str) -> list[list[dict]]:
@@ -163,7 +160,7 @@ def bench_vs_trl(quick: bool) -> None:
     model, steps = ("tiny", 2) if quick else ("smollm2-135m", 3)
     threads = sorted({1, runtime.cpu_cores()})
     with tempfile.TemporaryDirectory() as tmp:
-        recs = _marl_grpo(model, steps, os.path.join(tmp, "marl"))[1:]  # step 1 includes warm-up
+        recs = _marl_run(GRPO_SETTINGS + [f"model={model}"], steps, os.path.join(tmp, "marl"))[1:]  # 1: warm-up
         spec = {"overrides": GRPO_SETTINGS + [f"model={model}"], "role": "single", "group_size": 4,
                 "clip_eps": 0.2, "steps": _tasks_by_step(os.path.join(tmp, "marl"))}
         Path(tmp, "spec.json").write_text(json.dumps(spec))
@@ -175,7 +172,7 @@ def bench_vs_trl(quick: bool) -> None:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             trl.append(json.loads(Path(out).read_text()))
     rows = []
-    m = {p: _mean([r.get(f"time/{p}", 0.0) for r in recs]) for p in ("generate", "reward", "train", "sync", "step")}
+    m = _phase_means(recs)
     m_tokens = _mean([r["tokens/completion_mean"] * 16 for r in recs])
     for t in trl:  # TRL's step 1 holds its warm-up too
         gen, step = _mean(t["generate"][1:]), _mean(t["step"][1:])
@@ -190,6 +187,26 @@ def bench_vs_trl(quick: bool) -> None:
           f"order, mean of steps 2..{steps} (seconds; baseline: TRL at its best thread count, "
           f"{best['threads']}; {runtime.cpu_cores()} cores)",
           ["run", "generate", "train", "sync", "step", "tokens", "x_vs_trl_best"], rows)
+
+
+# ---- MAGRPO vs GRPO ----------------------------------------------------------------------------
+def bench_magrpo(quick: bool) -> None:
+    """Two MAGRPO agents (each its own engine and learner) vs one GRPO policy with the same samples
+    per agent, on the writing env: what the second agent costs."""
+    model, steps = ("tiny", 2) if quick else ("smollm2-135m", 3)
+    common = [f"model={model}", "env=writing", "env.data.path=examples/data/tldr_posts.jsonl",
+              "trainer.batch_size=4", "algo.group_size=4", "rollout.max_new_tokens=64"]
+    runs = [("grpo, 1 policy", ["algo=grpo", *common]),
+            ("magrpo, 2 agents", ["algo=magrpo", "algo.eval_baselines=[]", *common])]
+    rows, base = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, overrides in runs:
+            m = _phase_means(_marl_run(overrides, steps, os.path.join(tmp, name.split(",")[0]))[1:])
+            base = base or m["step"]
+            rows.append([name, m["generate"], m["reward"], m["train"], m["sync"], m["step"], m["step"] / base])
+    table(f"magrpo: one step on env=writing, {model}, 4 tasks x G=4 x 64 tokens per agent, mean of steps "
+          f"2..{steps} (seconds; baseline: grpo)", ["run", "generate", "reward", "train", "sync", "step",
+                                                    "x_step_vs_grpo"], rows)
 
 
 # ---- vs raw vLLM ------------------------------------------------------------------------------
@@ -220,15 +237,16 @@ def bench_learner(quick: bool) -> None:
     from bench.workers import gemm_ceiling, learner_worker
     model = "tiny" if quick else "smollm2-135m"
     cores = runtime.cpu_cores()
-    variants = [("default: ZeRO-3, shared prompts", 3, "auto", cores),
-                ("flat batch (share_prompts=false)", 3, "false", cores),
-                ("ZeRO-0", 0, "auto", cores),
-                ("one thread (the old default)", 3, "auto", 1)]
+    variants = [("default: ZeRO-3, shared prompts", 3, "auto", cores, True),
+                ("flat batch (share_prompts=false)", 3, "false", cores, True),
+                ("ZeRO-3 gathering every module", 3, "auto", cores, False),
+                ("ZeRO-0", 0, "auto", cores, True),
+                ("before: 1 thread, flat, gathering", 3, "false", 1, False)]
     ctx = mp.get_context("spawn")
     rows, base = [], None
-    for name, stage, share, threads in variants:
+    for name, stage, share, threads, resident in variants:
         with ctx.Pool(1) as pool:  # a fresh process each: DeepSpeed's process group is per process
-            r = pool.apply(learner_worker, ((model, stage, share, threads, 2 if quick else 3),))
+            r = pool.apply(learner_worker, ((model, stage, share, threads, 2 if quick else 3, resident),))
         with ctx.Pool(1) as pool:
             ceiling = pool.apply(gemm_ceiling, ((r["dtype"], threads, r["hidden"], r["intermediate"]),))
         base = base or r["seconds"]
@@ -241,7 +259,7 @@ def bench_learner(quick: bool) -> None:
            "x_vs_default"], rows)
 
 
-SECTIONS = {"vs_trl": bench_vs_trl, "vs_vllm": bench_vs_vllm, "learner": bench_learner,
+SECTIONS = {"vs_trl": bench_vs_trl, "vs_vllm": bench_vs_vllm, "learner": bench_learner, "magrpo": bench_magrpo,
             "rollout": bench_rollout, "grpo": bench_grpo, "sandbox": bench_sandbox, "lora": bench_lora}
 
 

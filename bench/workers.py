@@ -86,7 +86,7 @@ def _smoke_or_real(model: str):
 
 
 def _chat_ids(path: str, prompts: list[str]) -> list[list[int]]:
-    from marl_llm.rollout.worker import load_tokenizer, prompt_ids_of
+    from marl_llm.rollout.backend import load_tokenizer, prompt_ids_of
     from marl_llm.types import GenerationRequest
     tok = load_tokenizer(path)
     return [prompt_ids_of(tok, GenerationRequest(messages=[{"role": "user", "content": p}])) for p in prompts]
@@ -184,7 +184,7 @@ def model_flops(hf_config, samples, n_linear: int) -> tuple[float, int]:
 def learner_worker(args):
     """Runs in a child process: one learner rank in-process (world size 1), a fixed GRPO-shaped
     batch; one warm-up step, then the fastest of `reps` timed train steps."""
-    model, stage, share, threads, reps = args
+    model, stage, share, threads, reps, resident = args
     import torch
 
     from marl_llm.config import LearnerConfig
@@ -192,9 +192,16 @@ def learner_worker(args):
     from marl_llm.losses import LossConfig
     from marl_llm.weight_sync import free_port
 
+    class Gathering(LearnerWorker):
+        """ZeRO-3 as it runs on several ranks: modules gathered and released around every use."""
+        def _ds_config(self, train):
+            cfg = super()._ds_config(train)
+            cfg["zero_optimization"].pop("stage3_param_persistence_threshold", None)
+            return cfg
+
     mcfg, path = _smoke_or_real(model)
     lc = LearnerConfig(zero_stage=stage, share_prompts=share, threads=threads)
-    w = LearnerWorker(0, 1, "127.0.0.1", free_port(), path, mcfg, lc, 0, False, "bench")
+    w = (LearnerWorker if resident else Gathering)(0, 1, "127.0.0.1", free_port(), path, mcfg, lc, 0, False, "bench")
     samples = _learner_samples(w.hf_config.vocab_size)
     loss = LossConfig(kind="pg", clip_eps=0.2, norm_tokens=64)
     n_tok = sum(len(s.completion_ids) for s in samples)

@@ -49,6 +49,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def node_addr_and_free_port() -> tuple[str, int]:
+    """This node's address as Ray sees it and a port free on all its interfaces right now (the
+    rendezvous of a DeepSpeed group or a weight-sync group hosted here)."""
+    import ray
+    return ray.util.get_node_ip_address(), free_port("")
+
+
 def dtype_str(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -22,7 +22,8 @@ import torch  # noqa: E402
 
 from marl_llm.config import ModelConfig, RolloutConfig  # noqa: E402
 from marl_llm.models import resolve_model  # noqa: E402
-from marl_llm.rollout.worker import RolloutWorker, read_safetensors_dir  # noqa: E402
+from marl_llm.rollout.backend import read_safetensors_dir  # noqa: E402
+from marl_llm.rollout.worker import RolloutWorker  # noqa: E402
 from marl_llm.types import GenerationRequest, SamplingConfig  # noqa: E402
 
 torch.set_num_threads(1)

@@ -267,20 +267,11 @@ class LearnerGroup:
             pass
 
 
-def _addr_and_port_impl() -> tuple[str, int]:
-    import socket
-
-    import ray
-
-    addr = ray.util.get_node_ip_address()
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return addr, s.getsockname()[1]
-
-
 def _make_remote():
     import ray
-    return ray.remote(_addr_and_port_impl)
+
+    from marl_llm.weight_sync import node_addr_and_free_port
+    return ray.remote(node_addr_and_free_port)
 
 
 class _Lazy:

@@ -28,6 +28,7 @@ from marl_llm.config import LearnerConfig, ModelConfig
 from marl_llm.models import _ensure_rope_theta
 from marl_llm.losses import LossConfig, dpo_loss, pg_loss, sft_loss, token_logprobs
 from marl_llm.types import PairSample, Sample
+from marl_llm.weight_sync import meta_of
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +326,10 @@ class LearnerWorker:
     def _ds_config(self, train: bool) -> dict:
         c = self.cfg
         zero: dict[str, Any] = {"stage": c.zero_stage}
+        if c.zero_stage == 3 and self.world_size == 1:
+            # one rank holds every partition whole anyway: keep all parameters resident instead of
+            # gathering and releasing each module around every forward and backward
+            zero["stage3_param_persistence_threshold"] = 2 ** 62
         if train and c.offload_optimizer and c.zero_stage > 0:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.on_gpu}
         cfg: dict[str, Any] = {
@@ -395,6 +400,15 @@ class LearnerWorker:
             dtype = _torch_dtype("bfloat16") if self.bf16 else _torch_dtype("float32")
             self.ref = model.to(self.device, dtype=dtype)
         self.ref.eval()
+
+    def _gathered(self, params, modifier_rank=None):
+        """Whole parameters for the duration of the block: ZeRO-3 gathers them (and with a
+        `modifier_rank`, re-partitions that rank's edits on exit); other stages hold them whole."""
+        if self.cfg.zero_stage != 3:
+            import contextlib
+            return contextlib.nullcontext()
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
 
     def ready(self) -> dict:
         numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - ZeRO-3 shards report 0
@@ -574,14 +588,11 @@ class LearnerWorker:
         Module by module: under ZeRO-3 both copies are gathered (the reference with
         modifier_rank=0, so the copied values are re-partitioned on exit); small parameters
         that ZeRO-3 keeps whole ("persistent") are handled by the same path."""
-        import contextlib
-
         import torch
 
         if self.ref is None:
             self._build_reference()
-        zero3 = self.cfg.zero_stage == 3
-        ref_root = self.ref.module if zero3 else self.ref
+        ref_root = self.ref.module if self.cfg.zero_stage == 3 else self.ref
         src_mods = dict(self.engine.module.named_modules())
         with torch.no_grad():
             for name, rmod in ref_root.named_modules():
@@ -590,14 +601,7 @@ class LearnerWorker:
                     continue
                 sp = dict(src_mods[name].named_parameters(recurse=False))
                 pairs = [(p, sp[n]) for n, p in rparams]
-                if zero3:
-                    import deepspeed
-                    ctx = contextlib.ExitStack()
-                    ctx.enter_context(deepspeed.zero.GatheredParameters([q for _, q in pairs]))
-                    ctx.enter_context(deepspeed.zero.GatheredParameters([p for p, _ in pairs], modifier_rank=0))
-                else:
-                    ctx = contextlib.nullcontext()
-                with ctx:
+                with self._gathered(q for _, q in pairs), self._gathered((p for p, _ in pairs), modifier_rank=0):
                     for p, q in pairs:
                         p.data.copy_(q.data)
 
@@ -617,16 +621,9 @@ class LearnerWorker:
         out: dict[str, torch.Tensor] | None = {} if self.rank == 0 else None
         seen: dict[int, str] = {}
 
-        def gathered(plist):
-            if self.cfg.zero_stage == 3:
-                import deepspeed
-                return deepspeed.zero.GatheredParameters(plist, modifier_rank=None)
-            import contextlib
-            return contextlib.nullcontext()
-
         def visit(mod, prefix: str):
             if self.lora is not None and lora.is_lora_layer(mod):
-                with gathered(list(mod.parameters())):
+                with self._gathered(mod.parameters()):
                     if out is not None:
                         out[lora.hf_name(prefix + "weight")] = lora.merged_weight(mod).detach().to(
                             "cpu", dtype=self.out_dtype, copy=True)
@@ -636,7 +633,7 @@ class LearnerWorker:
                 return
             params = list(mod.named_parameters(recurse=False))
             if params:
-                with gathered([p for _, p in params]):
+                with self._gathered(p for _, p in params):
                     if out is not None:
                         for name, p in params:
                             key = lora.hf_name(prefix + name)
@@ -661,13 +658,7 @@ class LearnerWorker:
         from marl_llm.learner import lora
 
         named = [(n, p) for n, p in self.engine.module.named_parameters() if lora.is_adapter_param(n)]
-        if self.cfg.zero_stage == 3:
-            import deepspeed
-            ctx = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
-        else:
-            import contextlib
-            ctx = contextlib.nullcontext()
-        with ctx:
+        with self._gathered(p for _, p in named):
             if self.rank != 0:
                 return None
             return {lora.adapter_key(n): p.detach().to("cpu", dtype=self.out_dtype, copy=True) for n, p in named}
@@ -762,13 +753,13 @@ class LearnerWorker:
             named = [(lora.hf_name(n), torch.empty(tuple(getattr(p, "ds_shape", p.shape)), dtype=self.out_dtype,
                                                    device="meta"))
                      for n, p in self.engine.module.named_parameters() if not lora.is_adapter_param(n)]
-            self._meta = _meta_of(named)
+            self._meta = meta_of(named)
         return self._meta
 
     def node_addr_and_free_port(self) -> tuple[str, int]:
         """This rank's node address (as Ray sees it) and a free TCP port there."""
-        from marl_llm.learner.group import _addr_and_port_impl
-        return _addr_and_port_impl()
+        from marl_llm.weight_sync import node_addr_and_free_port
+        return node_addr_and_free_port()
 
     def init_weight_sync(self, master_addr: str, master_port: int, world_size: int, timeout_s: float) -> bool:
         """Rank 0 joins the sync group as its rank 0 (the broadcaster); other ranks only gather."""
@@ -807,11 +798,3 @@ class LearnerWorker:
                 pass
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _meta_of(named):
-    import marl_llm.weight_sync as ws
-
-    fn = getattr(ws, "meta_of", None) or ws.WeightSyncGroup.meta_of
-    return fn(named)
-

@@ -23,7 +23,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from marl_llm.config import ModelConfig, RolloutConfig
-from marl_llm.rollout.worker import RolloutBackend, eos_ids
+from marl_llm.rollout.backend import RolloutBackend, eos_ids
 from marl_llm.types import Completion, GenerationRequest, SamplingConfig
 
 log = logging.getLogger(__name__)

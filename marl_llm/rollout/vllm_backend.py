@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 import torch
 
 from marl_llm.config import ModelConfig, RolloutConfig
-from marl_llm.rollout.worker import RolloutBackend
+from marl_llm.rollout.backend import RolloutBackend
 from marl_llm.types import Completion, GenerationRequest
 
 log = logging.getLogger(__name__)
