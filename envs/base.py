@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
+LONG_PROMPTS = ("drop", "truncate")
+
+
 @dataclass
 class DataConfig:
     """Where an env's tasks come from: a local file/folder (`path`) wins over `hub_id`."""
@@ -26,6 +29,15 @@ class DataConfig:
     # env's defaults. Loading rules: marl_llm/data.py
     fields: dict[str, str] = field(default_factory=dict)
     limit: Optional[int] = None
+    # tasks whose prompt does not fit model.max_model_len - rollout.max_new_tokens: "drop" them
+    # (the count is logged) or "truncate" their longest text field to fit (marl_llm/data.py)
+    long_prompts: str = "drop"
+
+    def __post_init__(self):
+        if self.long_prompts not in LONG_PROMPTS:
+            from marl_llm.config import ConfigError
+            raise ConfigError(f"env.data.long_prompts={self.long_prompts!r} is not allowed; "
+                              f"choose one of {list(LONG_PROMPTS)}")
 
 
 @dataclass
@@ -77,6 +89,22 @@ class Env:
 
     def eval_tasks(self) -> list[dict[str, Any]]:
         return self._ensure()[1]
+
+    def fit_prompts(self, tokenizer, limit: int) -> None:
+        """Keep only tasks whose first-turn prompts (every joint role's) fit in `limit` tokens of
+        `tokenizer`; `data.long_prompts=truncate` cuts them to fit instead (marl_llm.data.fit_prompts)."""
+        from marl_llm.data import fit_prompts
+
+        data = getattr(self.cfg, "data", None)
+        mode = getattr(data, "long_prompts", "drop")
+        train, ev = self._ensure()
+
+        def prompts(task):
+            return [self.prompt(task, role) for role in self.joint_roles]
+
+        name = self.cfg.name
+        self._splits = (fit_prompts(train, prompts, tokenizer, limit, mode, f"env {name!r} train split"),
+                        fit_prompts(ev, prompts, tokenizer, limit, mode, f"env {name!r} eval split"))
 
     def uses_dataset(self) -> bool:
         """`source: auto` reads a dataset iff data.path or data.hub_id is set (else the built-in
