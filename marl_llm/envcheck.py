@@ -130,6 +130,14 @@ def _table(s: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """The exit status: 0, or 2 for bad input (after one `error:` line on stderr)."""
+    try:
+        return _run(argv)
+    except SystemExit as e:  # argparse and cli.reported exit; a caller of main() gets the status
+        return e.code if isinstance(e.code, int) else 1
+
+
+def _run(argv: Optional[list[str]]) -> int:
     ap = argparse.ArgumentParser(prog="python -m marl_llm.envcheck", description=__doc__.split("\n\n")[0],
                                  epilog="Overrides: env=<name> (required), env.<key>=<value>, seed=<int>.")
     ap.add_argument("--reference", action="store_true", help="score the dataset's reference outputs")
