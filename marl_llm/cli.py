@@ -77,22 +77,37 @@ def reported(run_errors: bool = False, log_it: bool = False) -> Iterator[None]:
         fail(f"{type(e).__name__}: {one_line(e)} (set MARL_LLM_DEBUG=1 for the traceback)", 1, log_it)
 
 
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_active: list = []  # the handler while `stop_on_signals` is in force
+
+
+def _handler(signum, _frame):
+    name = signal.Signals(signum).name
+    if received:  # a second signal must not break the clean-up the first one started
+        log.warning("%s: already stopping", name)
+        return
+    received.append(signum)
+    log.warning("%s: stopping the run (actors and Ray are shut down; no checkpoint is written half-way)", name)
+    raise Interrupted(name)
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """SIGTERM and SIGINT raise `Interrupted` in the main thread, so the run unwinds through its
     `finally` blocks (actors killed, Ray stopped, no checkpoint committed half-way)."""
-    def handler(signum, _frame):
-        name = signal.Signals(signum).name
-        if received:  # a second signal must not break the clean-up the first one started
-            log.warning("%s: already stopping", name)
-            return
-        received.append(signum)
-        log.warning("%s: stopping the run (actors and Ray are shut down; no checkpoint is written half-way)", name)
-        raise Interrupted(name)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    old = {s: signal.signal(s, _handler) for s in _SIGNALS}
+    _active.append(_handler)
     try:
         yield
     finally:
+        _active.pop()
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def reclaim_signals() -> None:
+    """Put our handlers back after `ray.init`, which installs its own SIGTERM handler (an exit
+    that skips the clean-up and, inside `ray.get`, aborts the driver)."""
+    if _active:
+        for s in _SIGNALS:
+            signal.signal(s, _active[-1])

@@ -97,6 +97,7 @@ def evaluate(run, ckpt: Path | None) -> dict:
     policies = {}
     try:
         cluster.start(cluster.cpus_needed(specs, run))
+        cli.reclaim_signals()
         policies.update(cluster.build_policies(specs, run, {
             s.name: str(ckpt / s.name) if ckpt is not None and (ckpt / s.name).is_dir() else None for s in specs}))
         algo.setup(policies, TrajectoryBuffer())

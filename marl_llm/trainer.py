@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from marl_llm import cli
 from marl_llm.buffer import TrajectoryBuffer
 from marl_llm.checkpoint import CheckpointManager, TaskStream, TrainerState
 from marl_llm.cluster import Cluster
@@ -82,6 +83,7 @@ class Trainer:
         metrics = MetricsLogger(out, tensorboard=run.trainer.tensorboard)
         try:
             cluster.start(cluster.cpus_needed(specs, run))
+            cli.reclaim_signals()
             # ---- build: rollout workers for every policy, learner groups for trainable ones
             with self.timer("setup"):
                 inits = {s.name: str(ckpt / s.name) if ckpt is not None and s.trainable else None for s in specs}
