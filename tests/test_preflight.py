@@ -212,3 +212,26 @@ def test_every_preset_accepts_model_path_override(preset, tiny_model_path):
     from marl_llm.config import ModelConfig
     keys = set(yaml.safe_load((ROOT / "conf" / "model" / f"{preset}.yaml").read_text()))
     assert keys == {f.name for f in fields(ModelConfig)}
+
+
+# ---- a multi-turn context that outgrows the model is cut, logged, never sent too long ------------------
+def test_growing_context_is_cut_to_fit(data, caplog):
+    run = run_config(f"env.data.path={data / 'good.jsonl'}", "env.data.eval_size=0", "rollout.max_new_tokens=24")
+    env, _ = check_run(run)
+    from marl_llm.models import resolve_model
+    from marl_llm.rollout.worker import load_tokenizer, prompt_ids_of
+    from marl_llm.types import GenerationRequest
+    tok = load_tokenizer(resolve_model(run.model))
+    task = env.train_tasks()[0]
+    short = env.prompt(task, "team", previous="I think 2.", leader="Check again.")
+    assert "I think 2." in short[-1]["content"] and "Check again." in short[-1]["content"]  # fits: untouched
+    long_prev = "Let me reason step by step about this. " * 300  # ~2700 tokens
+    with caplog.at_level(logging.WARNING):
+        msgs = env.prompt(task, "team", previous=long_prev, leader="Check again.")
+    n = len(prompt_ids_of(tok, GenerationRequest(messages=msgs)))
+    assert 900 < n <= 1024 - 24
+    assert "Check again." in msgs[-1]["content"] and "[...]" in msgs[-1]["content"]
+    assert "tokens too long for the model; its longest parts were cut" in caplog.text
+    team = env.prompt(task, "leader", team_answers=[long_prev, "The answer is 3.", long_prev])
+    assert len(prompt_ids_of(tok, GenerationRequest(messages=team))) <= 1024 - 24
+    assert "The answer is 3." in team[-1]["content"]
