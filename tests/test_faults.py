@@ -109,33 +109,18 @@ def kill_actor(tag: str, cls: str) -> int:
 
 
 @pytest.mark.slow
-def test_kill_rollout_worker_mid_step(tmp_path):
+@pytest.mark.parametrize("fault, needles, rc", [
+    ("RolloutWorker", ["rollout worker", "ActorDiedError", "(actor "], 1),           # kill -9 a rollout worker
+    ("LearnerWorker", ["learner group 'policy'", "on rank", "ActorDiedError"], 1),  # kill -9 one learner rank
+    ("SIGTERM", ["interrupted by SIGTERM", "trainer.resume=true"], 128 + signal.SIGTERM),  # the driver
+])
+def test_fault_stops_cleanly_and_resumes(tmp_path, fault, needles, rc):
     out = tmp_path / "run"
     proc, tag = start(out, 40)
     wait_for_checkpoint(proc, out, 1)
-    kill_actor(tag, "RolloutWorker")
-    t = time.time()
-    assert_clean_stop(proc, tag, out, t, "rollout worker", "died", rc=1)
-    assert_resumes(out)
-
-
-@pytest.mark.slow
-def test_kill_learner_rank_mid_step(tmp_path):
-    out = tmp_path / "run"
-    proc, tag = start(out, 40)
-    wait_for_checkpoint(proc, out, 1)
-    kill_actor(tag, "LearnerWorker")
-    t = time.time()
-    assert_clean_stop(proc, tag, out, t, "learner group 'policy'", "rank", rc=1)
-    assert_resumes(out)
-
-
-@pytest.mark.slow
-def test_sigterm_driver_stops_cleanly(tmp_path):
-    out = tmp_path / "run"
-    proc, tag = start(out, 40)
-    wait_for_checkpoint(proc, out, 1)
-    proc.send_signal(signal.SIGTERM)
-    t = time.time()
-    assert_clean_stop(proc, tag, out, t, "interrupted by SIGTERM", "trainer.resume=true", rc=128 + signal.SIGTERM)
+    if fault == "SIGTERM":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        kill_actor(tag, fault)
+    assert_clean_stop(proc, tag, out, time.time(), *needles, rc=rc)
     assert_resumes(out)

@@ -134,6 +134,7 @@ class LearnerGroup:
                 try:
                     results[i] = ray.get(r)
                 except Exception as e:  # noqa: BLE001 — re-raised with context
+                    i, e = self._dead_peer(pending, index, i, e)
                     hint = "" if what == "start" or len(refs) == 1 else (
                         " (the other ranks may stay blocked in a collective until "
                         "learner.collective_timeout_s; restart the learner group)")
@@ -144,6 +145,23 @@ class LearnerGroup:
                 raise TimeoutError(f"learner group {self.policy_name!r}: {what} did not finish within "
                                    f"{timeout:.0f}s (waiting on {stuck})")
         return results
+
+    def _dead_peer(self, pending: list, index: dict, i: int, e: Exception) -> tuple[int, Exception]:
+        """A collective fails on the live peers of a dead actor too (e.g. a gloo "connection
+        closed"): if one of the other calls reports its actor dead within a moment, name that one."""
+        from ray.exceptions import RayActorError
+
+        if isinstance(e, RayActorError) or not pending:
+            return i, e
+        ready, _ = self.ray.wait(pending, num_returns=len(pending), timeout=3.0)
+        for r in ready:
+            try:
+                self.ray.get(r)
+            except RayActorError as dead:
+                return index[r], dead
+            except Exception:  # noqa: BLE001 — another side effect of the same failure
+                continue
+        return i, e
 
     def _run(self, what: str, method: str, per_rank_args: Optional[list[tuple]] = None, timeout=None, **kw):
         refs = [getattr(a, method).remote(*(per_rank_args[i] if per_rank_args else ()), **kw)
