@@ -43,7 +43,8 @@ def _compose(special: dict, overrides: list[str]):
     if run_dir:
         cfg_path = Path(run_dir) / "config.yaml"
         if not cfg_path.is_file():
-            raise ConfigError(f"run_dir={run_dir!r} has no config.yaml (not a marl_llm run folder)")
+            raise ConfigError(f"run_dir={run_dir!r} has no config.yaml (not a marl_llm run folder); "
+                              "give the trainer.output_dir of a training run")
         bad = [o for o in overrides if "." not in o.split("=", 1)[0]]
         if bad:
             raise ConfigError(f"with run_dir=, only key=value overrides are allowed (got {bad})")

@@ -113,13 +113,14 @@ def kill_actor(tag: str, cls: str) -> int:
     ("RolloutWorker", ["rollout worker", "ActorDiedError", "(actor "], 1),           # kill -9 a rollout worker
     ("LearnerWorker", ["learner group 'policy'", "on rank", "ActorDiedError"], 1),  # kill -9 one learner rank
     ("SIGTERM", ["interrupted by SIGTERM", "trainer.resume=true"], 128 + signal.SIGTERM),  # the driver
+    ("SIGINT", ["interrupted by SIGINT", "trainer.resume=true"], 128 + signal.SIGINT),     # Ctrl-C
 ])
 def test_fault_stops_cleanly_and_resumes(tmp_path, fault, needles, rc):
     out = tmp_path / "run"
     proc, tag = start(out, 40)
     wait_for_checkpoint(proc, out, 1)
-    if fault == "SIGTERM":
-        proc.send_signal(signal.SIGTERM)
+    if fault.startswith("SIG"):
+        proc.send_signal(getattr(signal, fault))
     else:
         kill_actor(tag, fault)
     assert_clean_stop(proc, tag, out, time.time(), *needles, rc=rc)
