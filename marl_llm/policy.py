@@ -90,11 +90,11 @@ class Policy:
         n, k = len(requests), len(self.rollout_workers)
         bounds = [round(i * n / k) for i in range(k + 1)]
         refs, splits, names = [], [], []
-        for k, (w, (a, b)) in enumerate(zip(self.rollout_workers, zip(bounds, bounds[1:]))):
+        for j, (w, (a, b)) in enumerate(zip(self.rollout_workers, zip(bounds, bounds[1:]))):
             if b > a:
                 refs.append(w.generate.remote(list(requests[a:b]), self.adapter))
                 splits.append(list(range(a, b)))
-                names.append(f"rollout worker {k} of policy {self.name!r} (actor {actor_label(w)})")
+                names.append(f"rollout worker {j} of policy {self.name!r} (actor {actor_label(w)})")
         return Pending(refs, splits, n, self._get, names)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
