@@ -140,13 +140,17 @@ def _root_cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def _hub_split(hub_id: str, hub_config: Optional[str], split: str):
     import datasets
 
     try:
         return datasets.load_dataset(hub_id, hub_config, split=split)
     except Exception as e:  # noqa: BLE001 - offline or unknown id: one clear message
-        offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True", "YES", "yes")
+        offline = hub_offline()
         raise DataError(
             f"could not load Hugging Face dataset {hub_id!r} (config {hub_config!r}, split {split!r})"
             f"{' with HF_HUB_OFFLINE=1' if offline else ''}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "

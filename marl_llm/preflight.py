@@ -20,16 +20,13 @@ from pathlib import Path
 from typing import Optional
 
 from marl_llm.config import ConfigError, ModelConfig, RunConfig
+from marl_llm.data import hub_offline
 
 log = logging.getLogger(__name__)
 
 
 class PreflightError(ConfigError):
     """Bad input found before any engine starts."""
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 def check_output(out_dir: str | os.PathLike, resume: bool) -> Path:
