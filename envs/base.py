@@ -7,8 +7,14 @@ through the Env's methods.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+
+LONG_PROMPTS = ("drop", "truncate")
 
 
 @dataclass
@@ -26,6 +32,15 @@ class DataConfig:
     # env's defaults. Loading rules: marl_llm/data.py
     fields: dict[str, str] = field(default_factory=dict)
     limit: Optional[int] = None
+    # tasks whose prompt does not fit model.max_model_len - rollout.max_new_tokens: "drop" them
+    # (the count is logged) or "truncate" their longest text field to fit (marl_llm/data.py)
+    long_prompts: str = "drop"
+
+    def __post_init__(self):
+        if self.long_prompts not in LONG_PROMPTS:
+            from marl_llm.config import ConfigError
+            raise ConfigError(f"env.data.long_prompts={self.long_prompts!r} is not allowed; "
+                              f"choose one of {list(LONG_PROMPTS)}")
 
 
 @dataclass
@@ -77,6 +92,76 @@ class Env:
 
     def eval_tasks(self) -> list[dict[str, Any]]:
         return self._ensure()[1]
+
+    def fit_prompts(self, tokenizer, limit: int) -> None:
+        """Keep only tasks whose first-turn prompts (every joint role's) fit in `limit` tokens of
+        `tokenizer`; `data.long_prompts=truncate` cuts them to fit instead (marl_llm.data.fit_prompts)."""
+        from marl_llm.data import fit_prompts
+
+        data = getattr(self.cfg, "data", None)
+        mode = getattr(data, "long_prompts", "drop")
+        train, ev = self._ensure()
+
+        def prompts(task):
+            return [self.prompt(task, role) for role in self.joint_roles]
+
+        name = self.cfg.name
+        self._splits = (fit_prompts(train, prompts, tokenizer, limit, mode, f"env {name!r} train split"),
+                        fit_prompts(ev, prompts, tokenizer, limit, mode, f"env {name!r} eval split"))
+        self._limit_context(tokenizer, limit)
+
+    # ---- contexts that outgrow the model (multi-turn feedback, other agents' outputs) ---------------
+    def _limit_context(self, tokenizer, limit: int) -> None:
+        """From now on `prompt(task, role, **context)` cuts the longest context text (an earlier
+        turn's output, feedback, team answers) until the templated prompt fits in `limit` tokens,
+        and logs each cut, so a growing multi-turn context never reaches the engine too long."""
+        limits = self.__dict__.setdefault("_context_limits", [])
+        limits.append((tokenizer, limit))
+        if "prompt" not in self.__dict__:  # bound once per instance, whatever the subclass's prompt
+            unbounded = self.prompt
+            self.prompt = lambda task, role="single", **context: self._bounded_prompt(unbounded, task, role, context)
+
+    def _excess(self, messages) -> int:
+        """Tokens over the tightest limit (<= 0: fits); counted only when the text could be too long."""
+        from marl_llm.rollout.worker import prompt_ids_of
+        from marl_llm.types import GenerationRequest
+
+        chars = sum(len(m["content"]) for m in messages) + 16 * len(messages)  # a token spans >= 1 char
+        over = -1
+        for tokenizer, limit in self._context_limits:
+            if chars > limit:
+                over = max(over, len(prompt_ids_of(tokenizer, GenerationRequest(messages=messages))) - limit)
+        return over
+
+    def _bounded_prompt(self, unbounded, task, role, context):
+        messages = unbounded(task, role, **context)
+        over = self._excess(messages) if context else -1
+        if over <= 0:
+            return messages
+        tokenizer = self._context_limits[0][0]
+        context, before = dict(context), over
+        while over > 0:
+            texts = [(len(v), k, None) for k, v in context.items() if isinstance(v, str)]
+            texts += [(len(x), k, i) for k, v in context.items() if isinstance(v, (list, tuple))
+                      for i, x in enumerate(v) if isinstance(x, str)]
+            size, key, i = max(texts, default=(0, None, None))
+            if size == 0:
+                raise ValueError(f"env {self.cfg.name!r}: the prompt of role {role!r} on task {task.get('id')!r} is "
+                                 f"{over} tokens too long even without its context; raise model.max_model_len")
+            text = context[key] if i is None else context[key][i]
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            cut = tokenizer.decode(ids[: max(0, len(ids) - over - 8)])  # slack: merges at the cut
+            cut = cut + " [...]" if cut else ""
+            if i is None:
+                context[key] = cut
+            else:
+                context[key] = [cut if j == i else x for j, x in enumerate(context[key])]
+            messages = unbounded(task, role, **context)
+            over = self._excess(messages)
+        log.warning("env %r: the context of role %r on task %r was %d tokens too long for the model; its longest "
+                    "parts were cut to fit (model.max_model_len - rollout.max_new_tokens)",
+                    self.cfg.name, role, task.get("id"), before)
+        return messages
 
     def uses_dataset(self) -> bool:
         """`source: auto` reads a dataset iff data.path or data.hub_id is set (else the built-in

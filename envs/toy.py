@@ -34,11 +34,8 @@ class ToyEnv(Env):
     def _tasks(self, start: int, n: int) -> list[dict[str, Any]]:
         return [{"id": f"toy-{i}", "topic": f"thing number {i}"} for i in range(start, start + n)]
 
-    def train_tasks(self):
-        return self._tasks(0, self.cfg.train_size)
-
-    def eval_tasks(self):
-        return self._tasks(self.cfg.train_size, self.cfg.eval_size)
+    def _load(self):
+        return self._tasks(0, self.cfg.train_size), self._tasks(self.cfg.train_size, self.cfg.eval_size)
 
     def prompt(self, task, role="single", **context):
         return [{"role": "user", "content": f"Write a few words about {task['topic']}."}]

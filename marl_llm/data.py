@@ -2,7 +2,8 @@
 
 Rules (shared by every env):
 - `path` (a local .jsonl/.json/.parquet/.csv file, or a folder of them) wins over `hub_id`; both
-  are read through Hugging Face `datasets`. A missing path raises FileNotFoundError naming it.
+  are read through Hugging Face `datasets`. A missing path raises DataNotFound (a DataError and a
+  FileNotFoundError) naming it; a file that does not parse or holds no rows raises DataError.
 - `hub_id` (+ `hub_config`, `split`) loads from the Hub; when that fails (offline, unknown id) the
   error says so and tells the user to pass `env.data.path=...`.
 - `fields` maps task field -> dataset column; it is merged over the env's defaults. A missing
@@ -12,6 +13,10 @@ Rules (shared by every env):
   A local single file has one split ("train"): a configured `eval_split` that it does not have
   falls back to the seeded hold-out.
 - `limit` caps each of the two lists (after splitting, so they stay disjoint).
+- Prompts that do not fit the model (`fit_prompts`, called by the pre-flight check before any
+  engine starts): a task whose first-turn prompt is longer than `model.max_model_len -
+  rollout.max_new_tokens` tokens is dropped, with a logged count; `env.data.long_prompts=truncate`
+  keeps it with its longest text field cut to fit. No task left is a DataError.
 """
 from __future__ import annotations
 
@@ -30,6 +35,10 @@ _EXT_BUILDER = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv"
 
 class DataError(ValueError):
     """A data source that cannot be used; the message names the value and what is allowed."""
+
+
+class DataNotFound(DataError, FileNotFoundError):
+    """`env.data.path` does not exist."""
 
 
 @dataclass
@@ -64,7 +73,8 @@ def _local_splits(path: str, subset: Optional[str] = None) -> dict[str, Any]:
 
     p = Path(os.path.expanduser(path))
     if not p.exists():
-        raise FileNotFoundError(f"env.data.path={path!r} does not exist (resolved to {p.resolve()})")
+        raise DataNotFound(f"env.data.path={path!r} does not exist (resolved to {p.resolve()}); "
+                           "give an existing .jsonl/.json/.parquet/.csv file or a folder of them")
     if p.is_dir() and subset and (p / subset).is_dir():
         p = p / subset
     if p.is_file():
@@ -83,18 +93,55 @@ def _local_splits(path: str, subset: Optional[str] = None) -> dict[str, Any]:
         if not set(files) & known:  # arbitrary file names: all of it is the train split
             files = {"train": found}
     builder = _builder_for([f for fs in files.values() for f in fs])
+    if all(f.stat().st_size == 0 for fs in files.values() for f in fs):
+        raise DataError(f"env.data.path={path!r} is empty; give a file with at least one task")
+    if builder == "json":
+        for f in (f for fs in files.values() for f in fs if _suffix(f) == ".jsonl"):
+            _check_jsonl(f, path)
     data_files = {k: [str(f) for f in v] for k, v in files.items()}
     quiet = datasets.utils.logging.is_progress_bar_enabled()
+    verbosity = datasets.utils.logging.get_verbosity()
     if quiet:
         datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity(logging.CRITICAL)  # its parse errors repeat what DataError says
     try:
         dd = datasets.load_dataset(builder, data_files=data_files)
     except Exception as e:  # noqa: BLE001 - re-raised with the path named
-        raise DataError(f"could not read env.data.path={path!r} as {builder}: {e}") from e
+        raise DataError(f"could not read env.data.path={path!r} as {builder} ({_root_cause(e)}); "
+                        f"give a valid {builder} file (jsonl: one JSON object per line)") from e
     finally:
+        datasets.utils.logging.set_verbosity(verbosity)
         if quiet:
             datasets.enable_progress_bars()
     return dict(dd)
+
+
+def _check_jsonl(f: Path, path: str) -> None:
+    """Every non-blank line of a .jsonl file is a JSON object (datasets' own error names no line)."""
+    with open(f, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"env.data.path={path!r}: {f.name} line {i} is not valid JSON ({e}); "
+                                "give one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"env.data.path={path!r}: {f.name} line {i} is a {type(row).__name__}, not a "
+                                "JSON object; give one JSON object per line") from None
+
+
+def _root_cause(e: BaseException) -> str:
+    """The first line of the innermost exception (datasets wraps parse errors in generic ones)."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 def _hub_split(hub_id: str, hub_config: Optional[str], split: str):
@@ -103,7 +150,7 @@ def _hub_split(hub_id: str, hub_config: Optional[str], split: str):
     try:
         return datasets.load_dataset(hub_id, hub_config, split=split)
     except Exception as e:  # noqa: BLE001 - offline or unknown id: one clear message
-        offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True", "YES", "yes")
+        offline = hub_offline()
         raise DataError(
             f"could not load Hugging Face dataset {hub_id!r} (config {hub_config!r}, split {split!r})"
             f"{' with HF_HUB_OFFLINE=1' if offline else ''}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
@@ -130,13 +177,13 @@ def map_fields(rows, mapping: dict[str, str], source: str, required: tuple[str, 
     resolved = {tf: mapping.get(tf, tf) for tf in required}
     resolved.update(mapping)
     missing = [(tf, col) for tf, col in resolved.items() if tf in required and col not in columns]
+    used = set(resolved.values())
     if missing and len(rows):
         desc = ", ".join(f"task field {tf!r} <- column {col!r}" for tf, col in missing)
         raise DataError(
             f"{source}: column(s) not found: {desc}. Columns that exist: {columns}. "
             f"Map them with env.data.fields.<task_field>=<column>, "
-            f"e.g. env.data.fields.{missing[0][0]}={columns[0] if columns else 'COLUMN'}")
-    used = set(resolved.values())
+            f"e.g. env.data.fields.{missing[0][0]}={next((c for c in columns if c not in used), 'COLUMN')}")
     out = []
     for row in rows:
         task = {tf: (_jsonable(row[col]) if col in columns else None) for tf, col in resolved.items()}
@@ -195,6 +242,8 @@ def load_splits(dc, *, default_fields: Optional[dict[str, str]] = None, required
     else:
         raise DataError("this env needs data: set env.data.path=<local file or folder> or env.data.hub_id=<Hub id>")
 
+    if len(train_rows) == 0:
+        raise DataError(f"{source} holds no rows in split {split_names[0]!r}; give a dataset with at least one task")
     train = map_fields(train_rows, mapping, source, required)
     _assign_ids(train, split_names[0], id_prefix, id_fn)
     if eval_rows is not None:
@@ -230,3 +279,63 @@ def _assign_ids(tasks: list[dict[str, Any]], split: Optional[str], prefix: str, 
             tid = f"{tid}#{i}"
         seen.add(tid)
         t["id"] = tid
+
+
+def fit_prompts(tasks: list[dict[str, Any]], prompts: Callable[[dict[str, Any]], list[list[dict[str, str]]]],
+                tokenizer, limit: int, mode: str, what: str) -> list[dict[str, Any]]:
+    """The tasks whose every first-turn prompt (`prompts(task)`: chat messages per role, templated
+    with `tokenizer`) fits in `limit` tokens.
+
+    mode "drop": longer ones are left out; "truncate": the longest string field of the task that
+    appears in the prompt is cut (by tokens, from the end) until the prompt fits. The counts are
+    logged; an empty result is a DataError naming the limit and what to change.
+    """
+    from marl_llm.rollout.worker import prompt_ids_of
+    from marl_llm.types import GenerationRequest
+
+    def length(task) -> int:
+        return max(len(prompt_ids_of(tokenizer, GenerationRequest(messages=m))) for m in prompts(task))
+
+    kept, dropped, cut, longest = [], 0, 0, 0
+    for task in tasks:
+        n = length(task)
+        longest = max(longest, n)
+        if n <= limit:
+            kept.append(task)
+        elif mode == "truncate" and (short := _truncated(task, n, limit, length, prompts, tokenizer)) is not None:
+            kept.append(short)
+            cut += 1
+        else:
+            dropped += 1
+    if dropped:
+        log.warning("%s: dropped %d of %d tasks whose prompt is longer than %d tokens "
+                    "(model.max_model_len - rollout.max_new_tokens)%s", what, dropped, len(tasks), limit,
+                    "" if mode == "truncate" else "; env.data.long_prompts=truncate keeps them, cut to fit")
+    if cut:
+        log.warning("%s: cut the longest prompt field of %d of %d tasks to fit %d prompt tokens",
+                    what, cut, len(tasks), limit)
+    if tasks and not kept:
+        raise DataError(f"{what}: none of the {len(tasks)} tasks has a prompt that fits in {limit} tokens "
+                        f"(model.max_model_len - rollout.max_new_tokens; the longest prompt has {longest}); "
+                        "raise model.max_model_len, lower rollout.max_new_tokens or set env.data.long_prompts=truncate")
+    return kept
+
+
+def _truncated(task, n: int, limit: int, length, prompts, tokenizer) -> Optional[dict[str, Any]]:
+    """`task` with its longest prompt field cut until the prompt fits, or None if that cannot work."""
+    task = dict(task)
+    for _ in range(8):  # the template adds tokens around the field: a few rounds converge
+        text = "\n".join(m["content"] for ms in prompts(task) for m in ms)
+        fields = [k for k, v in task.items() if k != "id" and isinstance(v, str) and v.strip() and v.strip() in text]
+        if not fields:
+            return None
+        key = max(fields, key=lambda k: len(task[k]))
+        ids = tokenizer(task[key], add_special_tokens=False)["input_ids"]
+        keep = len(ids) - (n - limit) - 4  # slack for tokens that merge differently at the cut
+        if keep <= 0:
+            return None
+        task[key] = tokenizer.decode(ids[:keep])
+        n = length(task)
+        if n <= limit:
+            return task
+    return None

@@ -10,7 +10,8 @@ built. With ``--reference`` every task's ``env.reference_outputs(task)`` is scor
 ``env.reward``; ``--shuffle`` pairs each task with another task's reference (a sanity check: it
 should score near zero). A summary table goes to stdout; with ``--json`` the last line is a JSON
 object with at least ``n``, ``mean_reward`` and ``max_reward``. Bad configs or data exit with
-status 2 and a one-line message.
+status 2 and one line, ``error: <what is wrong>; <what is allowed>``, as in ``marl_llm.train``
+(``MARL_LLM_DEBUG=1`` shows the traceback).
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from marl_llm import cli
 from marl_llm.config import ConfigError, plugin_config
+from marl_llm.preflight import load_tasks
 from marl_llm.registry import ENVS
 
 
@@ -127,6 +130,14 @@ def _table(s: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """The exit status: 0, or 2 for bad input (after one `error:` line on stderr)."""
+    try:
+        return _run(argv)
+    except SystemExit as e:  # argparse and cli.reported exit; a caller of main() gets the status
+        return e.code if isinstance(e.code, int) else 1
+
+
+def _run(argv: Optional[list[str]]) -> int:
     ap = argparse.ArgumentParser(prog="python -m marl_llm.envcheck", description=__doc__.split("\n\n")[0],
                                  epilog="Overrides: env=<name> (required), env.<key>=<value>, seed=<int>.")
     ap.add_argument("--reference", action="store_true", help="score the dataset's reference outputs")
@@ -134,6 +145,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="score at most N tasks")
     ap.add_argument("--split", choices=("train", "eval", "all"), default="all")
     ap.add_argument("--json", action="store_true", help="end with one JSON line")
+    ap.error = lambda message: cli.fail(message, cli.USER_ERROR_EXIT)  # one line, like every other error
     args, rest = ap.parse_known_args(argv)
     name, seed, overrides = None, 0, []
     for a in rest:
@@ -145,20 +157,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         if key == "env":
             name = val
         elif key == "seed":
+            if not val.lstrip("-").isdigit():
+                ap.error(f"seed={val!r} is not an integer")
             seed = int(val)
         else:
             overrides.append(a)
     if not name:
         avail = sorted(p.stem for p in (env_conf_dir() / "env").glob("*.yaml"))
         ap.error(f"env=<name> is required; one of {avail}")
-    try:
+    with cli.reported():
         env = build_env(name, overrides, seed=seed)
+        load_tasks(env)
         summary = check(env, split=args.split, limit=args.limit, shuffle=args.shuffle) if args.reference \
             else describe(env)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"envcheck: {type(e).__name__}: {msg}", file=sys.stderr)
-        return 2
     if args.reference:
         print(_table(summary))
     else:

@@ -28,17 +28,42 @@ class PolicySpec:
     reference: bool = False  # keep a frozen reference copy (KL penalties, DPO)
 
 
+class ActorFailed(RuntimeError):
+    """A rollout worker or learner rank failed or died; the message names it."""
+
+
+def actor_label(actor) -> str:
+    """A Ray actor's id for messages (matches `ray list actors`); '?' for non-Ray stand-ins."""
+    actor_id = getattr(actor, "_actor_id", None)
+    return actor_id.hex()[:12] if actor_id is not None else "?"
+
+
+def describe_failure(e: BaseException) -> str:
+    """One line for an exception out of `ray.get`: a remote exception's own type and first line
+    (not Ray's wrapper with the remote traceback), or e.g. `ActorDiedError: The actor died ...`."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 class Pending:
     """An in-flight generation; `result()` blocks. Lets algorithms dispatch many policies at once."""
 
-    def __init__(self, refs: list, splits: list[list[int]], n_requests: int, get):
+    def __init__(self, refs: list, splits: list[list[int]], n_requests: int, get, names: Optional[list[str]] = None):
         self._refs, self._splits, self._n, self._get = refs, splits, n_requests, get
+        self._names = names or [f"rollout worker {i}" for i in range(len(refs))]
 
     def result(self) -> list[list[Completion]]:
         out: list[Any] = [None] * self._n
-        for ref, idx in zip(self._refs, self._splits):
-            for i, comps in zip(idx, self._get(ref)):
-                out[i] = comps
+        for ref, idx, name in zip(self._refs, self._splits, self._names):
+            try:
+                comps = self._get(ref)
+            except Exception as e:  # a dead actor (kill -9, OOM) or an engine error: say which one
+                raise ActorFailed(f"generate failed on {name}: {describe_failure(e)}") from e
+            for i, comps_i in zip(idx, comps):
+                out[i] = comps_i
         return out
 
 
@@ -64,12 +89,13 @@ class Policy:
         """Spread requests over the rollout workers (contiguous slices keep shared prefixes together)."""
         n, k = len(requests), len(self.rollout_workers)
         bounds = [round(i * n / k) for i in range(k + 1)]
-        refs, splits = [], []
-        for w, (a, b) in zip(self.rollout_workers, zip(bounds, bounds[1:])):
+        refs, splits, names = [], [], []
+        for j, (w, (a, b)) in enumerate(zip(self.rollout_workers, zip(bounds, bounds[1:]))):
             if b > a:
                 refs.append(w.generate.remote(list(requests[a:b]), self.adapter))
                 splits.append(list(range(a, b)))
-        return Pending(refs, splits, n, self._get)
+                names.append(f"rollout worker {j} of policy {self.name!r} (actor {actor_label(w)})")
+        return Pending(refs, splits, n, self._get, names)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
         return self.generate_async(requests).result()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
@@ -15,12 +16,13 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from marl_llm import cli
 from marl_llm.buffer import TrajectoryBuffer
 from marl_llm.checkpoint import CheckpointManager, TaskStream, TrainerState
 from marl_llm.cluster import Cluster
 from marl_llm.config import RunConfig
 from marl_llm.metrics import MetricsLogger, PhaseTimer
-from marl_llm.registry import ALGORITHMS, ENVS
+from marl_llm.preflight import check_run
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +58,7 @@ class Trainer:
         self.timer = PhaseTimer()
 
     def _resume_point(self):
-        if not self.run.trainer.resume:
-            if self.ckpts.latest() is not None:
-                raise FileExistsError(
-                    f"{self.out} already holds checkpoints; pass trainer.resume=true to continue "
-                    "that run or choose another trainer.output_dir")
+        if not self.run.trainer.resume:  # a folder with checkpoints was refused by the pre-flight check
             return None, TrainerState()
         ckpt = self.ckpts.latest()
         if ckpt is None:
@@ -70,20 +68,20 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         run, out = self.run, self.out
-        out.mkdir(parents=True, exist_ok=True)
+        # bad data, model or output folder: an error here, before any engine starts
+        env, algo = check_run(run, output_dir=str(out))
         _save_config(run, out)
         ckpt, state = self._resume_point()
         random.seed(run.seed)
         state.restore_rng()
 
-        env = ENVS.get(run.env.name)(run.env, seed=run.seed)
-        algo = ALGORITHMS.get(run.algo.name)(run.algo, env, run)
         specs = algo.policy_specs()
         cluster = Cluster(run.cluster)
-        cluster.start(cluster.cpus_needed(specs, run))
         policies: dict[str, Any] = {}
         metrics = MetricsLogger(out, run.trainer.loggers)
         try:
+            cluster.start(cluster.cpus_needed(specs, run))
+            cli.reclaim_signals()
             # ---- build: rollout workers for every policy, learner groups for trainable ones
             with self.timer("setup"):
                 inits = {s.name: str(ckpt / s.name) if ckpt is not None and s.trainable else None for s in specs}
@@ -170,14 +168,18 @@ class Trainer:
 
     def _save(self, step: int, policies, stream: TaskStream, buffer: TrajectoryBuffer, algo) -> None:
         tmp = self.ckpts.staging(step)
-        for name, p in policies.items():
-            if p.learner is not None:
-                p.learner.save_hf(str(tmp / name))
-                p.learner.save_state(str(tmp / "_deepspeed" / name))
-        state = TrainerState(step=step, data=stream.state_dict(), buffer_total=buffer.total,
-                             algo=algo.state_dict())
-        state.capture_rng()
-        self.ckpts.commit(tmp, step, state)
+        try:
+            for name, p in policies.items():
+                if p.learner is not None:
+                    p.learner.save_hf(str(tmp / name))
+                    p.learner.save_state(str(tmp / "_deepspeed" / name))
+            state = TrainerState(step=step, data=stream.state_dict(), buffer_total=buffer.total,
+                                 algo=algo.state_dict())
+            state.capture_rng()
+            self.ckpts.commit(tmp, step, state)
+        except BaseException:  # a dead rank or a signal mid-save: leave no half checkpoint behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def _summary(self, first, last) -> dict[str, Any]:
         """Training rewards of the first vs the last step, and the final evaluation (with the

@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 from marl_llm.config import LearnerConfig, ModelConfig
 from marl_llm.learner.worker import validate_samples
 from marl_llm.losses import LossConfig
+from marl_llm.policy import ActorFailed, actor_label, describe_failure
 from marl_llm.types import PairSample, Sample
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class LearnerGroup:
                  names: Optional[list[str]] = None) -> list:
         """Results in order; the first failure is raised at once, naming its actor."""
         ray = self.ray
-        names = names or [f"rank {i}" for i in range(len(refs))]
+        names = names or [f"rank {i} (actor {actor_label(a)})" for i, a in enumerate(self.actors)]
         index = {r: i for i, r in enumerate(refs)}
         results: list[Any] = [None] * len(refs)
         pending = list(refs)
@@ -133,16 +134,34 @@ class LearnerGroup:
                 try:
                     results[i] = ray.get(r)
                 except Exception as e:  # noqa: BLE001 — re-raised with context
+                    i, e = self._dead_peer(pending, index, i, e)
                     hint = "" if what == "start" or len(refs) == 1 else (
                         " (the other ranks may stay blocked in a collective until "
                         "learner.collective_timeout_s; restart the learner group)")
-                    raise RuntimeError(f"learner group {self.policy_name!r}: {what} failed on {names[i]}: "
-                                       f"{type(e).__name__}: {e}".rstrip() + hint) from e
+                    raise ActorFailed(f"learner group {self.policy_name!r}: {what} failed on {names[i]}: "
+                                      f"{describe_failure(e)}" + hint) from e
             if deadline is not None and time.time() >= deadline and pending:
                 stuck = [names[index[r]] for r in pending]
                 raise TimeoutError(f"learner group {self.policy_name!r}: {what} did not finish within "
                                    f"{timeout:.0f}s (waiting on {stuck})")
         return results
+
+    def _dead_peer(self, pending: list, index: dict, i: int, e: Exception) -> tuple[int, Exception]:
+        """A collective fails on the live peers of a dead actor too (e.g. a gloo "connection
+        closed"): if one of the other calls reports its actor dead within a moment, name that one."""
+        from ray.exceptions import RayActorError
+
+        if isinstance(e, RayActorError) or not pending:
+            return i, e
+        ready, _ = self.ray.wait(pending, num_returns=len(pending), timeout=3.0)
+        for r in ready:
+            try:
+                self.ray.get(r)
+            except RayActorError as dead:
+                return index[r], dead
+            except Exception:  # noqa: BLE001 — another side effect of the same failure
+                continue
+        return i, e
 
     def _run(self, what: str, method: str, per_rank_args: Optional[list[tuple]] = None, timeout=None, **kw):
         refs = [getattr(a, method).remote(*(per_rank_args[i] if per_rank_args else ()), **kw)
@@ -212,7 +231,7 @@ class LearnerGroup:
             return {}
         timeout = float(timeout_s or self.cfg.collective_timeout_s)
         names = [f"learner rank {i}" for i in range(self.world_size)] + \
-                [f"rollout worker {i}" for i in range(len(workers))]
+                [f"rollout worker {i} (actor {actor_label(w)})" for i, w in enumerate(workers)]
         if self._sync_workers is None or [id(w) for w in self._sync_workers] != [id(w) for w in workers]:
             addr, port = self.ray.get(self.actors[0].node_addr_and_free_port.remote(), timeout=60)
             world = 1 + len(workers)
@@ -242,7 +261,7 @@ class LearnerGroup:
         ref = self.ray.put(state)
         refs = [w.load_adapter.remote(adapter, ref, self.model_cfg.lora) for w in rollout_workers]
         self._get_all(refs, "adapter push", timeout=timeout,
-                      names=[f"rollout worker {i}" for i in range(len(refs))])
+                      names=[f"rollout worker {i} (actor {actor_label(w)})" for i, w in enumerate(rollout_workers)])
         return {"gather_s": t1 - t0, "push_s": time.time() - t0,
                 "bytes": sum(t.numel() * t.element_size() for t in state.values())}
 
