@@ -112,7 +112,9 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 128
     # vLLM engine settings (ignored by the hf backend)
-    enforce_eager: bool = True
+    # "auto": compiled (torch.compile; on CPU its cache makes later starts ~25 s) for real models,
+    # eager for tiny random-init ones, whose generation is cheaper than a compile
+    enforce_eager: str = "auto"
     kv_cache_gb: float = 1.0
     gpu_memory_utilization: float = 0.6
     tensor_parallel_size: int = 1
@@ -132,6 +134,8 @@ class RolloutConfig:
         check_range("rollout.top_p", self.top_p, 0, 1, lo_open=True)
         check_positive("rollout.max_new_tokens", self.max_new_tokens)
         check_positive("rollout.threads", self.threads, allow_zero=True)
+        self.enforce_eager = str(self.enforce_eager).lower()  # YAML booleans arrive as "True"/"False"
+        check_choice("rollout.enforce_eager", self.enforce_eager, ("auto", "true", "false"))
 
 
 @dataclass

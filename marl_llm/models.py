@@ -34,6 +34,17 @@ TINY_DEFAULTS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      tie_word_embeddings=True, rope_theta=10000.0, initializer_range=0.02)
 
 
+# Tiny random-init test models weigh a few MB; real models (SmolLM2-135M: 540 MB) far more. Below
+# this, bf16 is slower than fp32 on CPU and a vLLM compile costs more than all of the generation.
+SMALL_MODEL_BYTES = 40_000_000
+
+
+def weights_bytes(model_path: str) -> int:
+    """Size of a model folder's safetensors weights (0 for a Hub id or a missing folder)."""
+    folder = Path(model_path)
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder.is_dir() else 0
+
+
 def cache_root(cfg: ModelConfig | None = None) -> Path:
     root = (cfg.cache_dir if cfg and cfg.cache_dir else None) or os.environ.get("MARL_LLM_CACHE") \
         or os.path.join(os.path.expanduser("~"), ".cache", "marl_llm")

@@ -48,6 +48,10 @@ def _defaults() -> dict[str, str]:
             "VLLM_CPU_KVCACHE_SPACE": "1",
             # engine in-process: starts in seconds and takes weight updates as plain tensors
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            # vllm-cpu 0.32 cannot load its own AOT compile artifacts ("'function' object has no
+            # attribute 'finalize_loading'") and recompiles at every start (~80 s); the classic
+            # torch.compile cache loads (~25-35 s per start)
+            "VLLM_USE_AOT_COMPILE": "0",
         })
     return d
 

@@ -15,13 +15,16 @@ from marl_llm.types import GenerationRequest, Sample, SamplingConfig
 PROMPTS = ["Name a colour.", "Count to three.", "Say hello."]
 
 
-@pytest.fixture(scope="module")
-def policy(ray_session):
+# eager (the tiny model's default) and compiled (real models' default: torch.compile must read
+# the reloaded weights, not constants folded at compile time)
+@pytest.fixture(scope="module", params=["true", "false"], ids=["eager", "compiled"])
+def policy(ray_session, request):
     from marl_llm.cluster import Cluster
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
-            "env=toy", "model=tiny", "learner.num_ranks=2", "rollout.backend=vllm", "learner.lr=0.01"])
+            "env=toy", "model=tiny", "learner.num_ranks=2", "rollout.backend=vllm", "learner.lr=0.01",
+            f"rollout.enforce_eager={request.param}"])
     run = validate(cfg)
     p = Cluster(run.cluster).start().build_policy(PolicySpec("policy", run.model), run)
     yield p

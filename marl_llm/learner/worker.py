@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 
 from marl_llm import runtime
 from marl_llm.config import LearnerConfig, ModelConfig
-from marl_llm.models import _ensure_rope_theta
+from marl_llm.models import SMALL_MODEL_BYTES, _ensure_rope_theta, weights_bytes
 from marl_llm.losses import LossConfig, dpo_loss, pg_loss, sft_loss, token_logprobs
 from marl_llm.types import PairSample, Sample
 from marl_llm.weight_sync import meta_of
@@ -49,15 +49,11 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def weights_bytes(model_path: str) -> int:
-    return sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else 0
-
-
 def use_bf16(flag, on_gpu: bool, model_path: str = "") -> bool:
     """LearnerConfig.bf16. "auto": bf16 on GPUs; on CPUs with native bf16 only for models of
     ~10M+ parameters (measured: faster from there up; tiny test models stay fp32 for exactness)."""
     if flag == "auto":
-        return on_gpu or (cpu_has_bf16() and weights_bytes(model_path) >= 40_000_000)
+        return on_gpu or (cpu_has_bf16() and weights_bytes(model_path) >= SMALL_MODEL_BYTES)
     return flag is True or str(flag).lower() == "true"
 
 

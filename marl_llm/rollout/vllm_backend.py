@@ -36,6 +36,7 @@ from typing import Optional, Sequence
 import torch
 
 from marl_llm.config import ModelConfig, RolloutConfig
+from marl_llm.models import SMALL_MODEL_BYTES, weights_bytes
 from marl_llm.rollout.backend import RolloutBackend
 from marl_llm.types import Completion, GenerationRequest
 
@@ -110,12 +111,22 @@ def lora_engine_args(max_loras: int, max_rank: int) -> dict:
     return dict(enable_lora=True, max_loras=max_loras, max_lora_rank=rank)
 
 
+def use_eager(flag: str, model_path: str) -> bool:
+    """RolloutConfig.enforce_eager. "auto": compiled for real models. Measured on a 2-core CPU with
+    SmolLM2-135M: compiling costs ~80 s the first time and ~25-35 s per engine start after that
+    (torch.compile's cache), and generation then runs several times faster; tiny random-init test
+    models generate in a second or two, so they stay eager."""
+    if flag == "auto":
+        return weights_bytes(model_path) < SMALL_MODEL_BYTES
+    return flag == "true"
+
+
 def engine_args(model_path: str, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, seed: int,
                 lora: Optional[dict] = None, gpu: bool = False) -> dict:
     """`vllm.LLM` keyword arguments of a rollout engine (the bench builds a raw engine from them)."""
     kw = dict(
         model=model_path, tokenizer=model_path, seed=seed, dtype=model_cfg.dtype,
-        max_model_len=model_cfg.max_model_len, enforce_eager=rollout_cfg.enforce_eager,
+        max_model_len=model_cfg.max_model_len, enforce_eager=use_eager(rollout_cfg.enforce_eager, model_path),
         enable_prefix_caching=rollout_cfg.enable_prefix_caching,
         tensor_parallel_size=rollout_cfg.tensor_parallel_size,
         logprobs_mode=LOGPROBS_MODE, worker_extension_cls=EXTENSION,
@@ -142,7 +153,9 @@ class VLLMBackend(RolloutBackend):
                  seed: int, tokenizer=None, lora: Optional[dict] = None):
         super().__init__(model_path, model_cfg, rollout_cfg, seed, tokenizer)
         from marl_llm import runtime
+        from marl_llm.logging_setup import quiet_vllm_reload_warnings
         runtime.apply_defaults()
+        quiet_vllm_reload_warnings()  # the two expected "Failed to load weights" lines of every sync
         import vllm
 
         self.version = vllm.__version__
@@ -159,7 +172,7 @@ class VLLMBackend(RolloutBackend):
         self.sleeping = False
         log.info("vLLM %s engine (V1, %s, %s, %s, %s) for %s started in %.1fs", self.version,
                  "in-process" if self.in_process else "engine-core process",
-                 "cuda" if self.gpu else "cpu", "eager" if rollout_cfg.enforce_eager else "compiled",
+                 "cuda" if self.gpu else "cpu", "eager" if kw["enforce_eager"] else "compiled",
                  model_cfg.dtype, model_path, self.start_s)
 
     def info(self) -> dict:
