@@ -1,0 +1,165 @@
+"""Confidence intervals for evaluation numbers (accuracies, rewards, paired comparisons).
+
+Functions (no SciPy needed; the Student t quantile is computed here):
+- `wilson_interval(k, n)`: a success rate k/n (accuracy, pass rate) -> Wilson score interval.
+- `mean_interval(values)`: a mean of real-valued outcomes (rewards) -> Student t interval.
+- `paired_difference(a, b)`: two policies scored on the same tasks (a[i], b[i] are task i's
+  outcomes) -> the mean difference a - b and its t interval over the per-task differences
+  (the paired t interval: task difficulty cancels, so it is much narrower than comparing two
+  independent intervals). Identical outcomes give a zero difference with zero width.
+Each returns an `Interval`; `str(interval)` reads `0.31 [0.20, 0.45], n=16` (differences are
+signed: `+0.09 [+0.04, +0.14], n=400`).
+
+Metric-name convention (read by `python -m marl_llm.report`): an evaluation scalar
+`eval/<name>` may carry its interval as `eval/<name>/ci_low` and `eval/<name>/ci_high` (same
+scale as the point, `conf` 0.95) and its sample size as `eval/<name>/n`;
+`interval_metrics("eval/acc", iv)` builds exactly these keys. The report draws the interval
+when both bounds are present and the point alone otherwise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Sequence
+
+CI_LOW, CI_HIGH, CI_N = "ci_low", "ci_high", "n"
+
+
+@dataclass(frozen=True)
+class Interval:
+    estimate: float
+    low: float
+    high: float
+    n: int
+    signed: bool = False  # a difference: print with an explicit sign
+
+    def format(self, digits: int = 2) -> str:
+        fmt = f"{{:{'+' if self.signed else ''}.{digits}f}}"
+        f = fmt.format
+        bounds = f"[{f(self.low)}, {f(self.high)}]" if not math.isnan(self.low) else "[no interval]"
+        return f"{f(self.estimate)} {bounds}, n={self.n}"
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def _check_conf(conf: float) -> None:
+    if not 0 < conf < 1:
+        raise ValueError(f"conf={conf!r} must be in (0, 1), e.g. 0.95")
+
+
+def z_quantile(conf: float) -> float:
+    """The two-sided standard normal quantile: 1.96 for conf=0.95."""
+    _check_conf(conf)
+    return NormalDist().inv_cdf((1 + conf) / 2)
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularized incomplete beta function (modified Lentz)."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with `df` degrees of freedom."""
+    tail = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_quantile(conf: float, df: float) -> float:
+    """The two-sided Student t quantile: 12.706 for conf=0.95, df=1; 2.228 for df=10."""
+    _check_conf(conf)
+    if df <= 0:
+        raise ValueError(f"df={df!r} must be > 0")
+    target = (1 + conf) / 2
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < target:  # bracket, then bisect: t_cdf is monotone
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < target else (lo, mid)
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return (lo + hi) / 2
+
+
+def wilson_interval(k: int, n: int, conf: float = 0.95) -> Interval:
+    """Wilson score interval for k successes in n trials (stays inside [0, 1] and is sensible
+    at k=0 or k=n, unlike the normal approximation)."""
+    if isinstance(k, bool) or isinstance(n, bool) or int(k) != k or int(n) != n:
+        raise ValueError(f"wilson_interval needs integer counts, got k={k!r}, n={n!r}")
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"wilson_interval needs 0 <= k <= n and n > 0, got k={k!r}, n={n!r}")
+    z = z_quantile(conf)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # at k=0 / k=n the bound is exactly 0 / 1; rounding must not push it past
+    return Interval(p, max(0.0, centre - half), min(1.0, centre + half), int(n))
+
+
+def _values(name: str, values: Sequence[float]) -> list[float]:
+    xs = [float(v) for v in values]
+    if not xs:
+        raise ValueError(f"{name} needs at least one value")
+    bad = [v for v in xs if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{name} got non-finite values {bad[:3]}")
+    return xs
+
+
+def _t_interval(xs: list[float], conf: float, signed: bool) -> Interval:
+    n = len(xs)
+    m = sum(xs) / n
+    if n < 2:  # one observation: no spread to estimate
+        _check_conf(conf)
+        return Interval(m, float("nan"), float("nan"), n, signed)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    half = t_quantile(conf, n - 1) * sd / math.sqrt(n)
+    return Interval(m, m - half, m + half, n, signed)
+
+
+def mean_interval(values: Sequence[float], conf: float = 0.95) -> Interval:
+    """Mean of real-valued outcomes (e.g. per-task rewards) with a Student t interval (n-1 degrees
+    of freedom; close to the normal interval for large n). One value: no interval (nan bounds)."""
+    return _t_interval(_values("mean_interval", values), conf, signed=False)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], conf: float = 0.95) -> Interval:
+    """Mean of a[i] - b[i] over tasks scored by both policies, with the paired t interval."""
+    xa, xb = _values("paired_difference(a)", a), _values("paired_difference(b)", b)
+    if len(xa) != len(xb):
+        raise ValueError(f"paired_difference needs outcomes on the same tasks: len(a)={len(xa)} != len(b)={len(xb)}")
+    return _t_interval([x - y for x, y in zip(xa, xb)], conf, signed=True)
+
+
+def interval_metrics(key: str, iv: Interval) -> dict[str, float]:
+    """The scalars that carry `iv` for the metric `key` (see the module docstring)."""
+    return {key: iv.estimate, f"{key}/{CI_LOW}": iv.low, f"{key}/{CI_HIGH}": iv.high, f"{key}/{CI_N}": iv.n}
