@@ -14,14 +14,16 @@ Metric-name convention (read by `python -m marl_llm.report`): an evaluation scal
 `eval/<name>` may carry its interval as `eval/<name>/ci_low` and `eval/<name>/ci_high` (same
 scale as the point, `conf` 0.95) and its sample size as `eval/<name>/n`;
 `interval_metrics("eval/acc", iv)` builds exactly these keys. The report draws the interval
-when both bounds are present and the point alone otherwise.
+when both bounds are present and the point alone otherwise. A paired difference a - b is named
+`diff/<a>-<b>` (`diff_key`); `read_intervals` and `comparison_lines` read the convention back
+(run summaries and `python -m marl_llm.evaluate` print the differences as lines).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 CI_LOW, CI_HIGH, CI_N = "ci_low", "ci_high", "n"
 
@@ -163,3 +165,38 @@ def paired_difference(a: Sequence[float], b: Sequence[float], conf: float = 0.95
 def interval_metrics(key: str, iv: Interval) -> dict[str, float]:
     """The scalars that carry `iv` for the metric `key` (see the module docstring)."""
     return {key: iv.estimate, f"{key}/{CI_LOW}": iv.low, f"{key}/{CI_HIGH}": iv.high, f"{key}/{CI_N}": iv.n}
+
+
+# ---- reading the convention back (run summaries, `python -m marl_llm.evaluate`) ----------------
+DIFF = "diff"
+
+
+def diff_key(a: str, b: str) -> str:
+    """The metric name of the paired difference a - b of two metrics scored on the same tasks:
+    `diff/<a>-<b>`. Names must not contain '-', so the key reads back as "a - b" unambiguously."""
+    bad = [x for x in (a, b) if "-" in x or not x]
+    if bad:
+        raise ValueError(f"metric names in a paired difference must be non-empty and free of '-': {bad}")
+    return f"{DIFF}/{a}-{b}"
+
+
+def read_intervals(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Interval]:
+    """Every metric `<prefix><name>` of `metrics` that carries its interval and n by the
+    convention above, as name -> Interval (differences, `diff/...`, signed), in key order."""
+    out = {}
+    for key, value in metrics.items():
+        if not key.startswith(prefix) or key.rsplit("/", 1)[-1] in (CI_LOW, CI_HIGH, CI_N):
+            continue
+        bounds = [metrics.get(f"{key}/{s}") for s in (CI_LOW, CI_HIGH, CI_N)]
+        if any(b is None for b in bounds):
+            continue
+        name = key[len(prefix):]
+        out[name] = Interval(float(value), float(bounds[0]), float(bounds[1]), int(bounds[2]),
+                             signed=name.startswith(f"{DIFF}/"))
+    return out
+
+
+def comparison_lines(metrics: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """One line per paired difference in `metrics`: `a - b = +0.09 [+0.04, +0.14], n=400`."""
+    return [f"{name[len(DIFF) + 1:].replace('-', ' - ', 1)} = {iv}"
+            for name, iv in read_intervals(metrics, prefix).items() if name.startswith(f"{DIFF}/")]
