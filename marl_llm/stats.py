@@ -15,7 +15,7 @@ Metric-name convention (read by `python -m marl_llm.report`): an evaluation scal
 scale as the point, `conf` 0.95) and its sample size as `eval/<name>/n`;
 `interval_metrics("eval/acc", iv)` builds exactly these keys. The report draws the interval
 when both bounds are present and the point alone otherwise. A paired difference a - b is named
-`diff/<a>-<b>` (`diff_key`); `read_intervals` and `comparison_lines` read the convention back
+`diff/<a>-<b>` (`diff_key`); `read_intervals`, `differences` and `comparison_lines` read it back
 (run summaries and `python -m marl_llm.evaluate` print the differences as lines).
 """
 from __future__ import annotations
@@ -196,7 +196,12 @@ def read_intervals(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, In
     return out
 
 
+def differences(metrics: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str, Interval]]:
+    """(a, b, interval of a - b) for every paired difference `diff/<a>-<b>` in `metrics`."""
+    return [(*name[len(DIFF) + 1:].split("-", 1), iv)
+            for name, iv in read_intervals(metrics, prefix).items() if name.startswith(f"{DIFF}/")]
+
+
 def comparison_lines(metrics: Mapping[str, Any], prefix: str = "") -> list[str]:
     """One line per paired difference in `metrics`: `a - b = +0.09 [+0.04, +0.14], n=400`."""
-    return [f"{name[len(DIFF) + 1:].replace('-', ' - ', 1)} = {iv}"
-            for name, iv in read_intervals(metrics, prefix).items() if name.startswith(f"{DIFF}/")]
+    return [f"{a} - {b} = {iv}" for a, b, iv in differences(metrics, prefix)]
