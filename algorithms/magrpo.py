@@ -26,6 +26,8 @@ the untrained weights (frozen `base-<agent>` policies, rollout workers only): on
 whole task (`single`), naive concatenation of the agents' parallel answers (`naive`), a sequential
 pipeline where each agent sees the earlier agents' outputs (`sequential`), and one round of
 discussion where each agent revises after reading the others' first answers (`discussion`).
+Every score comes with its 95% interval over the tasks, and the trained pair's reward is compared
+with each baseline's by the paired difference `diff/reward-<baseline>/reward`.
 """
 from __future__ import annotations
 

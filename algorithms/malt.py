@@ -70,8 +70,11 @@ refiner), `mv/gr` (G+R: the refiner improves the answer without a critique, `cri
 untrained roles once before training (in `prepare`, only when `trainer.eval_every` > 0) and reports
 them with every evaluation under `baseline/`: `baseline/single_mv` is the base model (the initial
 generator) sampled `chains` times + MV, `baseline/gvr_mv` the untrained G-V-R + MV; `frozen` adds a
-frozen `base` policy (rollout workers only) and recomputes the untrained G-V-R chains at every
-evaluation (also under `python -m marl_llm.evaluate`); `none` skips them.
+frozen `base` policy (rollout workers only) that runs the untrained G-V-R chains at the first
+evaluation of a task set (frozen weights and seeded requests: later evaluations reuse them; also
+under `python -m marl_llm.evaluate`); `none` skips them. Every score comes with its 95% interval
+over the questions (per-chain scores are averaged per question first, so n counts questions), and
+the paired differences in COMPARISONS (trained G-V-R + MV against the baselines and against G only).
 
 Role weights: `role_weights=copies` (default) trains a full copy of the base per role;
 `role_weights=lora` (the paper's set-up) trains one LoRA adapter per role on the frozen base
