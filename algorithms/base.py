@@ -10,12 +10,24 @@ The shared scaffolding (one way each, used by the built-in plugins and the examp
   `group_samples`    single-turn credit: A = R - group mean (optionally / std) per group
   `reward_metrics`   the standard metrics block: reward/mean, reward/max, reward/<component>,
                      groups/mixed, tokens/completion_mean
-  `score_metrics`    the evaluation block: reward and reward components of scored outputs
+  `score_outcomes`   per-task outcomes of scored outputs: reward and each reward component
+  `score_metrics`    their means (an evaluation block without intervals)
+  `outcome_metrics` / `Algorithm.eval_metrics`   the evaluation block with 95% intervals and
+                     paired differences, from {metric: per-task outcomes} (see below)
   `majority_index`   majority vote over extracted answers (ties: the answer seen first)
   `seed_for` / `Algorithm.seed`   request seeds from the run seed and a request's coordinates
   `Algorithm.sampling`            a SamplingConfig from `rollout.*` (top_p 1.0 at temperature 0)
   `Algorithm.requests`            one seeded GenerationRequest per task for a role
+  `Algorithm.frozen_baseline`     a frozen greedy baseline computed once per eval task set, then reused
   `PGConfig` + `Algorithm.loss`   group size and policy-gradient loss settings, validated
+
+Evaluation: `evaluate(tasks)` collects one outcome per task for every metric it reports (0/1
+correctness, a reward, a share) and returns `self.eval_metrics(outcomes, diffs)`: each metric's
+mean with `<metric>/ci_low`, `/ci_high` and `/n` (marl_llm/stats.py's convention: a Wilson interval
+for 0/1 outcomes, a Student t interval otherwise), and for each (a, b) in `diffs` the paired
+difference `diff/<a>-<b>` of two policies scored on the same tasks. The outcomes are kept in
+`eval_outcomes` (what `python -m marl_llm.evaluate baseline=init` pairs across two evaluations).
+Costs (generations, tokens, latency) are reported without intervals.
 
 KL to a reference: an algorithm sets `PolicySpec(reference=True)` and `kl_coef > 0` in its loss;
 the learner scores the reference log-probs itself inside the train step (samples carry no
@@ -25,7 +37,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from envs.base import Env, Reward
 from marl_llm.advantages import group_advantages
@@ -34,6 +46,7 @@ from marl_llm.config import RolloutConfig, RunConfig, check, check_choice, check
 from marl_llm.losses import PG_AGGREGATIONS, LossConfig
 from marl_llm.metrics import PhaseTimer, mean
 from marl_llm.policy import Policy, PolicySpec
+from marl_llm.stats import diff_key, interval_metrics, mean_interval, paired_difference, wilson_interval
 from marl_llm.types import Episode, GenerationRequest, Sample, SamplingConfig
 
 
@@ -63,6 +76,9 @@ class PGConfig(AlgoConfig):
 
 class Algorithm:
     Config = AlgoConfig
+    #: the evaluation metrics that say whether training helped (`python -m marl_llm.evaluate
+    #: baseline=init` prints their after - before differences); those an evaluation reports count
+    headline: tuple[str, ...] = ("reward",)
 
     def __init__(self, cfg: Any, env: Env, run: RunConfig):
         self.cfg = cfg
@@ -70,6 +86,8 @@ class Algorithm:
         self.run = run
         self.policies: dict[str, Policy] = {}
         self.buffer: TrajectoryBuffer | None = None
+        self.eval_outcomes: dict[str, list[float]] = {}  # per-task outcomes of the last evaluation
+        self._baselines: dict[str, tuple[tuple, Any]] = {}  # name -> (eval task ids, result)
         # phase timer: `with self.timer("generate"): ...` splits step time by phase (the trainer's
         # own timer once `setup` has run)
         self.timer = PhaseTimer()
@@ -99,7 +117,8 @@ class Algorithm:
         raise NotImplementedError
 
     def evaluate(self, tasks: list[dict[str, Any]]) -> dict[str, float]:
-        """Metrics of the current policies on held-out tasks (greedy unless stated)."""
+        """Metrics of the current policies on held-out tasks (greedy unless stated), with
+        intervals: build them with `self.eval_metrics`."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -127,6 +146,21 @@ class Algorithm:
         return [GenerationRequest(messages=self.env.prompt(t, role, **(contexts[i] if contexts else {})),
                                   sampling=self.sampling(n, temperature, None if seed is None else self.seed(*seed, i)))
                 for i, t in enumerate(tasks)]
+
+    def eval_metrics(self, outcomes: Mapping[str, Sequence[float]],
+                     diffs: Iterable[tuple[str, str]] = ()) -> dict[str, float]:
+        """`outcome_metrics(outcomes, diffs)`, keeping the outcomes in `eval_outcomes`."""
+        self.eval_outcomes = {k: [float(x) for x in v] for k, v in outcomes.items()}
+        return outcome_metrics(self.eval_outcomes, diffs)
+
+    def frozen_baseline(self, name: str, tasks: Sequence[dict[str, Any]], compute: Callable[[], Any]) -> Any:
+        """The result of a baseline on frozen weights with greedy decoding (it cannot change
+        between evaluations): `compute()` runs at the first evaluation of a task set, and later
+        evaluations of the same tasks (by id) reuse its result."""
+        key = tuple(t["id"] for t in tasks)
+        if name not in self._baselines or self._baselines[name][0] != key:
+            self._baselines[name] = (key, compute())
+        return self._baselines[name][1]
 
     @property
     def loss(self) -> LossConfig:
@@ -190,11 +224,45 @@ def reward_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
     return out
 
 
-def score_metrics(scores: Sequence[Reward]) -> dict[str, float]:
-    """Evaluation block of scored outputs: "reward" (mean total) and each component's mean."""
-    out = {"reward": mean(s.total for s in scores)}
+def score_outcomes(scores: Sequence[Reward], prefix: str = "") -> dict[str, list[float]]:
+    """Per-task outcomes of scored outputs: `<prefix>reward` (the totals) and `<prefix><component>`
+    for each reward component (e.g. math's `correct` and `format`)."""
+    out = {f"{prefix}reward": [float(s.total) for s in scores]}
     for k in (scores[0].components if scores else {}):
-        out[k] = mean(s.components.get(k, 0.0) for s in scores)
+        out[f"{prefix}{k}"] = [float(s.components.get(k, 0.0)) for s in scores]
+    return out
+
+
+def score_metrics(scores: Sequence[Reward]) -> dict[str, float]:
+    """Evaluation block of scored outputs without intervals: "reward" (mean total) and each
+    component's mean."""
+    return {k: mean(v) for k, v in score_outcomes(scores).items()}
+
+
+def is_binary(values: Sequence[float]) -> bool:
+    """All outcomes are 0 or 1 (a success rate: accuracy, pass rate)."""
+    return all(v in (0.0, 1.0) for v in values)
+
+
+def outcome_metrics(outcomes: Mapping[str, Sequence[float]],
+                    diffs: Iterable[tuple[str, str]] = ()) -> dict[str, float]:
+    """The evaluation block with 95% intervals, from per-task outcomes.
+
+    `outcomes`: metric -> one outcome per evaluated task (the same task order for every metric
+    scored on the same tasks). Each metric gives its mean and `<metric>/ci_low`, `/ci_high`, `/n`:
+    a Wilson interval when every outcome is 0 or 1 (a success rate), else a Student t interval.
+    `diffs`: (a, b) pairs of metrics scored on the same tasks; each pair whose metrics are both
+    in `outcomes` gives the paired difference `diff/<a>-<b>` (mean of a[i] - b[i]) with its
+    paired t interval. Metrics with no outcomes are left out."""
+    out: dict[str, float] = {}
+    for key, values in outcomes.items():
+        xs = [float(v) for v in values]
+        if xs:
+            iv = wilson_interval(int(sum(xs)), len(xs)) if is_binary(xs) else mean_interval(xs)
+            out.update(interval_metrics(key, iv))
+    for a, b in diffs:
+        if outcomes.get(a) and outcomes.get(b):
+            out.update(interval_metrics(diff_key(a, b), paired_difference(outcomes[a], outcomes[b])))
     return out
 
 

@@ -8,31 +8,52 @@ loss_agg=seq_mean_token_mean` gives the original GRPO. Where the papers leave it
 optimiser step per batch (so the ratio is 1 at the step and the clip only bounds it), KL off by
 default (`kl_coef > 0` keeps a frozen copy of the base as the reference, scored by the learner),
 evaluation is one greedy sample per held-out task.
+
+Evaluation: the policy's greedy reward and components per held-out task, with 95% intervals;
+with `eval_baselines: [base]` (default) also the untrained model (`base/...`: a frozen copy of
+`model=`, rollout workers only, greedy, computed at the first evaluation of a task set and reused)
+and the paired differences trained - base (`diff/reward-base/reward`, and `diff/correct-base/correct`
+where the env scores correctness).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
-from algorithms.base import Algorithm, PGConfig, group_samples, reward_metrics, score_metrics
+from algorithms.base import Algorithm, PGConfig, group_samples, reward_metrics, score_outcomes
+from marl_llm.config import check_entries
+from marl_llm.metrics import mean
 from marl_llm.policy import PolicySpec
 from marl_llm.registry import register_algorithm
 from marl_llm.types import Episode, Turn
 
+log = logging.getLogger(__name__)
 ROLE = "single"
+BASE = "base"  # the frozen untrained model (the "before" of every evaluation)
+EVAL_BASELINES = (BASE,)
 
 
 @dataclass
 class GRPOConfig(PGConfig):
     name: str = "grpo"
     group_size: int = 8
+    eval_baselines: list[str] = field(default_factory=lambda: list(EVAL_BASELINES))
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_entries("algo.eval_baselines", self.eval_baselines, EVAL_BASELINES)
 
 
 @register_algorithm("grpo")
 class GRPO(Algorithm):
     Config = GRPOConfig
+    headline = ("reward", "correct")
 
     def policy_specs(self):
-        return [PolicySpec("policy", self.run.model, trainable=True, reference=self.cfg.kl_coef > 0)]
+        specs = [PolicySpec("policy", self.run.model, trainable=True, reference=self.cfg.kl_coef > 0)]
+        if BASE in self.cfg.eval_baselines:
+            specs.append(PolicySpec(BASE, self.run.model, trainable=False))
+        return specs
 
     def collect(self, tasks, step):
         with self.timer("generate"):
@@ -55,6 +76,23 @@ class GRPO(Algorithm):
         return {**reward_metrics(episodes), **train_metrics}
 
     def evaluate(self, tasks):
-        """Greedy single-sample score of the policy on held-out tasks."""
-        outs = self.policies["policy"].generate(self.requests(ROLE, tasks, temperature=0.0))
-        return score_metrics([self.env.reward(t, {ROLE: o[0].text}) for t, o in zip(tasks, outs)])
+        """Greedy single-sample score of the policy on held-out tasks, next to the untrained base
+        model's (`frozen_baseline`: computed at the first evaluation, reused) and the paired differences."""
+        if not tasks:
+            return {}
+        pending = self.policies["policy"].generate_async(self.requests(ROLE, tasks, temperature=0.0))
+        # the base model generates while the policy's batch is in flight
+        base = self.frozen_baseline(BASE, tasks, lambda: self._base_outcomes(tasks)) \
+            if BASE in self.cfg.eval_baselines else {}
+        outcomes = {**self._score(tasks, pending.result()), **base}
+        return self.eval_metrics(outcomes, [(k, f"{BASE}/{k}") for k in ("reward", "correct")])
+
+    def _score(self, tasks, outs, prefix: str = "") -> dict[str, list[float]]:
+        return score_outcomes(self.env.reward_batch([(t, {ROLE: o[0].text}) for t, o in zip(tasks, outs)]), prefix)
+
+    def _base_outcomes(self, tasks) -> dict[str, list[float]]:
+        base = self._score(tasks, self.policies[BASE].generate(self.requests(ROLE, tasks, temperature=0.0)),
+                           f"{BASE}/")
+        log.info("GRPO baseline: the untrained model (greedy) scores reward %.3f on %d eval tasks "
+                 "(computed once, reused at later evaluations of these tasks)", mean(base[f"{BASE}/reward"]), len(tasks))
+        return base

@@ -26,6 +26,8 @@ the untrained weights (frozen `base-<agent>` policies, rollout workers only): on
 whole task (`single`), naive concatenation of the agents' parallel answers (`naive`), a sequential
 pipeline where each agent sees the earlier agents' outputs (`sequential`), and one round of
 discussion where each agent revises after reading the others' first answers (`discussion`).
+Every score comes with its 95% interval over the tasks, and the trained pair's reward is compared
+with each baseline's by the paired difference `diff/reward-<baseline>/reward`.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from algorithms.base import Algorithm, PGConfig, group_episodes, reward_metrics, score_metrics
+from algorithms.base import Algorithm, PGConfig, group_episodes, reward_metrics, score_outcomes
 from envs.base import Reward
 from marl_llm.advantages import group_advantages
 from marl_llm.config import (ConfigError, check, check_choice, check_entries, check_min, check_positive,
@@ -98,10 +100,6 @@ class MAGRPOConfig(PGConfig):
 @register_algorithm("magrpo")
 class MAGRPO(Algorithm):
     Config = MAGRPOConfig
-
-    def __init__(self, cfg, env, run):
-        super().__init__(cfg, env, run)
-        self._baselines: tuple[tuple, dict[str, float]] | None = None  # (eval task ids, metrics)
 
     def agent_models(self):
         return ([load_model_preset(m) for m in self.cfg.agent_models] if self.cfg.agent_models
@@ -263,12 +261,13 @@ class MAGRPO(Algorithm):
             return [first, self._answer(tasks, who, ctx)]
         raise ValueError(f"unknown evaluation method {name!r}")
 
-    def _score_method(self, name: str, tasks) -> dict[str, float]:
-        """Run one method on `tasks` and score it: reward and components (the env's scale for the
-        roles involved), solved (reward at that max), pass (all unit tests passed, for envs with a
-        `tests` component), generations and tokens per task, and wall-clock generation cost:
-        latency_s = seconds from sending the batch's prompts to the last final output (all tasks
-        batched together), tokens_per_s = generated tokens / latency_s."""
+    def _score_method(self, name: str, tasks, prefix: str = "") -> tuple[dict[str, list[float]], dict[str, float]]:
+        """Run one method on `tasks` and score it: (per-task outcomes, costs), keys `<prefix><key>`.
+        Outcomes: reward and components (the env's scale for the roles involved), solved (reward at
+        that max), pass (all unit tests passed, for envs with a `tests` component). Costs:
+        generations and tokens per task, and wall-clock generation cost: latency_s = seconds from
+        sending the batch's prompts to the last final output (all tasks batched together),
+        tokens_per_s = generated tokens / latency_s."""
         bases = self.base_policies()
         who = {"trained": {a: a for a in self.cfg.agents},
                "single": {"single": bases[self.cfg.agents[0]]}}.get(name, {a: bases[a] for a in self.cfg.agents})
@@ -279,28 +278,31 @@ class MAGRPO(Algorithm):
         scores = self.env.reward_batch([(t, {r: final[r][i].text for r in who}) for i, t in enumerate(tasks)])
         top = self.env.max_reward_for(list(who))
         tokens = sum(len(c.completion_ids) for st in stages for comps in st.values() for c in comps)
-        out = {**score_metrics(scores), "solved": mean(s.total >= top - 1e-9 for s in scores)}
+        outcomes = score_outcomes(scores, prefix)
+        outcomes[f"{prefix}solved"] = [float(s.total >= top - 1e-9) for s in scores]
         if "tests" in scores[0].components:
-            out["pass"] = mean(s.components.get("tests", 0.0) >= 1.0 - 1e-9 for s in scores)
-        out.update({"gens": float(sum(len(st) for st in stages)), "tokens": tokens / len(tasks),
-                    "latency_s": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else float("nan")})
-        return out
+            outcomes[f"{prefix}pass"] = [float(s.components.get("tests", 0.0) >= 1.0 - 1e-9) for s in scores]
+        costs = {"gens": float(sum(len(st) for st in stages)), "tokens": tokens / len(tasks),
+                 "latency_s": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else float("nan")}
+        return outcomes, {f"{prefix}{k}": v for k, v in costs.items()}
+
+    def _baseline(self, name: str, tasks):
+        outcomes, costs = self._score_method(name, tasks, prefix=f"{name}/")
+        log.info("MAGRPO baseline %r on %d eval tasks: reward %.3f (untrained weights, greedy: computed once, "
+                 "reused at later evaluations of these tasks)", name, len(tasks), mean(outcomes[f"{name}/reward"]))
+        return outcomes, costs
 
     def evaluate(self, tasks):
-        """The trained agents (unprefixed keys) and the baselines (`<baseline>/<key>`). Baselines
-        run on frozen weights with greedy decoding, so they are computed at the first evaluation
-        of a task set and reused afterwards."""
+        """The trained agents (unprefixed keys) and the baselines (`<baseline>/<key>`), with
+        intervals, and the paired differences of the trained pair's reward against each baseline's
+        (`diff/reward-<baseline>/reward`). Baselines run on frozen weights with greedy decoding,
+        so they are computed at the first evaluation of a task set and reused afterwards."""
         if not tasks:
             return {}
-        out = self._score_method("trained", tasks)
-        key = tuple(t["id"] for t in tasks)
-        if self.cfg.eval_baselines and (self._baselines is None or self._baselines[0] != key):
-            base: dict[str, float] = {}
-            for name in self.cfg.eval_baselines:
-                base.update({f"{name}/{k}": v for k, v in self._score_method(name, tasks).items()})
-            self._baselines = (key, base)
-            log.info("MAGRPO baselines on %d eval tasks (computed once, reused at later evaluations): %s",
-                     len(tasks), {k: round(v, 3) for k, v in base.items() if k.endswith("/reward")})
-        if self.cfg.eval_baselines:
-            out.update(self._baselines[1])
-        return out
+        outcomes, costs = self._score_method("trained", tasks)
+        for name in self.cfg.eval_baselines:
+            base_outcomes, base_costs = self.frozen_baseline(name, tasks, lambda: self._baseline(name, tasks))
+            outcomes.update(base_outcomes)
+            costs.update(base_costs)
+        diffs = [("reward", f"{name}/reward") for name in self.cfg.eval_baselines]
+        return {**self.eval_metrics(outcomes, diffs), **costs}

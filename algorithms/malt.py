@@ -70,8 +70,11 @@ refiner), `mv/gr` (G+R: the refiner improves the answer without a critique, `cri
 untrained roles once before training (in `prepare`, only when `trainer.eval_every` > 0) and reports
 them with every evaluation under `baseline/`: `baseline/single_mv` is the base model (the initial
 generator) sampled `chains` times + MV, `baseline/gvr_mv` the untrained G-V-R + MV; `frozen` adds a
-frozen `base` policy (rollout workers only) and recomputes the untrained G-V-R chains at every
-evaluation (also under `python -m marl_llm.evaluate`); `none` skips them.
+frozen `base` policy (rollout workers only) that runs the untrained G-V-R chains at the first
+evaluation of a task set (frozen weights and seeded requests: later evaluations reuse them; also
+under `python -m marl_llm.evaluate`); `none` skips them. Every score comes with its 95% interval
+over the questions (per-chain scores are averaged per question first, so n counts questions), and
+the paired differences in COMPARISONS (trained G-V-R + MV against the baselines and against G only).
 
 Role weights: `role_weights=copies` (default) trains a full copy of the base per role;
 `role_weights=lora` (the paper's set-up) trains one LoRA adapter per role on the frozen base
@@ -94,7 +97,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from algorithms.base import AlgoConfig, Algorithm, reward_metrics, score_metrics, vote
+from algorithms.base import AlgoConfig, Algorithm, outcome_metrics, reward_metrics, score_outcomes, vote
 from marl_llm.config import (ConfigError, LoraConfig, ModelConfig, check, check_choice, check_min, check_positive,
                              check_range, load_model_preset)
 from marl_llm.losses import LossConfig
@@ -108,6 +111,10 @@ log = logging.getLogger(__name__)
 ROLES = ("generator", "verifier", "refiner")  # the tree's levels, in order
 LEVEL = {r: i for i, r in enumerate(ROLES)}
 CONTEXT_KEY = {"generator": "answer", "verifier": "critique"}  # how a node's text enters its descendants' prompts
+# the paired differences every evaluation reports (those whose metrics it has): the trained
+# G -> V -> R + MV against the untrained G -> V -> R + MV, against the base model sampled `chains`
+# times + MV, and against the trained generator alone + MV
+COMPARISONS = (("mv/gvr", "baseline/gvr_mv"), ("mv/gvr", "baseline/single_mv"), ("mv/gvr", "mv/g"))
 
 
 @dataclass
@@ -353,6 +360,7 @@ def verdict(critique: str) -> Optional[bool]:
 @register_algorithm("malt")
 class MALT(Algorithm):
     Config = MALTConfig
+    headline = ("mv/gvr", "acc/generator", "acc/refiner")
 
     def __init__(self, cfg: MALTConfig, env, run):
         super().__init__(cfg, env, run)
@@ -364,7 +372,8 @@ class MALT(Algorithm):
         self.steps_per_iteration = max(1, math.ceil(steps / cfg.iterations)) if steps else 1
         self.iteration = 0
         self.last_train_step = -1
-        self.baselines: dict[str, float] = {}
+        self.baselines: dict[str, float] = {}      # `initial`: the untrained roles' metrics
+        self.initial_outcomes: dict[str, Any] = {}  # `initial`: {"ids": eval task ids, "outcomes": per task}
         self.history: list[dict[str, Any]] = []
         self._pending: list[Episode] = []
 
@@ -558,6 +567,7 @@ class MALT(Algorithm):
     def state_dict(self) -> dict[str, Any]:
         return {"iteration": self.iteration, "last_train_step": self.last_train_step,
                 "steps_per_iteration": self.steps_per_iteration, "baselines": dict(self.baselines),
+                "initial_outcomes": dict(self.initial_outcomes),
                 "history": list(self.history)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -565,6 +575,7 @@ class MALT(Algorithm):
         self.last_train_step = int(state.get("last_train_step", -1))
         self.steps_per_iteration = int(state.get("steps_per_iteration", self.steps_per_iteration))
         self.baselines = dict(state.get("baselines", {}))
+        self.initial_outcomes = dict(state.get("initial_outcomes", {}))
         self.history = list(state.get("history", []))
         stored = self.buffer.read() if self.buffer is not None else []
         self._pending = [e for e in stored if e.meta.get("malt") and e.step > self.last_train_step]
@@ -580,25 +591,38 @@ class MALT(Algorithm):
             eval_tasks = self.env.eval_tasks()[: self.run.trainer.eval_size]
             if eval_tasks:
                 with self.timer("baseline"):
-                    self.baselines = self.baseline_metrics(self.chain_metrics(eval_tasks, self.policies))
+                    outcomes = self.baseline_outcomes(self.chain_outcomes(eval_tasks, self.policies))
+                self.initial_outcomes = {"ids": [t["id"] for t in eval_tasks], "outcomes": outcomes}
+                self.baselines = outcome_metrics(outcomes)
         return tasks
 
     @staticmethod
-    def baseline_metrics(res: dict[str, float]) -> dict[str, float]:
+    def baseline_outcomes(res: dict[str, list[float]]) -> dict[str, list[float]]:
         out = {f"baseline/{k}": v for k, v in res.items()}
-        out["baseline/single_mv"] = res.get("mv/g", float("nan"))      # base model x chains + MV
-        out["baseline/single_acc"] = res.get("acc/generator", float("nan"))
-        out["baseline/gvr_mv"] = res.get("mv/gvr", float("nan"))      # untrained G-V-R + MV
+        out["baseline/single_mv"] = res["mv/g"]            # base model x chains + MV
+        out["baseline/single_acc"] = res["acc/generator"]
+        out["baseline/gvr_mv"] = res["mv/gvr"]             # untrained G-V-R + MV
         return out
 
     def evaluate(self, tasks):
-        result = self.chain_metrics(tasks, self.policies)
+        """The chains of the trained roles and the baselines, with 95% intervals over the
+        questions and the paired differences in COMPARISONS (where the baseline was scored on the
+        same questions: always with `frozen`, with `initial` when the eval set is the one scored
+        before training)."""
+        if not tasks:
+            return {}
+        outcomes = self.chain_outcomes(tasks, self.policies)
+        initial = {}
         if self.cfg.baselines == "frozen" and "base" in self.policies:
-            base = self.policies["base"]
-            result.update(self.baseline_metrics(self.chain_metrics(tasks, {r: base for r in ROLES}, ablations=False)))
+            base = {r: self.policies["base"] for r in ROLES}
+            outcomes.update(self.frozen_baseline("base", tasks, lambda: self.baseline_outcomes(
+                self.chain_outcomes(tasks, base, ablations=False))))
+        elif self.initial_outcomes.get("ids") == [t["id"] for t in tasks]:
+            outcomes.update(self.initial_outcomes["outcomes"])
         else:
-            result.update(self.baselines)
-        return result
+            initial = self.baselines  # scored on other questions: reported, not paired
+        return {**self.eval_metrics(outcomes, COMPARISONS), **initial,
+                "generations_per_question": float(3 * self.cfg.chains)}
 
     def _correct(self, items: list[tuple[dict, dict[str, str]]]) -> list[float]:
         return self._leaf_values(items)[0]
@@ -607,9 +631,11 @@ class MALT(Algorithm):
         idx = vote(self.env, task_texts)
         return 0.0 if idx is None else float(task_correct[idx])
 
-    def chain_metrics(self, tasks, pols: dict, ablations: Optional[bool] = None) -> dict[str, float]:
+    def chain_outcomes(self, tasks, pols: dict, ablations: Optional[bool] = None) -> dict[str, list[float]]:
         """`chains` G -> V -> R chains per question (one generate call per stage for all questions)
-        and majority votes; ablations G only, G+V (generator revises with the critique), G+R."""
+        and majority votes; ablations G only, G+V (generator revises with the critique), G+R.
+        Returns one outcome per question for every metric: a vote's correctness, or the mean
+        over the question's chains of a per-chain score."""
         cfg, C = self.cfg, self.cfg.chains
         ablations = cfg.eval_ablations if ablations is None else ablations
         if not tasks:
@@ -643,25 +669,28 @@ class MALT(Algorithm):
                    for name, (key, texts) in stages.items()}
         final = self.env.reward_batch([(tasks[i], {"generator": g_text[i, c], "verifier": v_text[i, c],
                                                    "refiner": r_text[i, c]}) for i, c in flat])
+        questions = range(len(tasks))
 
-        def mv(name):
-            key, texts = stages[name]
-            return mean(self._vote([texts[i, c] for c in range(C)], [correct[name][i, c] for c in range(C)])
-                        for i in range(len(tasks)))
+        def mv(name) -> list[float]:
+            _, texts = stages[name]
+            return [self._vote([texts[i, c] for c in range(C)], [correct[name][i, c] for c in range(C)])
+                    for i in questions]
 
-        verdicts = [verdict(v_text[k]) for k in flat]
+        def per_question(chain_values: dict[tuple[int, int], float]) -> list[float]:
+            return [mean(chain_values[i, c] for c in range(C)) for i in questions]
+
+        verdicts = {k: verdict(v_text[k]) for k in flat}
         res = {
             "accuracy": mv("refiner"),
             "mv/gvr": mv("refiner"),
             "mv/g": mv("generator"),
-            "acc/generator": mean(correct["generator"].values()),
-            "acc/refiner": mean(correct["refiner"].values()),
-            "acc/verifier_verdict": mean(v is not None and v == (correct["generator"][k] > 0)
-                                         for v, k in zip(verdicts, flat)),
-            **score_metrics(final),
-            "generations_per_question": float(3 * C),
+            "acc/generator": per_question(correct["generator"]),
+            "acc/refiner": per_question(correct["refiner"]),
+            "acc/verifier_verdict": per_question({k: float(v is not None and v == (correct["generator"][k] > 0))
+                                                  for k, v in verdicts.items()}),
+            **{k: per_question(dict(zip(flat, v))) for k, v in score_outcomes(final).items()},
         }
         if ablations:
-            res.update({"mv/gv": mv("gv"), "mv/gr": mv("gr"), "acc/gv": mean(correct["gv"].values()),
-                        "acc/gr": mean(correct["gr"].values())})
+            res.update({"mv/gv": mv("gv"), "mv/gr": mv("gr"), "acc/gv": per_question(correct["gv"]),
+                        "acc/gr": per_question(correct["gr"])})
         return res

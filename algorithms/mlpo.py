@@ -32,9 +32,10 @@ collect(tasks, step) — per task, the leader's prompt holds the task and one dr
 update — A = R - mean over the G samples; clipped-ratio PG loss; only the leader trains.
 evaluate(tasks) — the T-round protocol: round 0 the team answers alone, the leader synthesises;
   round t > 0 each team agent revises from the task, its previous answer and the leader's previous
-  output, and the leader synthesises again; the answer is the leader's last <answer>. Reported with
+  output, and the leader synthesises again; the answer is the leader's final answer. Reported with
   K+1 generations per round, and the baselines: leader alone, single agent, team majority vote and
-  the untrained leader (a frozen team policy with the leader's base weights) with the same team.
+  the untrained leader (a frozen team policy with the leader's base weights) with the same team;
+  every accuracy with its 95% interval over the tasks, and the paired differences in COMPARISONS.
 """
 from __future__ import annotations
 
@@ -60,6 +61,11 @@ LEADER = "leader"
 TEAM_KEY = "mlpo_team"  # task field holding the stored team answers {"answers": [[str]], "correct": [[float]]}
 SFT_MODES = ("none", "rejection", "file")
 EVAL_BASELINES = ("single", "majority", "untrained")
+# the paired differences every evaluation reports (those whose metrics it has): the trained leader
+# + team against the untrained leader with the same team and against the team's majority vote,
+# and the trained leader alone against the single agent (the base model)
+COMPARISONS = (("acc/final", "acc/untrained_final"), ("acc/final", "acc/majority"),
+               ("acc/leader_alone", "acc/single"))
 
 
 @dataclass
@@ -223,6 +229,7 @@ class Round:
 @register_algorithm("mlpo")
 class MLPO(Algorithm):
     Config = MLPOConfig
+    headline = ("acc/final", "acc/leader_alone")
 
     def __init__(self, cfg, env, run):
         super().__init__(cfg, env, run)
@@ -546,41 +553,44 @@ class MLPO(Algorithm):
         if "single" in self.cfg.eval_baselines:
             pending["single"] = self.policies[self.team_policy(self.team[0])].generate_async(alone("single"))
         traces = self.run_rounds(tasks, leaders)
-        out: dict[str, float] = {}
+        outcomes: dict[str, list[float]] = {}  # metric -> one outcome per task
+        costs: dict[str, float] = {}
+
+        def correct(role: str, comps) -> list[float]:
+            return [self._correct(t, role, c.text) for t, c in zip(tasks, comps)]
+
         for prefix, rounds in traces.items():
             gens = tokens = 0
             for t, rd in enumerate(rounds):
                 gens += K + 1
                 tokens += sum(len(c.completion_ids) for c in [*rd.leader, *(c for agent in rd.team for c in agent)])
-                out[f"acc/{prefix}round{t}"] = mean(self._correct(task, LEADER, c.text)
-                                                    for task, c in zip(tasks, rd.leader))
-                if not prefix:
-                    out[f"acc/team_round{t}"] = mean(self._correct(task, "team", c.text)
-                                                     for agent in rd.team for task, c in zip(tasks, agent))
-                    out[f"gens/round{t}"] = float(gens)
-                    out[f"tokens/round{t}"] = tokens / n
-            out[f"acc/{prefix}final"] = out[f"acc/{prefix}round{len(rounds) - 1}"]
+                outcomes[f"acc/{prefix}round{t}"] = correct(LEADER, rd.leader)
+                if not prefix:  # per task: the share of team agents that are right
+                    outcomes[f"acc/team_round{t}"] = [mean(c) for c in zip(*(correct("team", a) for a in rd.team))]
+                    costs[f"gens/round{t}"] = float(gens)
+                    costs[f"tokens/round{t}"] = tokens / n
+            outcomes[f"acc/{prefix}final"] = outcomes[f"acc/{prefix}round{len(rounds) - 1}"]
         final = traces[""][-1].leader
-        out["reward"] = mean(self.env.reward(t, {LEADER: c.text}).total for t, c in zip(tasks, final))
+        outcomes["reward"] = [self.env.reward(t, {LEADER: c.text}).total for t, c in zip(tasks, final)]
         # does the leader stay right when no team answer of round 0 is?
         r0 = traces[""][0]
-        wrong = [i for i, t in enumerate(tasks) if not any(self._correct(t, "team", a) for a in r0.answers(i))]
-        out["frac/team_round0_all_wrong"] = len(wrong) / n
-        if wrong:
-            out["acc/final_when_team_all_wrong"] = mean(self._correct(tasks[i], LEADER, final[i].text) for i in wrong)
+        wrong = [not any(self._correct(t, "team", a) for a in r0.answers(i)) for i, t in enumerate(tasks)]
+        outcomes["frac/team_round0_all_wrong"] = [float(w) for w in wrong]
+        if any(wrong):
+            outcomes["acc/final_when_team_all_wrong"] = [c for c, w in zip(outcomes["acc/final"], wrong) if w]
         if "majority" in self.cfg.eval_baselines:
             picks = [(t, r0.answers(i), vote(self.env, r0.answers(i))) for i, t in enumerate(tasks)]
-            out["acc/majority"] = mean(0.0 if v is None else self._correct(t, "team", answers[v])
-                                       for t, answers, v in picks)
-            out["gens/majority"] = float(K)
-            out["tokens/majority"] = sum(len(c.completion_ids) for agent in r0.team for c in agent) / n
+            outcomes["acc/majority"] = [0.0 if v is None else self._correct(t, "team", answers[v])
+                                        for t, answers, v in picks]
+            costs["gens/majority"] = float(K)
+            costs["tokens/majority"] = sum(len(c.completion_ids) for agent in r0.team for c in agent) / n
         for key, role in (("leader_alone", LEADER), ("single", "single")):
             if key in pending:
                 comps = [c[0] for c in pending[key].result()]
-                out[f"acc/{key}"] = mean(self._correct(t, role, c.text) for t, c in zip(tasks, comps))
-                out[f"gens/{key}"] = 1.0
-                out[f"tokens/{key}"] = sum(len(c.completion_ids) for c in comps) / n
-        return out
+                outcomes[f"acc/{key}"] = correct(role, comps)
+                costs[f"gens/{key}"] = 1.0
+                costs[f"tokens/{key}"] = sum(len(c.completion_ids) for c in comps) / n
+        return {**self.eval_metrics(outcomes, COMPARISONS), **costs}
 
     # ---- state ------------------------------------------------------------------------------------
     def state_dict(self):

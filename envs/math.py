@@ -3,30 +3,52 @@
 Sources (`env.source`):
 - ``generator`` — built-in, offline, seeded grade-school arithmetic word problems (+, -, x) with
   integer answers. ``env.difficulty`` d gives d-digit operands (1: 2..9, 2: 10..99, ...);
-  ``env.train_size`` / ``env.eval_size`` set the split sizes. Eval problems are drawn first and
-  train problems never reuse an eval problem's (template, operands), so the splits never overlap.
+  ``env.train_size`` / ``env.eval_size`` set the split sizes. Eval problems are drawn first, from
+  their own seeded stream, and train problems (another stream) never reuse an eval problem's
+  (template, operands) nor its question text, so the splits never overlap.
 - ``dataset`` — GSM8K format (``question``, ``answer`` ending in ``#### N``) from
   ``env.data.path`` or ``env.data.hub_id`` (e.g. openai/gsm8k, config main); a plain answer column
   or a ``\\boxed{}`` solution works too (see ``env.answer_format``).
 - ``auto`` (default) — ``dataset`` when ``env.data.path`` or ``env.data.hub_id`` is set, else ``generator``.
 
+With either source, a training task whose question text (case and spacing aside) is also an eval
+question is dropped (logged): the eval split is never trained on, even where a dataset repeats a
+problem across its splits.
+
 Reward: ``correct`` (math-verify equivalence, exact fast path for plain numbers) plus
 ``format_weight`` x ``format`` (a well-formed final ``<answer>`` block; default weight 0.0, the
 MLPO paper's optional small format reward is e.g. 0.1). Roles and context: see envs/qa.py.
+
+Answer extraction (`MathEnv.extract_answer`), in this order:
+  1. the explicit format: the last ``<answer>...</answer>`` block (a ``\\boxed{}`` inside it wins),
+     else the last ``\\boxed{}``, else the text after the last ``#### ``; copies of the answer
+     instruction's own example block (``<answer>N</answer>``: small models repeat the instruction,
+     "The final number in the form <answer>N</answer> is 7") are not answers and are skipped;
+  2. free text: the first number after the first answer cue ("answer", "final number", "final
+     result", any case) that has a number on the rest of its line ("The answer is 7.",
+     "Final answer: 7");
+  3. else no answer (scored wrong).
+There is no last-number fallback: a model that answers and then rambles on into new numbers (as
+SmolLM2-135M does) would be scored on whatever number the length cap happens to cut at, so the
+accuracy would depend on `rollout.max_new_tokens` (measured here: the untrained model's greedy
+accuracy went from 0.57 at 96 tokens to 0.38 at 128). With the rules above a longer cap can only
+add an answer that was not reached yet, never change one that was given.
 """
 from __future__ import annotations
 
+import logging
 import random
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from envs.base import DataConfig
-from envs.qa import AnswerEnv, AnswerEnvConfig, extract_final, last_boxed, last_number, math_equal
+from envs.qa import AnswerEnv, AnswerEnvConfig, cued_number, extract_final, last_boxed, math_equal
 from marl_llm.config import ConfigError
 from marl_llm.data import load_splits
 from marl_llm.registry import register_env
 
+log = logging.getLogger(__name__)
 
 def _gsm8k_data() -> DataConfig:
     return DataConfig(hub_config="main", split="train", eval_split="test",
@@ -122,14 +144,29 @@ def generate_problems(seed: int, difficulty: int, train_size: int, eval_size: in
         p["id"] = f"arith-d{difficulty}-s{seed}-eval-{len(ev)}"
         ev.append(p)
     rng_train = random.Random(f"marl_llm-math-train-{seed}-{difficulty}")
+    eval_questions = {question_key(p) for p in ev}
     train = []
     while len(train) < train_size:
         key, p = _make_problem(rng_train, difficulty)
-        if key in eval_keys:
+        if key in eval_keys or question_key(p) in eval_questions:
             continue
         p["id"] = f"arith-d{difficulty}-s{seed}-train-{len(train)}"
         train.append(p)
     return train, ev
+
+
+def question_key(task: dict[str, Any]) -> str:
+    """A task's question text with case and spacing normalised (what "the same problem" means)."""
+    return " ".join(str(task["question"]).lower().split())
+
+
+def without_eval_questions(train: list[dict[str, Any]], ev: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The training tasks whose question is not also an eval question."""
+    held_out = {question_key(t) for t in ev}
+    kept = [t for t in train if question_key(t) not in held_out]
+    if len(kept) < len(train):
+        log.info("math: dropped %d training task(s) whose question is also in the eval split", len(train) - len(kept))
+    return kept
 
 
 # ---- the env --------------------------------------------------------------------------------------
@@ -144,10 +181,12 @@ class MathEnv(AnswerEnv):
     def _load(self):
         c = self.cfg
         if not self.uses_dataset():
-            return generate_problems(self.seed, c.difficulty, c.train_size, c.eval_size)
-        splits = load_splits(c.data, default_fields={"question": "question", "answer": "answer"},
-                             required=("question", "answer"), seed=self.seed, id_prefix=c.name)
-        return [self._normalise(t) for t in splits.train], [self._normalise(t) for t in splits.eval]
+            train, ev = generate_problems(self.seed, c.difficulty, c.train_size, c.eval_size)
+        else:
+            splits = load_splits(c.data, default_fields={"question": "question", "answer": "answer"},
+                                 required=("question", "answer"), seed=self.seed, id_prefix=c.name)
+            train, ev = [self._normalise(t) for t in splits.train], [self._normalise(t) for t in splits.eval]
+        return without_eval_questions(train, ev), ev
 
     def _normalise(self, t: dict[str, Any]) -> dict[str, Any]:
         raw = "" if t.get("answer") is None else str(t["answer"])
@@ -169,8 +208,20 @@ class MathEnv(AnswerEnv):
         return t
 
     def extract_answer(self, text: str) -> Optional[str]:
+        """The final answer of a reply, in this order (see "Answer extraction" in the module docstring):
+        the explicit format (`extract_final`: the last <answer> block, else the last \\boxed{}, else
+        `#### N`), with copies of the instruction's own placeholder (`<answer>N</answer>`) ignored;
+        else the first number after an answer cue (`cued_number`); else None."""
+        text = self._without_placeholder(text or "")
         a = extract_final(text)
-        return a if a is not None else last_number(text)
+        return a if a is not None else cued_number(text)
+
+    def _without_placeholder(self, text: str) -> str:
+        """`text` without copies of the answer instruction's example block (e.g. "The final number in
+        the form <answer>N</answer> is 7": the model repeats the instruction; "N" is no answer)."""
+        for block in re.findall(r"<answer>.*?</answer>", self.cfg.answer_instruction, re.S | re.I):
+            text = text.replace(block, " ")
+        return text
 
     def answers_equal(self, a, b) -> bool:
         return math_equal(a, b)

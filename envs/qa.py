@@ -118,6 +118,25 @@ def last_number(text: str) -> Optional[str]:
     return nums[-1].rstrip(".,") if nums else None
 
 
+#: words that announce a final answer in free text ("The answer is 7", "Final answer: 7",
+#: "The final number ... is 7"); `cued_number` reads the first number after one
+ANSWER_CUE = re.compile(r"\b(?:answer|final\s+number|final\s+result)\b", re.I)
+
+
+def cued_number(text: str) -> Optional[str]:
+    """The first number after the first answer cue (ANSWER_CUE) that has one on the rest of its
+    line, else None. Reading the FIRST cued answer makes extraction a function of the text up to
+    that answer: what a model writes after answering (small models ramble on into new numbers)
+    cannot change it, so a longer length cap can never turn a right answer wrong."""
+    text = text or ""
+    for m in ANSWER_CUE.finditer(text):
+        end = text.find("\n", m.end())
+        nums = _NUM_RE.findall(text[m.end(): len(text) if end < 0 else end])
+        if nums:
+            return nums[0].rstrip(".,")
+    return None
+
+
 def extract_final(text: str) -> Optional[str]:
     """The final answer: last <answer> block (a \\boxed{} inside it wins), else the last \\boxed{},
     else the text after the last `#### `; None if there is none of these."""

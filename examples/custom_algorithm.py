@@ -10,14 +10,15 @@ From another package, expose the module through the entry-point group `marl_llm.
 instead of `plugins=`; the config file then ships in that package's search path.
 
 It uses the shared scaffolding of algorithms/base.py: `self.requests` (seeded requests with the
-run's sampling settings), `group_episodes`, `reward_metrics` and `score_metrics`, and the
-config-validation helpers of marl_llm/config.py.
+run's sampling settings), `group_episodes`, `reward_metrics`, `score_outcomes` and
+`self.eval_metrics` (evaluation numbers with 95% intervals), and the config-validation helpers of
+marl_llm/config.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from algorithms.base import AlgoConfig, Algorithm, group_episodes, reward_metrics, score_metrics
+from algorithms.base import AlgoConfig, Algorithm, group_episodes, reward_metrics, score_outcomes
 from marl_llm.config import check_min
 from marl_llm.losses import LossConfig
 from marl_llm.metrics import mean
@@ -68,4 +69,4 @@ class RAFT(Algorithm):
 
     def evaluate(self, tasks):
         outs = self.policies["policy"].generate(self.requests(ROLE, tasks, temperature=0.0))
-        return score_metrics([self.env.reward(t, {ROLE: o[0].text}) for t, o in zip(tasks, outs)])
+        return self.eval_metrics(score_outcomes([self.env.reward(t, {ROLE: o[0].text}) for t, o in zip(tasks, outs)]))

@@ -191,7 +191,7 @@ class TrainerConfig:
     batch_size: int = 2
     save_every: int = 10
     eval_every: int = 10
-    eval_size: int = 16
+    eval_size: int = 200
     output_dir: str = "outputs/run"
     resume: bool = False
     # metrics.jsonl is always written; these get the same scalars (see marl_llm.metrics)

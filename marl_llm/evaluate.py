@@ -2,12 +2,22 @@
 
   python -m marl_llm.evaluate run_dir=outputs/grpo-math            # newest checkpoint of a run
   python -m marl_llm.evaluate run_dir=DIR checkpoint=step_10 trainer.eval_size=200
+  python -m marl_llm.evaluate run_dir=DIR baseline=init             # checkpoint vs the initial model
   python -m marl_llm.evaluate algo=grpo env=math model=smollm2-135m # a model, no training run
 
-Policies get rollout workers only (no learners). Prints a table and writes the metrics as JSON
+Policies get rollout workers only (no learners). Prints a table (each score with its 95% interval
+and n, e.g. `acc/final  0.3100 [0.25, 0.38], n=200`), the algorithm's paired comparisons
+(`acc/final - acc/untrained_final = +0.09 [+0.04, +0.14], n=200`), and writes the metrics as JSON
 (`out=FILE`, default `<run_dir>/eval_<checkpoint>.json` or `./eval.json`). Bad input (config,
 data, model, run folder, checkpoint, an unwritable `out`) stops before any engine starts with one
 `error:` line and exit status 2, as in `marl_llm.train` (`MARL_LLM_DEBUG=1` shows the traceback).
+
+`baseline=init` scores the run's checkpoint, then the initial model (the policies that loaded the
+checkpoint are rebuilt from their initial weights; frozen ones are kept) on the same held-out
+tasks with the same decoding settings, and prints, for each of the algorithm's headline metrics
+(`Algorithm.headline`), `<metric>: after - before = +0.09 [+0.04, +0.14], n=400`: the paired
+difference over the tasks. The initial model's metrics are stored as `init/<metric>`, the
+differences as `diff/<metric>-init/<metric>` with their intervals.
 """
 from __future__ import annotations
 
@@ -22,9 +32,12 @@ from omegaconf import OmegaConf
 from marl_llm import cli, runtime
 from marl_llm.config import ConfigError, conf_dir, validate
 from marl_llm.preflight import check_run, writable_dir
+from marl_llm.stats import (CI_HIGH, CI_LOW, CI_N, DIFF, diff_key, differences, interval_metrics, paired_difference,
+                            read_intervals)
 
 log = logging.getLogger("marl_llm.evaluate")
-SPECIAL = ("run_dir", "checkpoint", "out")
+SPECIAL = ("run_dir", "checkpoint", "out", "baseline")
+BASELINES = ("init",)
 
 
 def _parse(argv: list[str]):
@@ -60,7 +73,14 @@ def _compose(special: dict, overrides: list[str]):
 
 
 def _checkpoint(special: dict) -> Path | None:
+    baseline = special.get("baseline")
+    if baseline is not None and baseline not in BASELINES:
+        raise ConfigError(f"baseline={baseline!r} is not allowed; choose one of {list(BASELINES)} "
+                          "(init: the initial model on the same tasks)")
     if "run_dir" not in special:
+        if baseline is not None:
+            raise ConfigError(f"baseline={baseline} needs run_dir=<a training run folder>: it compares that "
+                              "run's checkpoint with the initial model")
         return None
     from marl_llm.checkpoint import CheckpointManager
     ckpts = CheckpointManager(special["run_dir"])
@@ -72,6 +92,9 @@ def _checkpoint(special: dict) -> Path | None:
         return path
     latest = ckpts.latest()
     if latest is None:
+        if baseline is not None:
+            raise ConfigError(f"run_dir={special['run_dir']!r} has no checkpoint; baseline={baseline} compares a "
+                              "checkpoint with the initial model")
         log.warning("%s has no checkpoint: evaluating the initial models", special["run_dir"])
     return latest
 
@@ -88,7 +111,7 @@ def _out_path(special: dict, ckpt: Path | None) -> Path:
     return out
 
 
-def evaluate(run, ckpt: Path | None) -> dict:
+def evaluate(run, ckpt: Path | None, baseline: str | None = None) -> dict:
     from marl_llm.buffer import TrajectoryBuffer
     from marl_llm.cluster import Cluster
 
@@ -99,21 +122,46 @@ def evaluate(run, ckpt: Path | None) -> dict:
     try:
         cluster.start(cluster.cpus_needed(specs, run))
         cli.reclaim_signals()
-        policies.update(cluster.build_policies(specs, run, {
-            s.name: str(ckpt / s.name) if ckpt is not None and (ckpt / s.name).is_dir() else None for s in specs}))
+        inits = {s.name: str(ckpt / s.name) if ckpt is not None and (ckpt / s.name).is_dir() else None for s in specs}
+        policies.update(cluster.build_policies(specs, run, inits))
         algo.setup(policies, TrajectoryBuffer())
         tasks = env.eval_tasks()[: run.trainer.eval_size]
-        metrics = algo.evaluate(tasks)
-        return {"algo": run.algo.name, "env": run.env.name, "checkpoint": str(ckpt) if ckpt else None,
-                "n": len(tasks), **metrics}
+        result = {"algo": run.algo.name, "env": run.env.name, "checkpoint": str(ckpt) if ckpt else None,
+                  "n": len(tasks), **algo.evaluate(tasks)}
+        if baseline == "init":
+            after = algo.eval_outcomes
+            trained = [s for s in specs if inits[s.name]]
+            for worker in {id(w): w for s in trained for w in policies[s.name].rollout_workers}.values():
+                cluster.ray.kill(worker)  # only one copy of the weights on the machine at a time
+            policies.update(cluster.build_policies(trained, run, {}))
+            algo.setup(policies, TrajectoryBuffer())
+            result.update({f"init/{k}": v for k, v in algo.evaluate(tasks).items()})
+            before = algo.eval_outcomes
+            for m in algo.headline:
+                if m in after and m in before:
+                    result.update(interval_metrics(diff_key(m, f"init/{m}"), paired_difference(after[m], before[m])))
+        return result
     finally:
         cluster.shutdown(policies)
 
 
 def print_table(result: dict) -> None:
-    width = max(len(k) for k in result)
-    for k, v in result.items():
-        print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    """Every metric (a score with its interval and n on one line), the paired comparisons, and
+    with baseline=init the `after - before` lines."""
+    intervals = read_intervals(result)
+    subkeys = {f"{name}/{s}" for name in intervals for s in (CI_LOW, CI_HIGH, CI_N)}
+    shown = {k: v for k, v in result.items() if k not in subkeys and not k.startswith(f"{DIFF}/")}
+    width = max(len(k) for k in shown)
+    for k, v in shown.items():
+        text = str(intervals[k]) if k in intervals else f"{v:.4f}" if isinstance(v, float) else f"{v}"
+        print(f"{k:<{width}}  {text}")
+    diffs = differences(result)
+    lines = [f"{a} - {b} = {iv}" for a, b, iv in diffs if b != f"init/{a}"]
+    if lines:
+        print("paired comparisons (95% intervals):\n" + "\n".join(f"  {line}" for line in lines))
+    for a, b, iv in diffs:
+        if b == f"init/{a}":
+            print(f"{a}: after - before = {iv}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         run = validate(_compose(special, overrides))
         ckpt = _checkpoint(special)
         out = _out_path(special, ckpt)
-        result = evaluate(run, ckpt)
+        result = evaluate(run, ckpt, special.get("baseline"))
     print_table(result)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")

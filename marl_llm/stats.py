@@ -15,14 +15,17 @@ Metric-name convention (read by `python -m marl_llm.report`): an evaluation scal
 scale as the point, `conf` 0.95) and its sample size as `eval/<name>/n`;
 `interval_metrics("eval/acc", iv)` builds exactly these keys and `interval_from_metrics` reads
 them back. The report draws the interval when both bounds are present (the point alone
-otherwise) and prints it in its summary table as `0.312 [0.142, 0.556], n=16`.
+otherwise) and prints it in its summary table as `0.312 [0.142, 0.556], n=16`. A paired
+difference a - b is named `diff/<a>-<b>` (`diff_key`); `read_intervals`, `differences` and
+`comparison_lines` read it back (run summaries and `python -m marl_llm.evaluate` print the
+differences as lines).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 CI_LOW, CI_HIGH, CI_N = "ci_low", "ci_high", "n"
 
@@ -168,10 +171,50 @@ def interval_metrics(key: str, iv: Interval) -> dict[str, float]:
     return out
 
 
-def interval_from_metrics(metrics: dict[str, float], key: str) -> Optional[Interval]:
+def interval_from_metrics(metrics: Mapping[str, Any], key: str) -> Optional[Interval]:
     """The interval `interval_metrics` stored for `key` in `metrics`, None if it has none."""
     if key not in metrics or f"{key}/{CI_LOW}" not in metrics or f"{key}/{CI_HIGH}" not in metrics:
         return None
     n = metrics.get(f"{key}/{CI_N}")
     return Interval(metrics[key], metrics[f"{key}/{CI_LOW}"], metrics[f"{key}/{CI_HIGH}"],
                     None if n is None else int(n))
+
+
+# ---- reading the convention back (run summaries, `python -m marl_llm.evaluate`) ----------------
+DIFF = "diff"
+
+
+def diff_key(a: str, b: str) -> str:
+    """The metric name of the paired difference a - b of two metrics scored on the same tasks:
+    `diff/<a>-<b>`. Names must not contain '-', so the key reads back as "a - b" unambiguously."""
+    bad = [x for x in (a, b) if "-" in x or not x]
+    if bad:
+        raise ValueError(f"metric names in a paired difference must be non-empty and free of '-': {bad}")
+    return f"{DIFF}/{a}-{b}"
+
+
+def read_intervals(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Interval]:
+    """Every metric `<prefix><name>` of `metrics` that carries its interval and n by the
+    convention above, as name -> Interval (differences, `diff/...`, signed), in key order."""
+    out = {}
+    for key, value in metrics.items():
+        if not key.startswith(prefix) or key.rsplit("/", 1)[-1] in (CI_LOW, CI_HIGH, CI_N):
+            continue
+        iv = interval_from_metrics(metrics, key)
+        if iv is None or iv.n is None:
+            continue
+        name = key[len(prefix):]
+        out[name] = Interval(float(iv.estimate), float(iv.low), float(iv.high), iv.n,
+                             signed=name.startswith(f"{DIFF}/"))
+    return out
+
+
+def differences(metrics: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str, Interval]]:
+    """(a, b, interval of a - b) for every paired difference `diff/<a>-<b>` in `metrics`."""
+    return [(*name[len(DIFF) + 1:].split("-", 1), iv)
+            for name, iv in read_intervals(metrics, prefix).items() if name.startswith(f"{DIFF}/")]
+
+
+def comparison_lines(metrics: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """One line per paired difference in `metrics`: `a - b = +0.09 [+0.04, +0.14], n=400`."""
+    return [f"{a} - {b} = {iv}" for a, b, iv in differences(metrics, prefix)]

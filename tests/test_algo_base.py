@@ -90,3 +90,40 @@ def test_pg_config_rejects_bad_values(kw, needle):
     with pytest.raises(ConfigError) as e:
         PGConfig(**kw)
     assert needle in str(e.value)
+
+
+# ---- evaluation with intervals ----------------------------------------------------------------------------
+def test_outcome_metrics_intervals_and_paired_differences():
+    from algorithms.base import outcome_metrics
+    from marl_llm.stats import mean_interval, paired_difference, wilson_interval
+    a, b = [1, 1, 0, 1, 0, 1, 1, 1], [1, 0, 0, 1, 0, 0, 1, 0]
+    r = [0.5, 1.5, 0.25, 1.0, 0.0, 2.0, 1.0, 1.5]
+    m = outcome_metrics({"acc": a, "base/acc": b, "reward": r, "empty": []},
+                        [("acc", "base/acc"), ("acc", "missing")])
+    w = wilson_interval(6, 8)  # 0/1 outcomes: a success rate
+    assert (m["acc"], m["acc/ci_low"], m["acc/ci_high"], m["acc/n"]) == (0.75, w.low, w.high, 8)
+    t = mean_interval(r)       # real-valued: Student t
+    assert (m["reward/ci_low"], m["reward/ci_high"]) == (t.low, t.high)
+    d = paired_difference(a, b)
+    assert m["diff/acc-base/acc"] == pytest.approx(0.375) and m["diff/acc-base/acc/ci_low"] == d.low
+    assert m["diff/acc-base/acc/n"] == 8
+    assert "empty" not in m and not any("missing" in k for k in m)  # no outcomes, no metric
+    # identical policies: a zero difference with zero width
+    z = outcome_metrics({"x": a, "y": list(a)}, [("x", "y")])
+    assert (z["diff/x-y"], z["diff/x-y/ci_low"], z["diff/x-y/ci_high"]) == (0.0, 0.0, 0.0)
+
+
+def test_eval_metrics_keeps_outcomes_and_frozen_baseline_is_computed_once_per_task_set():
+    algo = Algorithm(None, Env(EnvConfig()), None)
+    m = algo.eval_metrics({"acc": [1, 0, True]})
+    assert algo.eval_outcomes == {"acc": [1.0, 0.0, 1.0]} and m["acc/n"] == 3
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"base/acc": [0.0] * len(calls)}
+    t1, t2 = [{"id": "a"}, {"id": "b"}], [{"id": "a"}]
+    assert algo.frozen_baseline("base", t1, compute) == {"base/acc": [0.0]}
+    assert algo.frozen_baseline("base", t1, compute) == {"base/acc": [0.0]} and len(calls) == 1  # reused
+    algo.frozen_baseline("base", t2, compute)                                                      # other tasks
+    assert len(calls) == 2

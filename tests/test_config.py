@@ -108,3 +108,36 @@ def test_paper_experiment_presets_compose_and_validate(experiment, model, algo):
     run = validate(composed(f"+experiment={experiment}"))
     assert run.algo.name == algo and run.model.path == model and run.model.dtype == "bfloat16"
     assert run.learner.bf16 == "true"
+
+
+@pytest.mark.parametrize("experiment, algo, env", [
+    ("cpu_grpo_math", "grpo", "math"),
+    ("cpu_mlpo_math", "mlpo", "math"),
+    ("cpu_malt_math", "malt", "math"),
+    ("cpu_magrpo_writing", "magrpo", "writing"),
+])
+def test_cpu_recipe_presets_compose_and_validate(experiment, algo, env):
+    """The CPU recipes (README "Results"): SmolLM2 on this machine, held-out evaluation of 200
+    tasks (or all the data has), the algorithm's baselines on, sizes within the issue's bounds."""
+    run = validate(composed(f"+experiment={experiment}"))
+    assert (run.algo.name, run.env.name, run.model.name) == (algo, env, "smollm2-135m")
+    assert run.trainer.eval_size == 200 and run.trainer.eval_every > 0
+    assert run.trainer.eval_every == run.trainer.steps  # one evaluation, after the last step
+    assert 1e-5 <= run.learner.lr <= 5e-5 and 96 <= run.rollout.max_new_tokens <= 128
+    if algo in ("grpo", "mlpo"):
+        assert 4 <= run.trainer.batch_size <= 8 and run.algo.group_size == 8
+    baselines = {"grpo": ["base"], "mlpo": ["single", "majority", "untrained"],
+                 "magrpo": ["single", "naive", "sequential", "discussion"]}
+    if algo in baselines:
+        assert run.algo.eval_baselines == baselines[algo]
+    else:
+        assert run.algo.baselines == "initial"
+    from envs.base import make_env
+    data = make_env(run.env, seed=run.seed)
+    held_out = 16 if env == "writing" else 200  # the writing file holds 41 posts: 25 train, 16 held out
+    assert len(data.eval_tasks()[: run.trainer.eval_size]) == held_out
+    assert len(data.train_tasks()) == (25 if env == "writing" else 2000)
+
+
+def test_default_eval_size_is_200():
+    assert validate(composed()).trainer.eval_size == 200

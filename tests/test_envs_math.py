@@ -126,10 +126,13 @@ def test_extract_final(text, want):
     assert extract_final(text) == want
 
 
-def test_math_env_falls_back_to_last_number():
+def test_math_env_reads_free_text_after_an_answer_cue_not_the_last_number():
     env = make_env({"name": "math", "train_size": 1, "eval_size": 1})
-    assert env.extract_answer("3 + 4 = 7, so she has 7 apples.") == "7"
-    assert env.extract_answer("It costs $1,250.") == "1,250"
+    assert env.extract_answer("3 + 4 = 7, so the answer is 7 apples.") == "7"
+    assert env.extract_answer("Final answer: it costs $1,250.") == "1,250"
+    # no explicit format and no cue: no answer (a last-number fallback would score whatever number
+    # the length cap happens to cut at)
+    assert env.extract_answer("3 + 4 = 7, so she has 7 apples.") is None
 
 
 def test_last_boxed_nested():
@@ -177,7 +180,7 @@ def test_math_reward_components_and_format_weight():
     assert env.max_reward == pytest.approx(1.1)
     r = env.reward(task, {"single": "2 + 2 = 4 <answer>4</answer>"})
     assert r.total == pytest.approx(1.1) and r.components == {"correct": 1.0, "format": 1.0}
-    r = env.reward(task, {"single": "2 + 2 = 4"})  # right (last number) but no tag
+    r = env.reward(task, {"single": "2 + 2 = 4, the answer is 4"})  # right (answer cue) but no tag
     assert r.total == pytest.approx(1.0) and r.components == {"correct": 1.0, "format": 0.0}
     r = env.reward(task, {"single": "<answer>5</answer>"})
     assert r.total == pytest.approx(0.1) and r.components == {"correct": 0.0, "format": 1.0}
@@ -262,3 +265,75 @@ def test_folder_subset_is_hub_config(tmp_path):
     _write_jsonl(tmp_path / "geometry" / "train.jsonl", [{"question": f"g{i}", "answer": "1"} for i in range(4)])
     s = load_splits(DataConfig(path=str(tmp_path), hub_config="geometry", eval_size=1))
     assert {t["question"][0] for t in s.train + s.eval} == {"g"}
+
+
+# ---- held-out split and answer extraction (issue 11) --------------------------------------------------
+def test_generator_eval_questions_never_in_train_for_several_seeds():
+    for seed, d in ((0, 1), (7, 1), (3, 2)):
+        train, ev = generate_problems(seed, d, 2000, 200)
+        assert len(ev) == 200 and len(train) == 2000
+        assert not {" ".join(t["question"].lower().split()) for t in train} & \
+            {" ".join(t["question"].lower().split()) for t in ev}
+
+
+def test_dataset_train_tasks_repeating_an_eval_question_are_dropped(tmp_path):
+    rows = [{"question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(20)]
+    # each problem appears twice (once with other spacing and case): the held-out copies must
+    # take their twins out of the training split
+    rows += [{"question": f"what is  {i} + {i}? ", "answer": str(2 * i)} for i in range(20)]
+    path = _write_jsonl(tmp_path / "dup.jsonl", rows)
+    env = make_env({"name": "math", "data": {"path": path, "eval_size": 8}})
+    norm = lambda t: " ".join(t["question"].lower().split())  # noqa: E731
+    ev = {norm(t) for t in env.eval_tasks()}
+    assert len(env.eval_tasks()) == 8
+    assert not {norm(t) for t in env.train_tasks()} & ev
+    # 40 rows - 8 held out - the 8 held-out problems' twins (unless both copies were held out)
+    twins = sum(1 for r in rows if norm(r) in ev) - 8
+    assert len(env.train_tasks()) == 32 - twins and twins > 0
+
+
+RAMBLE = ("Sam wants 5 coins and already has 4. So, 5 - 4 = 1 more.\n\nThe answer is 1.\n\n"
+          "Now another problem: Tom has 12 apples and eats 3, so 12 - 3 = 9. Then 9 + 40 = 49")
+
+
+@pytest.mark.parametrize("text, want", [
+    # free text: the first cued number, whatever follows
+    (RAMBLE, "1"),
+    ("8 + 8 = 16 oranges.\n\nThe answer is 16.\n\nThe final answer is 16.", "16"),
+    ("Step 3: 6 + 9 = 15 more stamps.\n\nFinal answer: 15\n\nThe answer is 15.", "15"),
+    ("Total shells = 5 + 5 = 10\n\nThe answer is: 10", "10"),
+    ("It costs a lot. The final answer is $1,250. Then we add 7 more.", "1,250"),
+    # a cue without a number on its line does not answer; the next cue does
+    ("1. 3 is the answer to the question.\n2. So 4 + 3 = 7.\nAnswer: 7 apples, and 8 later", "7"),
+    # the instruction's own example block repeated by the model is no answer
+    ("So 9 - 2 = 7.\n\nThe final number in the form <answer>N</answer> is 7.", "7"),
+    ("The final number in the form <answer>N</answer> is 970. Then 5 + 5 = 10.", "970"),
+    # the explicit format wins over cues
+    ("The answer is 3. <answer>4</answer>", "4"),
+    ("So the total is \\boxed{12}. The answer is 13.", "12"),
+    # no answer at all: nothing to score (no last-number fallback)
+    ("1. 7 + 8 = 15\n2. 15 + 1 = 16\n3. 16 + 1 = 17", None),
+])
+def test_math_extraction_reads_the_announced_answer(text, want):
+    env = make_env({"name": "math", "train_size": 1, "eval_size": 1})
+    assert env.extract_answer(text) == want
+
+
+def test_math_extraction_does_not_depend_on_where_the_length_cap_cuts():
+    """A reply that answers and rambles on: every cut after the answer extracts the same answer,
+    and every cut before it extracts nothing (a longer cap never turns a right answer wrong)."""
+    env = make_env({"name": "math", "train_size": 1, "eval_size": 1})
+    words = RAMBLE.split(" ")
+    answered = RAMBLE.index("The answer is 1.") + len("The answer is 1")
+    for k in range(1, len(words) + 1):
+        cut = " ".join(words[:k])
+        assert env.extract_answer(cut) == ("1" if len(cut) >= answered else None), cut
+
+
+def test_math_reward_of_rambling_reply_keeps_format_component():
+    env = make_env({"name": "math", "train_size": 1, "eval_size": 1, "format_weight": 0.1})
+    task = {"id": "t", "question": "Sam wants 5 coins and has 4. How many more?", "answer": "1"}
+    r = env.reward(task, {"single": RAMBLE})
+    assert r.components == {"correct": 1.0, "format": 0.0} and r.total == 1.0
+    r = env.reward(task, {"single": "5 - 4 = 1. <answer>1</answer>"})
+    assert r.components == {"correct": 1.0, "format": 1.0} and r.total == pytest.approx(1.1)

@@ -144,3 +144,19 @@ def test_defaults_documented_in_yaml_match_dataclass():
     cfg = MAGRPOConfig()
     assert {k: getattr(cfg, k) for k in yaml} == yaml
     assert set(yaml) == set(vars(cfg))
+
+
+def test_evaluate_reports_intervals_and_paired_differences_against_each_baseline():
+    algo, env = make_algo()
+    trained = {a: FakePolicy(a, TRAINED_TEXT) for a in ("agent1", "agent2")}
+    algo.setup({**trained, "base-agent1": FakePolicy("base-agent1", BASE_TEXT)}, TrajectoryBuffer())
+    tasks = env.eval_tasks()[:3]
+    out = algo.evaluate(tasks)
+    for prefix in ("", "single/", "naive/", "sequential/", "discussion/"):
+        assert out[f"{prefix}reward/n"] == 3 and out[f"{prefix}solved/n"] == 3
+        assert out[f"{prefix}reward/ci_low"] <= out[f"{prefix}reward"] <= out[f"{prefix}reward/ci_high"]
+        assert f"{prefix}latency_s/n" not in out  # costs carry no interval
+    for name in ("single", "naive", "sequential", "discussion"):
+        key = f"diff/reward-{name}/reward"
+        assert out[key] == pytest.approx(out["reward"] - out[f"{name}/reward"]) and out[f"{key}/n"] == 3
+    assert len(algo.eval_outcomes["naive/reward"]) == 3

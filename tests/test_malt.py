@@ -593,3 +593,33 @@ def test_train_role_sft_then_dpo_on_a_real_learner(tmp_path, lora, request):
         assert min(gain) > 0, gain
     finally:
         group.shutdown()
+
+
+def test_evaluate_pairs_the_initial_baseline_on_the_same_questions(tmp_path):
+    algo, pols = make_algo(tmp_path, responders=eval_responders(), eval_ablations=False)
+    algo.run.trainer.eval_every = 1
+    algo.env.eval_tasks = lambda: tasks(4)
+    algo.prepare(tasks(2))
+    assert algo.initial_outcomes["ids"] == ["q0", "q1", "q2", "q3"]
+    res = algo.evaluate(tasks(4))      # the same questions: paired
+    assert res["mv/gvr/n"] == 4 and res["mv/gvr/ci_low"] < res["mv/gvr"] == res["mv/gvr/ci_high"] == 1.0
+    # per-chain scores become one per question (the mean over its chains): n counts questions
+    assert res["acc/generator/n"] == 4 and res["acc/generator"] == pytest.approx(1 / 3)
+    assert res["diff/mv/gvr-baseline/gvr_mv"] == 0.0 and res["diff/mv/gvr-baseline/single_mv/n"] == 4
+    assert res["diff/mv/gvr-mv/g"] == 0.0
+    other = algo.evaluate(tasks(2, start=10))  # other questions: the baseline is reported, not paired
+    assert other["baseline/gvr_mv"] == 1.0 and not any(k.startswith("diff/mv/gvr-baseline") for k in other)
+    restored, _ = make_algo(tmp_path, responders=eval_responders(), eval_ablations=False)
+    restored.load_state_dict(algo.state_dict())
+    assert restored.initial_outcomes == algo.initial_outcomes
+
+
+def test_frozen_baseline_is_computed_once_and_paired(tmp_path):
+    algo, pols = make_algo(tmp_path, responders=eval_responders(), baselines="frozen", eval_ablations=False)
+    base = FakePolicy("base", lambda p, k: "B <answer>w</answer> verdict incorrect")
+    algo.setup({**pols, "base": base}, TrajectoryBuffer(tmp_path / "b.jsonl"))
+    res = algo.evaluate(tasks(3))
+    assert res["baseline/gvr_mv"] == 0.0 and res["diff/mv/gvr-baseline/gvr_mv"] == 1.0
+    calls = len(base.calls)
+    algo.evaluate(tasks(3))
+    assert len(base.calls) == calls  # frozen weights, seeded decoding: reused

@@ -542,3 +542,19 @@ def test_learning_signal_leader_learns_to_use_team_answers(tmp_path):
     first, last = sum(r[:3]) / 3, sum(r[-5:]) / 5
     assert last > first + 0.25, \
         f"leader reward with team did not rise: first {first:.3f} -> last {last:.3f} ({[round(x, 3) for x in r]})"
+
+
+def test_evaluate_reports_intervals_and_paired_comparisons():
+    algo, env, pol = _protocol_algo(rounds=2)
+    out = algo.evaluate(env.eval_tasks())
+    n = len(env.eval_tasks())
+    for key in ("acc/final", "acc/untrained_final", "acc/leader_alone", "acc/single", "acc/majority", "reward",
+                "acc/team_round1"):
+        assert out[f"{key}/n"] == n and out[f"{key}/ci_low"] <= out[key] <= out[f"{key}/ci_high"], key
+    # trained leader + team right on every task, the untrained leader and the baselines never
+    assert out["diff/acc/final-acc/untrained_final"] == 1.0
+    assert out["diff/acc/final-acc/majority"] == 1.0 and out["diff/acc/final-acc/majority/n"] == n
+    assert out["diff/acc/leader_alone-acc/single"] == 0.0
+    assert out["diff/acc/leader_alone-acc/single/ci_low"] == out["diff/acc/leader_alone-acc/single/ci_high"] == 0.0
+    assert "gens/round1/n" not in out  # costs carry no interval
+    assert algo.eval_outcomes["acc/final"] == [1.0] * n

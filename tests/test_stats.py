@@ -114,3 +114,20 @@ def test_interval_metrics_keys_round_trip():
 def test_bad_input_is_named(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ---- reading the convention back ----------------------------------------------------------------------
+def test_diff_key_and_reading_back():
+    from marl_llm.stats import comparison_lines, diff_key, differences, read_intervals
+    assert diff_key("acc/final", "acc/untrained_final") == "diff/acc/final-acc/untrained_final"
+    with pytest.raises(ValueError, match="free of '-'"):
+        diff_key("a-b", "c")
+    m = {"eval/step": 3, **interval_metrics("eval/acc", wilson_interval(3, 4)),
+         **interval_metrics("eval/" + diff_key("acc", "base/acc"), Interval(0.0912, 0.0401, 0.1403, 400, signed=True)),
+         "eval/gens": 2.0, "eval/half/ci_low": 0.1}  # no ci_high / n: no interval
+    ivs = read_intervals(m, "eval/")
+    assert list(ivs) == ["acc", "diff/acc-base/acc"]
+    assert ivs["acc"] == wilson_interval(3, 4) and ivs["diff/acc-base/acc"].signed
+    assert differences(m, "eval/") == [("acc", "base/acc", ivs["diff/acc-base/acc"])]
+    assert comparison_lines(m, "eval/") == ["acc - base/acc = +0.09 [+0.04, +0.14], n=400"]
+    assert comparison_lines({}) == []

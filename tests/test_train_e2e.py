@@ -87,3 +87,18 @@ def test_evaluate_run_dir(run_dir):
     assert result["n"] == 4 and 0.0 <= result["reward"] <= 1.0
     latest = max((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
     assert result["checkpoint"] == str(latest)
+
+
+def test_evaluate_baseline_init_pairs_checkpoint_and_initial_model(run_dir):
+    out = run_dir / "eval_init.json"
+    r = run([sys.executable, "-m", "marl_llm.evaluate", f"run_dir={run_dir}", "baseline=init", "trainer.eval_size=4",
+             "rollout.backend=hf", f"out={out}"])
+    result = json.loads(out.read_text())
+    # the checkpoint, the frozen untrained base next to it, and the rebuilt initial policy: all on 4 tasks
+    assert result["n"] == 4 and result["reward/n"] == 4 and result["init/reward/n"] == 4
+    assert result["diff/reward-base/reward/n"] == 4 and result["diff/reward-init/reward/n"] == 4
+    # the initial policy is the untrained model: greedy, the same tasks, so it scores what the base does
+    assert result["init/reward"] == pytest.approx(result["base/reward"])
+    assert "reward: after - before = " in r.stdout and "reward - base/reward = " in r.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert any(line.startswith("reward - base/reward = ") for line in summary["comparisons"])

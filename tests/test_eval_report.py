@@ -1,0 +1,61 @@
+"""How evaluation numbers are printed: `python -m marl_llm.evaluate`'s table and the run summary
+(no engines)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from algorithms.base import outcome_metrics
+from marl_llm.config import ConfigError, RunConfig, TrainerConfig
+from marl_llm.evaluate import _checkpoint, print_table
+from marl_llm.stats import diff_key, interval_metrics, paired_difference
+from marl_llm.trainer import Trainer
+
+AFTER = [1, 1, 0, 1, 1, 0, 1, 1, 1, 0]
+BEFORE = [0, 1, 0, 0, 1, 0, 0, 1, 0, 0]
+
+
+def test_table_prints_intervals_comparisons_and_after_minus_before(capsys):
+    result = {"algo": "grpo", "n": 10, **outcome_metrics({"correct": AFTER, "base/correct": BEFORE},
+                                                         [("correct", "base/correct")]),
+              "tokens": 12.5, **{f"init/{k}": v for k, v in outcome_metrics({"correct": BEFORE}).items()},
+              **interval_metrics(diff_key("correct", "init/correct"), paired_difference(AFTER, BEFORE))}
+    print_table(result)
+    out = capsys.readouterr().out.splitlines()
+    assert "correct       0.70 [0.40, 0.89], n=10" in out
+    assert "init/correct  0.30 [0.11, 0.60], n=10" in out
+    assert "tokens        12.5000" in out and "algo          grpo" in out
+    assert not any("ci_low" in line or line.startswith("diff/") for line in out)
+    assert out[-3:] == ["paired comparisons (95% intervals):",
+                        "  correct - base/correct = +0.40 [+0.03, +0.77], n=10",
+                        "correct: after - before = +0.40 [+0.03, +0.77], n=10"]
+
+
+@pytest.mark.parametrize("special, needle", [
+    ({"baseline": "final"}, "baseline='final' is not allowed; choose one of ['init']"),
+    ({"baseline": "init"}, "baseline=init needs run_dir="),
+])
+def test_bad_baseline_is_named(special, needle):
+    with pytest.raises(ConfigError) as e:
+        _checkpoint(special)
+    assert needle in str(e.value)
+
+
+def test_baseline_init_needs_a_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match="has no checkpoint; baseline=init"):
+        _checkpoint({"run_dir": str(tmp_path), "baseline": "init"})
+
+
+def test_summary_has_intervals_comparisons_and_wall_clock(tmp_path, caplog):
+    trainer = Trainer(RunConfig(trainer=TrainerConfig(output_dir=str(tmp_path))))
+    last = {"step": 2, "reward/mean": 0.5,
+            **{f"eval/{k}": v for k, v in outcome_metrics({"acc/final": AFTER, "acc/untrained_final": BEFORE},
+                                                          [("acc/final", "acc/untrained_final")]).items()}}
+    with caplog.at_level(logging.INFO, logger="marl_llm.trainer"):
+        s = trainer._summary({"step": 1, "reward/mean": 0.25}, last)
+    assert s["train"] == {"reward/mean": {"first": 0.25, "last": 0.5}} and s["wall_clock_s"] >= 0
+    assert s["intervals"] == {"acc/final": "0.70 [0.40, 0.89], n=10", "acc/untrained_final": "0.30 [0.11, 0.60], n=10"}
+    assert s["comparisons"] == ["acc/final - acc/untrained_final = +0.40 [+0.03, +0.77], n=10"]
+    assert s["eval"]["acc/final/n"] == 10
+    assert "acc/final - acc/untrained_final = +0.40" in caplog.text
