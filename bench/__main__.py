@@ -9,7 +9,7 @@ machines are shared and noisy; absolute seconds are informative only):
            training uses it (a Ray actor behind Policy.generate): tokens/s on the same prompts
   learner  training tokens/s and model FLOP/s of the learner vs the machine's GEMM ceiling
            (a torch matmul at the learner's dtype and thread count), and what each learner
-           optimisation is worth (shared prompts, ZeRO-3 vs ZeRO-0, threads)
+           optimisation is worth (shared prompts, micro-batch size, ZeRO-3 vs ZeRO-0, threads)
   magrpo   a 2-agent MAGRPO step vs a GRPO step with the same samples per agent
   rollout  tokens/s of the vLLM backend vs the HF transformers backend, same model and prompts
   grpo     one GRPO step split by phase (generate, reward, train, sync), vLLM vs HF rollout
@@ -235,18 +235,20 @@ def bench_learner(quick: bool) -> None:
     import multiprocessing as mp
 
     from bench.workers import gemm_ceiling, learner_worker
+    from marl_llm.config import LearnerConfig
     model = "tiny" if quick else "smollm2-135m"
     cores = runtime.cpu_cores()
-    variants = [("default: ZeRO-3, shared prompts", 3, "auto", cores, True),
-                ("flat batch (share_prompts=false)", 3, "false", cores, True),
-                ("ZeRO-3 gathering every module", 3, "auto", cores, False),
-                ("ZeRO-0", 0, "auto", cores, True),
-                ("before: 1 thread, flat, gathering", 3, "false", 1, False)]
+    mbs = LearnerConfig().micro_batch_size
+    variants = [("default: ZeRO-3, shared prompts", 3, "auto", cores, mbs),
+                ("flat batch (share_prompts=false)", 3, "false", cores, mbs),
+                ("ZeRO-0", 0, "auto", cores, mbs),
+                ("micro-batches of 8 samples", 3, "auto", cores, 8),
+                ("before: 1 thread, flat batch, 8", 3, "false", 1, 8)]
     ctx = mp.get_context("spawn")
     rows, base = [], None
-    for name, stage, share, threads, resident in variants:
+    for name, stage, share, threads, size in variants:
         with ctx.Pool(1) as pool:  # a fresh process each: DeepSpeed's process group is per process
-            r = pool.apply(learner_worker, ((model, stage, share, threads, 2 if quick else 3, resident),))
+            r = pool.apply(learner_worker, ((model, stage, share, threads, 2 if quick else 3, size),))
         with ctx.Pool(1) as pool:
             ceiling = pool.apply(gemm_ceiling, ((r["dtype"], threads, r["hidden"], r["intermediate"]),))
         base = base or r["seconds"]

@@ -184,7 +184,7 @@ def model_flops(hf_config, samples, n_linear: int) -> tuple[float, int]:
 def learner_worker(args):
     """Runs in a child process: one learner rank in-process (world size 1), a fixed GRPO-shaped
     batch; one warm-up step, then the fastest of `reps` timed train steps."""
-    model, stage, share, threads, reps, resident = args
+    model, stage, share, threads, reps, mbs = args
     import torch
 
     from marl_llm.config import LearnerConfig
@@ -192,16 +192,9 @@ def learner_worker(args):
     from marl_llm.losses import LossConfig
     from marl_llm.weight_sync import free_port
 
-    class Gathering(LearnerWorker):
-        """ZeRO-3 as it runs on several ranks: modules gathered and released around every use."""
-        def _ds_config(self, train):
-            cfg = super()._ds_config(train)
-            cfg["zero_optimization"].pop("stage3_param_persistence_threshold", None)
-            return cfg
-
     mcfg, path = _smoke_or_real(model)
-    lc = LearnerConfig(zero_stage=stage, share_prompts=share, threads=threads)
-    w = (LearnerWorker if resident else Gathering)(0, 1, "127.0.0.1", free_port(), path, mcfg, lc, 0, False, "bench")
+    lc = LearnerConfig(zero_stage=stage, share_prompts=share, threads=threads, micro_batch_size=mbs)
+    w = LearnerWorker(0, 1, "127.0.0.1", free_port(), path, mcfg, lc, 0, False, "bench")
     samples = _learner_samples(w.hf_config.vocab_size)
     loss = LossConfig(kind="pg", clip_eps=0.2, norm_tokens=64)
     n_tok = sum(len(s.completion_ids) for s in samples)

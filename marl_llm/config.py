@@ -147,7 +147,7 @@ class LearnerConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
-    micro_batch_size: int = 8
+    micro_batch_size: int = 16  # samples per forward/backward: bigger GEMMs, measured faster on CPU
     # bf16 mixed precision: "auto" uses it on GPUs only; CPU tests train in fp32 for exactness
     bf16: str = "auto"
     gradient_checkpointing: bool = False

@@ -128,8 +128,9 @@ class Trainer:
                 record = algo.update(episodes, step)
                 # ---- sync: updated weights to the rollout workers before the next collect
                 with self.timer("sync"):
-                    for p in policies.values():
-                        p.sync_weights()
+                    for name, p in policies.items():  # where a push's time goes: gather, broadcast, load
+                        record.update({f"sync/{name}/{k}": v for k, v in p.sync_weights().items()
+                                       if isinstance(v, (int, float))})
                 # ---- evaluate every k steps (and after the last)
                 done = step + 1
                 if run.trainer.eval_every and (done % run.trainer.eval_every == 0 or done == run.trainer.steps):

@@ -322,10 +322,6 @@ class LearnerWorker:
     def _ds_config(self, train: bool) -> dict:
         c = self.cfg
         zero: dict[str, Any] = {"stage": c.zero_stage}
-        if c.zero_stage == 3 and self.world_size == 1:
-            # one rank holds every partition whole anyway: keep all parameters resident instead of
-            # gathering and releasing each module around every forward and backward
-            zero["stage3_param_persistence_threshold"] = 2 ** 62
         if train and c.offload_optimizer and c.zero_stage > 0:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.on_gpu}
         cfg: dict[str, Any] = {
