@@ -39,7 +39,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-from envs.base import Env, Reward
+from envs.base import Env, Reward, majority_index  # noqa: F401  (majority_index: part of this API)
 from marl_llm.advantages import group_advantages
 from marl_llm.buffer import TrajectoryBuffer
 from marl_llm.config import RolloutConfig, RunConfig, check, check_choice, check_min, check_positive
@@ -264,31 +264,6 @@ def outcome_metrics(outcomes: Mapping[str, Sequence[float]],
         if outcomes.get(a) and outcomes.get(b):
             out.update(interval_metrics(diff_key(a, b), paired_difference(outcomes[a], outcomes[b])))
     return out
-
-
-def majority_index(answers: Sequence[Optional[str]],
-                   equal: Optional[Callable[[str, str], bool]] = None) -> Optional[int]:
-    """Index of a representative of the most common answer (the first position that gave it).
-
-    None answers (nothing extractable) do not vote; ties go to the answer that appeared first;
-    None if no position has an answer. `equal` groups equivalent answers (default ==; pass the
-    env's `answers_equal`)."""
-    equal = equal or (lambda a, b: a == b)
-    reps: list[int] = []
-    counts: list[int] = []
-    for i, a in enumerate(answers):
-        if a is None:
-            continue
-        for k, r in enumerate(reps):
-            if equal(a, answers[r]):
-                counts[k] += 1
-                break
-        else:
-            reps.append(i)
-            counts.append(1)
-    if not reps:
-        return None
-    return reps[counts.index(max(counts))]
 
 
 def vote(env: Env, texts: Sequence[str]) -> Optional[int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,8 @@ class DataConfig:
     long_prompts: str = "drop"
 
     def __post_init__(self):
-        if self.long_prompts not in LONG_PROMPTS:
-            from marl_llm.config import ConfigError
-            raise ConfigError(f"env.data.long_prompts={self.long_prompts!r} is not allowed; "
-                              f"choose one of {list(LONG_PROMPTS)}")
+        from marl_llm.config import check_choice  # marl_llm.config imports the env registry
+        check_choice("env.data.long_prompts", self.long_prompts, LONG_PROMPTS)
 
 
 @dataclass
@@ -48,6 +46,31 @@ class EnvConfig:
     name: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     system_prompt: Optional[str] = None
+
+
+def majority_index(answers: Sequence[Optional[str]],
+                   equal: Optional[Callable[[str, str], bool]] = None) -> Optional[int]:
+    """Index of a representative of the most common answer (the first position that gave it).
+
+    None answers (nothing extractable) do not vote; ties go to the answer that appeared first;
+    None if no position has an answer. `equal` groups equivalent answers (default ==; pass the
+    env's `answers_equal`)."""
+    equal = equal or (lambda a, b: a == b)
+    reps: list[int] = []
+    counts: list[int] = []
+    for i, a in enumerate(answers):
+        if a is None:
+            continue
+        for k, r in enumerate(reps):
+            if equal(a, answers[r]):
+                counts[k] += 1
+                break
+        else:
+            reps.append(i)
+            counts.append(1)
+    if not reps:
+        return None
+    return reps[counts.index(max(counts))]
 
 
 @dataclass
@@ -185,6 +208,12 @@ class Env:
         """Whether two extracted answers are the same answer (majority votes group by this);
         envs with equivalent spellings (e.g. math: "3.0" and "3") override it."""
         return a is not None and a == b
+
+    def majority_vote(self, texts: Sequence[str]) -> Optional[str]:
+        """The most common answer extracted from `texts` (ties: the first to appear); None if none."""
+        answers = [self.extract_answer(t or "") for t in texts]
+        i = majority_index(answers, self.answers_equal)
+        return None if i is None else answers[i]
 
     def reward(self, task: dict[str, Any], outputs: dict[str, str]) -> Reward:
         """Joint reward of all agents' outputs (agent name -> text) on `task`."""

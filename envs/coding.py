@@ -14,7 +14,7 @@ Roles and context keys:
   components ``tests``, ``pass_all``, ``syntax``.
 - ``agent1`` (alias ``aux``): write a helper ``aux(...)``. ``agent2`` (alias ``main``): write the
   entry point, may call ``aux``; context ``agent1`` shows agent 1's code (sequential baseline).
-  Joint reward (MAGRPO, max 4.0; ALGORITHMS.md section 2): +0.4 if ``aux`` is defined with a
+  Joint reward (MAGRPO, max 4.0, the paper's coding reward): +0.4 if ``aux`` is defined with a
   return (optional); +0.6 if the entry point is defined with a return (else stop); +0.5 if
   imports + aux + main parse (else stop); + fraction of tests passed; if >= 1 test passes and
   main calls aux: +0.5, +1.0 more if main is not a trivial wrapper of aux (body only
@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 from envs.base import DataConfig, Env, EnvConfig, Reward
 from envs.qa import fill
-from marl_llm.config import ConfigError
+from marl_llm.config import check_choice, check_min, check_positive
 from marl_llm.data import DataError, holdout, load_splits
 from marl_llm.registry import register_env
 
@@ -80,15 +80,11 @@ class CodingConfig(EnvConfig):
     prompts: dict[str, str] = field(default_factory=lambda: dict(CODE_PROMPTS))
 
     def __post_init__(self):
-        if self.source not in ("auto", "humaneval_package", "dataset"):
-            raise ConfigError(f"env.source={self.source!r} is not allowed; choose one of "
-                              "['auto', 'humaneval_package', 'dataset']")
-        if self.format not in ("auto", "humaneval", "mbpp"):
-            raise ConfigError(f"env.format={self.format!r} is not allowed; choose one of ['auto', 'humaneval', 'mbpp']")
-        if self.test_timeout_s <= 0 or self.total_timeout_s <= 0:
-            raise ConfigError("env.test_timeout_s and env.total_timeout_s must be > 0")
-        if self.max_timeouts < 1:
-            raise ConfigError(f"env.max_timeouts={self.max_timeouts!r} must be >= 1")
+        check_choice("env.source", self.source, ("auto", "humaneval_package", "dataset"))
+        check_choice("env.format", self.format, ("auto", "humaneval", "mbpp"))
+        check_positive("env.test_timeout_s", self.test_timeout_s)
+        check_positive("env.total_timeout_s", self.total_timeout_s)
+        check_min("env.max_timeouts", self.max_timeouts, 1)
 
 
 @dataclass

@@ -44,7 +44,7 @@ from typing import Any, Optional
 
 from envs.base import DataConfig
 from envs.qa import AnswerEnv, AnswerEnvConfig, cued_number, extract_final, last_boxed, math_equal
-from marl_llm.config import ConfigError
+from marl_llm.config import ConfigError, check_choice, check_positive, check_range
 from marl_llm.data import load_splits
 from marl_llm.registry import register_env
 
@@ -70,15 +70,11 @@ class MathConfig(AnswerEnvConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.source not in ("auto", "generator", "dataset"):
-            raise ConfigError(f"env.source={self.source!r} is not allowed; choose one of ['auto', 'generator', 'dataset']")
-        if self.answer_format not in ("auto", "gsm8k", "boxed", "plain"):
-            raise ConfigError(f"env.answer_format={self.answer_format!r} is not allowed; "
-                              "choose one of ['auto', 'gsm8k', 'boxed', 'plain']")
-        if not 1 <= self.difficulty <= 6:
-            raise ConfigError(f"env.difficulty={self.difficulty!r} must be an integer in 1..6 (operand digits)")
-        if self.train_size < 0 or self.eval_size < 0:
-            raise ConfigError("env.train_size and env.eval_size must be >= 0")
+        check_choice("env.source", self.source, ("auto", "generator", "dataset"))
+        check_choice("env.answer_format", self.answer_format, ("auto", "gsm8k", "boxed", "plain"))
+        check_range("env.difficulty", self.difficulty, 1, 6, note="operand digits")
+        check_positive("env.train_size", self.train_size, allow_zero=True)
+        check_positive("env.eval_size", self.eval_size, allow_zero=True)
 
 
 # ---- the built-in generator ----------------------------------------------------------------------

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import re
 import threading
-from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Optional
 
 from envs.base import Env, EnvConfig, Reward
-from marl_llm.config import ConfigError
+from marl_llm.config import check_positive
 
 DEFAULT_PROMPTS: dict[str, str] = {
     "single": "{question}\n\nSolve the problem step by step. {answer_instruction}",
@@ -62,8 +61,7 @@ class AnswerEnvConfig(EnvConfig):
     prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
 
     def __post_init__(self):
-        if self.format_weight < 0:
-            raise ConfigError(f"env.format_weight={self.format_weight!r} must be >= 0")
+        check_positive("env.format_weight", self.format_weight, allow_zero=True)
 
 
 # ---- text helpers -------------------------------------------------------------------------------
@@ -320,26 +318,6 @@ class AnswerEnv(Env):
 
     def reward(self, task, outputs: dict[str, str]) -> Reward:
         return self.score(task, self.final_output(outputs))
-
-    def majority_vote(self, texts: list[str]) -> Optional[str]:
-        """The most common extracted answer among `texts` (ties: the first to appear); None if none."""
-        reps: list[str] = []
-        counts: Counter = Counter()
-        for t in texts:
-            a = self.extract_answer(t or "")
-            if a is None:
-                continue
-            for r in reps:
-                if self.answers_equal(a, r):
-                    counts[r] += 1
-                    break
-            else:
-                reps.append(a)
-                counts[a] += 1
-        if not reps:
-            return None
-        best = max(counts.values())
-        return next(r for r in reps if counts[r] == best)
 
     def reference_answer_text(self, task) -> str:
         return f"<answer>{self.gold(task)}</answer>"

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from envs.qa import AnswerEnv, AnswerEnvConfig, last_boxed, tag_contents
 from envs.multiple_choice import norm_text
-from marl_llm.config import ConfigError
+from marl_llm.config import ConfigError, check, check_positive
 from marl_llm.registry import register_env
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,9 @@ class ReasoningGymConfig(AnswerEnvConfig):
     def __post_init__(self):
         super().__post_init__()
         names = rg_task_names()
-        if self.task not in names:
-            raise ConfigError(f"env.task={self.task!r} is not a reasoning-gym dataset; choose one of {names}")
-        if self.train_size < 0 or self.eval_size < 0:
-            raise ConfigError("env.train_size and env.eval_size must be >= 0")
+        check(self.task in names, "env.task", self.task, f"is not a reasoning-gym dataset; choose one of {names}")
+        check_positive("env.train_size", self.train_size, allow_zero=True)
+        check_positive("env.eval_size", self.eval_size, allow_zero=True)
 
 
 def _jsonable(v: Any) -> Any:

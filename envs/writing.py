@@ -1,4 +1,4 @@
-"""Two-agent writing tasks with MAGRPO's four-level reward (ALGORITHMS.md section 2).
+"""Two-agent writing tasks with MAGRPO's four-level reward (the MAGRPO paper's TLDR / arXiv rewards).
 
 - ``writing``: TLDR summaries of Reddit-style posts (Hub ``trl-lib/tldr``: columns prompt,
   completion). Agent 1 writes a concise summary, agent 2 a detailed one.
@@ -37,7 +37,7 @@ from typing import Any, Optional
 
 from envs.base import DataConfig, Env, EnvConfig, Reward
 from envs.qa import fill, tag_contents
-from marl_llm.config import ConfigError
+from marl_llm.config import check, check_choice, check_positive
 from marl_llm.data import DataError, load_splits
 from marl_llm.registry import register_env
 
@@ -133,15 +133,10 @@ class WritingRewardConfig:
     vocab_exclude_stopwords: bool = False
 
     def __post_init__(self):
-        if self.transition_match not in ("word", "substring"):
-            raise ConfigError(f"env.reward.transition_match={self.transition_match!r} is not allowed; "
-                              "choose one of ['word', 'substring']")
+        check_choice("env.reward.transition_match", self.transition_match, ("word", "substring"))
         for key in ("len_full", "len_ramp", "vocab_full", "vocab_ramp"):
-            v = getattr(self, key)
-            if len(v) != 2:
-                raise ConfigError(f"env.reward.{key}={list(v)!r} must be [low, high]")
-        if self.jaccard_cap <= 0:
-            raise ConfigError(f"env.reward.jaccard_cap={self.jaccard_cap!r} must be > 0")
+            check(len(getattr(self, key)) == 2, f"env.reward.{key}", list(getattr(self, key)), "must be [low, high]")
+        check_positive("env.reward.jaccard_cap", self.jaccard_cap)
 
 
 TLDR_REWARD = dict(words_min=8, words_max=256, len_full=[1.6, 3.2], len_ramp=[1.1, 5.0],

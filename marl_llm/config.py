@@ -148,6 +148,8 @@ class LearnerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
     micro_batch_size: int = 16  # samples per forward/backward: bigger GEMMs, measured faster on CPU
+    # and at most this many tokens (a shared prompt counted once; 0: no limit): memory follows tokens
+    micro_batch_tokens: int = 2048
     # bf16 mixed precision: "auto" uses it on GPUs only; CPU tests train in fp32 for exactness
     bf16: str = "auto"
     gradient_checkpointing: bool = False
@@ -166,6 +168,7 @@ class LearnerConfig:
         check_choice("learner.zero_stage", self.zero_stage, (0, 1, 2, 3))
         check_positive("learner.lr", self.lr)
         check_positive("learner.micro_batch_size", self.micro_batch_size)
+        check_positive("learner.micro_batch_tokens", self.micro_batch_tokens, allow_zero=True)
         check_positive("learner.threads", self.threads, allow_zero=True)
         self.share_prompts = str(self.share_prompts).lower()
         check_choice("learner.share_prompts", self.share_prompts, ("auto", "true", "false"))

@@ -70,3 +70,16 @@ def test_micro_batches_keep_groups_together():
     assert all(len(m) <= 4 for m in mbs)
     assert mbs[0] == [0, 2, 3]  # the p1 group whole; p2's pair does not fit next to it
     assert micro_batches(samples, 2)[:2] == [[0, 2], [3]]  # a group larger than the size is split
+
+
+def test_micro_batches_respect_a_token_budget():
+    samples = [Sample(p, c) for p, c in _seqs()]  # p1 (9 tokens) x3: completions 7, 1, 6
+    # p1's group is 9 + 7 + 1 + 6 = 23 tokens: a budget of 17 splits it after two samples
+    mbs = micro_batches(samples, 16, max_tokens=17)
+    assert mbs[0] == [0, 2]
+    for m in mbs:
+        distinct = {tuple(samples[i].prompt_ids) for i in m}
+        tokens = sum(len(p) for p in distinct) + sum(len(samples[i].completion_ids) for i in m)
+        assert tokens <= 17 or len(m) == 1
+    assert sorted(i for m in mbs for i in m) == list(range(len(samples)))
+    assert micro_batches(samples, 16, max_tokens=1) == [[0], [2], [3], [1], [4], [5]]  # one sample each at least

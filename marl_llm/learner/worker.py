@@ -109,23 +109,43 @@ def prompt_groups(prompts: Sequence[Sequence[int]]) -> tuple[list[Sequence[int]]
     return distinct, owner
 
 
-def micro_batches(samples: Sequence, size: int) -> list[list[int]]:
-    """Cut a shard into micro-batches (lists of indices) of at most `size` samples, keeping
-    samples that share a prompt (a GRPO group, a DPO pair's prompt) together so the prompt runs
-    once per micro-batch. Groups are filled in order of first appearance; a group larger than
-    `size` is split."""
+def _tokens(samples: Sequence) -> int:
+    """Tokens one forward of these samples runs: each distinct prompt once, every completion."""
+    prompts = {tuple(s.prompt_ids) for s in samples}
+    completions = sum(len(s.chosen_ids) + len(s.rejected_ids) if isinstance(s, PairSample) else len(s.completion_ids)
+                      for s in samples)
+    return sum(len(p) for p in prompts) + completions
+
+
+def micro_batches(samples: Sequence, size: int, max_tokens: int = 0) -> list[list[int]]:
+    """Cut a shard into micro-batches (lists of indices) of at most `size` samples and, with
+    `max_tokens`, at most that many tokens (a distinct prompt counted once): activation memory
+    follows tokens, so long prompts get smaller micro-batches. Samples that share a prompt (a
+    GRPO group, a DPO pair's prompt) stay together so the prompt runs once per micro-batch;
+    groups are filled in order of first appearance, a group over either limit is split (a
+    micro-batch always holds at least one sample)."""
     _, owner = prompt_groups([s.prompt_ids for s in samples])
     groups: dict[int, list[int]] = {}
     for i, o in enumerate(owner):
         groups.setdefault(o, []).append(i)
+
+    def fits(idx: list[int]) -> bool:
+        return len(idx) <= size and (not max_tokens or _tokens([samples[i] for i in idx]) <= max_tokens)
+
     out: list[list[int]] = []
     for g in groups.values():
-        for k in range(0, len(g), size):
-            part = g[k: k + size]
-            if out and len(out[-1]) + len(part) <= size:
+        parts, cur = [], []
+        for i in g:
+            if cur and not fits(cur + [i]):
+                parts.append(cur)
+                cur = []
+            cur.append(i)
+        parts.append(cur)
+        for part in parts:
+            if out and fits(out[-1] + part):
                 out[-1].extend(part)
             else:
-                out.append(list(part))
+                out.append(part)
     return out
 
 
@@ -457,7 +477,7 @@ class LearnerWorker:
         t0 = time.time()
         kind = loss_cfg.kind
         validate_samples(samples_shard, loss_cfg)
-        local = micro_batches(samples_shard, max(1, self.cfg.micro_batch_size))
+        local = micro_batches(samples_shard, max(1, self.cfg.micro_batch_size), self.cfg.micro_batch_tokens)
         need_ref_local = self._needs_reference(samples_shard, loss_cfg)
         n_micro, need_ref = self._agree(max(n_micro, len(local)), need_ref_local)
         ref = self._reference_module() if need_ref else None
@@ -551,7 +571,7 @@ class LearnerWorker:
                  n_micro: int = 0) -> list[list[float]]:
         """Per completion token log-probs (fp32) under the current (or reference) weights.
         A collective under ZeRO-3: every rank runs the same number of forwards."""
-        local = micro_batches(samples_shard, max(1, self.cfg.micro_batch_size))
+        local = micro_batches(samples_shard, max(1, self.cfg.micro_batch_size), self.cfg.micro_batch_tokens)
         (n,) = self._agree(max(n_micro, len(local)))
         module = self._reference_module() if reference else self.engine
         was_training = self.engine.training
