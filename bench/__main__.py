@@ -194,10 +194,13 @@ def bench_magrpo(quick: bool) -> None:
     """Two MAGRPO agents (each its own engine and learner) vs one GRPO policy with the same samples
     per agent, on the writing env: what the second agent costs."""
     model, steps = ("tiny", 2) if quick else ("smollm2-135m", 3)
+    # micro-batches of 4 as in +experiment=cpu_magrpo_writing: at the default 16 an agent's learner
+    # on these long prompts ran out of memory next to the other agent's learner and both engines
     common = [f"model={model}", "env=writing", "env.data.path=examples/data/tldr_posts.jsonl",
-              "trainer.batch_size=4", "algo.group_size=4", "rollout.max_new_tokens=64"]
+              "trainer.batch_size=4", "algo.group_size=4", "rollout.max_new_tokens=64", "learner.micro_batch_size=4"]
+    # agents' learners one after the other, each with every core (the preset's setting)
     runs = [("grpo, 1 policy", ["algo=grpo", *common]),
-            ("magrpo, 2 agents", ["algo=magrpo", "algo.eval_baselines=[]", *common])]
+            ("magrpo, 2 agents", ["algo=magrpo", "algo.eval_baselines=[]", "algo.parallel_agents=false", *common])]
     rows, base = [], None
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in runs:
