@@ -170,10 +170,10 @@ def model_flops(hf_config, samples, n_linear: int) -> tuple[float, int]:
     distinct prompt once and every completion token through the linear layers (2 x params per
     token), causal attention (4 x hidden x context per token and layer), and the logits of the
     completion tokens (2 x hidden x vocab). Padding and repeated prompts are not useful work."""
-    from marl_llm.learner.worker import prompt_groups
+    from marl_llm.learner.worker import forward_tokens, prompt_groups
     d, layers, vocab = hf_config.hidden_size, hf_config.num_hidden_layers, hf_config.vocab_size
     distinct, _ = prompt_groups([s.prompt_ids for s in samples])
-    tokens = sum(len(p) for p in distinct) + sum(len(s.completion_ids) for s in samples)
+    tokens = forward_tokens(samples)
     attn = sum(sum(range(len(p))) for p in distinct)
     attn += sum(sum(range(len(s.prompt_ids), len(s.prompt_ids) + len(s.completion_ids))) for s in samples)
     logits = sum(len(s.completion_ids) for s in samples)

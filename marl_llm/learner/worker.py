@@ -109,7 +109,7 @@ def prompt_groups(prompts: Sequence[Sequence[int]]) -> tuple[list[Sequence[int]]
     return distinct, owner
 
 
-def _tokens(samples: Sequence) -> int:
+def forward_tokens(samples: Sequence) -> int:
     """Tokens one forward of these samples runs: each distinct prompt once, every completion."""
     prompts = {tuple(s.prompt_ids) for s in samples}
     completions = sum(len(s.chosen_ids) + len(s.rejected_ids) if isinstance(s, PairSample) else len(s.completion_ids)
@@ -130,7 +130,7 @@ def micro_batches(samples: Sequence, size: int, max_tokens: int = 0) -> list[lis
         groups.setdefault(o, []).append(i)
 
     def fits(idx: list[int]) -> bool:
-        return len(idx) <= size and (not max_tokens or _tokens([samples[i] for i in idx]) <= max_tokens)
+        return len(idx) <= size and (not max_tokens or forward_tokens([samples[i] for i in idx]) <= max_tokens)
 
     out: list[list[int]] = []
     for g in groups.values():
