@@ -133,18 +133,21 @@ class Algorithm:
         """A request seed from the run seed and the request's coordinates (phase, step, role, index)."""
         return seed_for(self.run.seed, *parts)
 
-    def sampling(self, n: int = 1, temperature: Optional[float] = None, seed: Optional[int] = None) -> SamplingConfig:
+    def sampling(self, n: int = 1, temperature: Optional[float] = None, seed: Optional[int] = None,
+                 stop: Optional[list[str]] = None) -> SamplingConfig:
         """`n` samples at `temperature` (default `rollout.temperature`) with `rollout.*` settings."""
-        return sampling(self.run.rollout, n, temperature, seed)
+        return sampling(self.run.rollout, n, temperature, seed, stop)
 
     def requests(self, role: str, tasks: Sequence[dict[str, Any]], n: int = 1, temperature: Optional[float] = None,
                  seed: Optional[tuple] = None, contexts: Optional[Sequence[dict[str, Any]]] = None,
                  ) -> list[GenerationRequest]:
         """One request per task for `role`: the env's prompt (with that task's entry of `contexts`),
         `n` samples at `temperature` (default `rollout.temperature`); request i is seeded with
-        `self.seed(*seed, i)` (no seed if `seed` is None)."""
+        `self.seed(*seed, i)` (no seed if `seed` is None); replies end at the env's stop strings for `role`."""
+        stop = self.env.stop(role) or None
         return [GenerationRequest(messages=self.env.prompt(t, role, **(contexts[i] if contexts else {})),
-                                  sampling=self.sampling(n, temperature, None if seed is None else self.seed(*seed, i)))
+                                  sampling=self.sampling(n, temperature, None if seed is None else self.seed(*seed, i),
+                                                         stop))
                 for i, t in enumerate(tasks)]
 
     def eval_metrics(self, outcomes: Mapping[str, Sequence[float]],
@@ -179,12 +182,12 @@ def seed_for(*parts: Any) -> int:
 
 
 def sampling(rollout: RolloutConfig, n: int = 1, temperature: Optional[float] = None,
-             seed: Optional[int] = None) -> SamplingConfig:
+             seed: Optional[int] = None, stop: Optional[list[str]] = None) -> SamplingConfig:
     """A SamplingConfig from the run's `rollout.*`. At temperature 0 (greedy) top_p is irrelevant,
     so it is set to 1.0 (backends then take the argmax on every path)."""
     temperature = rollout.temperature if temperature is None else temperature
     return SamplingConfig(n=n, temperature=temperature, top_p=rollout.top_p if temperature > 0 else 1.0,
-                          max_tokens=rollout.max_new_tokens, seed=seed)
+                          max_tokens=rollout.max_new_tokens, seed=seed, stop=stop)
 
 
 def group_episodes(episodes: Iterable[Episode]) -> dict[str, list[Episode]]:

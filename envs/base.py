@@ -113,6 +113,11 @@ class Env:
     def train_tasks(self) -> list[dict[str, Any]]:
         return self._ensure()[0]
 
+    def stop(self, role: str) -> list[str]:
+        """Strings that end a reply in `role` (generation stops there; the text keeps them).
+        Default: none, replies run to EOS or `rollout.max_new_tokens`."""
+        return []
+
     def eval_tasks(self) -> list[dict[str, Any]]:
         return self._ensure()[1]
 

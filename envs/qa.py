@@ -59,6 +59,8 @@ class AnswerEnvConfig(EnvConfig):
     answer_instruction: str = "End your reply with the final answer in the form <answer>ANSWER</answer>."
     #: role prompt templates; override single keys, e.g. env.prompts.leader="..."
     prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
+    #: answering replies end at the answer block's closing tag (see AnswerEnv.stop)
+    stop_at_answer: bool = True
 
     def __post_init__(self):
         check_positive("env.format_weight", self.format_weight, allow_zero=True)
@@ -246,6 +248,15 @@ class AnswerEnv(Env):
 
     def extract_answer(self, text: str) -> Optional[str]:
         return extract_final(text)
+
+    def stop(self, role: str) -> list[str]:
+        """An answering role's reply ends at ``</answer>`` when the answer instruction asks for
+        that block (`env.stop_at_answer`, default on). Small models answer and then ramble on into
+        new numbers until the length cap: the ramble costs generation and training time, and what
+        it adds can only confuse the answer. The verifier is not stopped (it quotes solutions)."""
+        if self.cfg.stop_at_answer and role != "verifier" and "</answer>" in self.cfg.answer_instruction:
+            return ["</answer>"]
+        return []
 
     def answers_equal(self, a: Optional[str], b: Optional[str]) -> bool:
         """Whether two extracted answers are the same answer (used for gold checks and voting)."""

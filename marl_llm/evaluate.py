@@ -3,6 +3,7 @@
   python -m marl_llm.evaluate run_dir=outputs/grpo-math            # newest checkpoint of a run
   python -m marl_llm.evaluate run_dir=DIR checkpoint=step_10 trainer.eval_size=200
   python -m marl_llm.evaluate run_dir=DIR baseline=init             # checkpoint vs the initial model
+  python -m marl_llm.evaluate run_dir=DIR baseline=init env=reasoning_gym  # ... on a family it never saw
   python -m marl_llm.evaluate algo=grpo env=math model=smollm2-135m # a model, no training run
 
 Policies get rollout workers only (no learners). Prints a table (each score with its 95% interval
@@ -58,10 +59,16 @@ def _compose(special: dict, overrides: list[str]):
         if not cfg_path.is_file():
             raise ConfigError(f"run_dir={run_dir!r} has no config.yaml (not a marl_llm run folder); "
                               "give the trainer.output_dir of a training run")
-        bad = [o for o in overrides if "." not in o.split("=", 1)[0]]
-        if bad:
-            raise ConfigError(f"with run_dir=, only key=value overrides are allowed (got {bad})")
-        return OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(overrides))
+        cfg = OmegaConf.load(cfg_path)
+        groups = [o for o in overrides if "." not in o.split("=", 1)[0]]
+        for o in groups:
+            key, _, name = o.partition("=")
+            if key != "env":
+                raise ConfigError(f"with run_dir=, only env=<name> and key=value overrides are allowed "
+                                  f"(got {o!r}: the algorithm and models come from the run)")
+            cfg.env = _env_group(name)
+        dotted = [o for o in overrides if o not in groups]
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -70,6 +77,16 @@ def _compose(special: dict, overrides: list[str]):
             return compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(f"bad override: {cli.one_line(e)}") from None
+
+
+def _env_group(name: str):
+    """`conf/env/<name>.yaml`: with run_dir=, `env=<name>` scores the run's checkpoint on another
+    env (e.g. a problem family it never trained on) with the run's algorithm, models and decoding."""
+    path = conf_dir() / "env" / f"{name}.yaml"
+    if not path.is_file():
+        allowed = sorted(p.stem for p in (conf_dir() / "env").glob("*.yaml"))
+        raise ConfigError(f"env={name!r} does not exist; choose one of {allowed}")
+    return OmegaConf.load(path)
 
 
 def _checkpoint(special: dict) -> Path | None:

@@ -69,8 +69,25 @@ def test_requests_and_seed_of_an_algorithm():
     assert [r.sampling.seed for r in reqs] == [seed_for(3, "collect", 4, 0), seed_for(3, "collect", 4, 1)]
     assert all((r.sampling.n, r.sampling.top_p, r.sampling.max_tokens) == (2, 0.8, 7) for r in reqs)
     assert algo.requests("single", [{"q": "a"}], temperature=0.0)[0].sampling.seed is None
+    assert reqs[0].sampling.stop is None  # this env has no stop strings
     loss = algo.loss
     assert (loss.kind, loss.agg, loss.norm_tokens, loss.clip_eps, loss.kl_coef) == ("pg", "token_sum_norm", 7, 0.2, 0.0)
+
+
+def test_requests_stop_where_the_env_says_a_reply_ends():
+    from envs.base import make_env
+    env = make_env({"name": "math", "train_size": 4, "eval_size": 2})
+    run = RunConfig(algo=PGConfig(), rollout=RolloutConfig(), seed=0)
+    algo = Algorithm(run.algo, env, run)
+    task = env.eval_tasks()[0]
+    assert algo.requests("single", [task])[0].sampling.stop == ["</answer>"]
+    assert algo.requests("leader", [task], contexts=[{"team": "x"}])[0].sampling.stop == ["</answer>"]
+    # the verifier quotes solutions: never cut at their answer blocks
+    assert algo.requests("verifier", [task], contexts=[{"answer": "<answer>3</answer>"}])[0].sampling.stop is None
+    off = make_env({"name": "math", "train_size": 4, "eval_size": 2, "stop_at_answer": False})
+    assert Algorithm(run.algo, off, run).requests("single", [task])[0].sampling.stop is None
+    boxed = make_env({"name": "math", "train_size": 4, "eval_size": 2, "answer_instruction": "Put it in \\boxed{}."})
+    assert boxed.stop("single") == []
 
 
 def test_majority_vote_and_env_equivalence():

@@ -42,6 +42,20 @@ def test_bad_baseline_is_named(special, needle):
     assert needle in str(e.value)
 
 
+def test_run_dir_with_another_env_keeps_the_run_and_swaps_the_env(tmp_path):
+    from omegaconf import OmegaConf
+    from marl_llm.evaluate import _compose
+    OmegaConf.save(OmegaConf.create({"algo": {"name": "grpo"}, "env": {"name": "math", "difficulty": 1},
+                                     "rollout": {"max_new_tokens": 96}}), tmp_path / "config.yaml")
+    cfg = _compose({"run_dir": str(tmp_path)}, ["env=reasoning_gym", "env.eval_size=50"])
+    assert cfg.env.name == "reasoning_gym" and cfg.env.eval_size == 50 and "difficulty" not in cfg.env
+    assert cfg.algo.name == "grpo" and cfg.rollout.max_new_tokens == 96
+    with pytest.raises(ConfigError, match="env='nope' does not exist; choose one of .*reasoning_gym"):
+        _compose({"run_dir": str(tmp_path)}, ["env=nope"])
+    with pytest.raises(ConfigError, match="only env=<name> and key=value overrides"):
+        _compose({"run_dir": str(tmp_path)}, ["algo=mlpo"])
+
+
 def test_baseline_init_needs_a_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="has no checkpoint; baseline=init"):
         _checkpoint({"run_dir": str(tmp_path), "baseline": "init"})

@@ -171,6 +171,39 @@ def test_two_ranks_equal_one_rank(group, ray_session, model_path):
         one.shutdown()
 
 
+def test_zero_advantage_samples_are_not_computed_and_the_step_is_unchanged(ray_session, model_path, monkeypatch):
+    """A group whose samples all got the same reward carries no gradient (no KL): the learner
+    skips it, and the optimiser steps are the same as on the full batch (every aggregation)."""
+    from marl_llm.learner import group as lg
+
+    skip = lg.LearnerGroup("tinyskip", model_path, MODEL_CFG, learner_cfg(1), 0, True, runtime.actor_env())
+    full = lg.LearnerGroup("tinyfull", model_path, MODEL_CFG, learner_cfg(1), 0, True, runtime.actor_env())
+    try:
+        batch = make_samples(6, seed=4)
+        for s, a in zip(batch, [0.5, 0.0, 0.0, -0.5, 0.0, 1.0]):
+            s.advantage = a
+        steps = [LossConfig(kind="pg", clip_eps=0.2, agg="token_sum_norm", norm_tokens=16),
+                 LossConfig(kind="pg", clip_eps=0.2, agg="token_mean")]
+        for loss in steps:
+            ms = skip.train_step(batch, loss)
+            with monkeypatch.context() as m:
+                m.setattr(lg, "gradient_carrying", lambda samples, loss: samples)
+                mf = full.train_step(batch, loss)
+            assert (ms["n_trained"], ms["n_samples"], mf["n_trained"]) == (3, 6, 6)
+            assert ms["grad_norm"] == pytest.approx(mf["grad_norm"], rel=1e-5)
+        probe = make_samples(4, seed=9)
+        assert max_diff(skip.logprobs(probe), full.logprobs(probe)) < 1e-5
+        # nothing carries a gradient: one sample is computed and the optimiser still steps
+        m = skip.train_step(make_samples(3, seed=5, adv=False), steps[0])
+        assert m["n_trained"] == 1 and m["global_step"] == 3
+        # with a KL term every sample counts
+        kl = LossConfig(kind="pg", clip_eps=0.2, kl_coef=0.1, agg="token_mean")
+        assert lg.gradient_carrying(batch, kl) == batch
+    finally:
+        skip.shutdown()
+        full.shutdown()
+
+
 def test_sft_lowers_loss_and_save_hf_roundtrip(group, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer

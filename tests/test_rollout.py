@@ -209,14 +209,15 @@ def test_seeded_batch_over_the_token_budget(worker):
     assert len(out) == 24 and all(len(o) == 2 and o[0].completion_ids for o in out)
 
 
-def test_stop_strings_cut_text_but_keep_sampled_tokens(worker, tokenizer):
+def test_stop_strings_end_text_at_the_stop_and_keep_sampled_tokens(worker, tokenizer):
     s = SamplingConfig(n=4, temperature=1.0, max_tokens=16, seed=3, stop=["e"])
     for c in worker.generate([GenerationRequest(messages=MESSAGES[0], sampling=s)])[0]:
         full = tokenizer.decode(c.completion_ids, skip_special_tokens=True)
-        assert "e" not in c.text and full.startswith(c.text)
+        assert "e" not in c.text[:-1] and full.startswith(c.text)
         assert len(c.logprobs) == len(c.completion_ids)
-        if "e" in full:  # stopped on the token that completed the stop string
-            assert c.finish_reason == "stop" and "e" not in tokenizer.decode(c.completion_ids[:-1])
+        if "e" in full:  # stopped on the token that completed the stop string; the text ends with it
+            assert c.finish_reason == "stop" and c.text.endswith("e")
+            assert "e" not in tokenizer.decode(c.completion_ids[:-1])
 
 
 def test_sleep_wake_are_safe(worker):

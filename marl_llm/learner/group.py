@@ -67,6 +67,20 @@ def _combine(results: list[dict]) -> dict[str, float]:
     return out
 
 
+def gradient_carrying(samples: list, loss: LossConfig) -> list:
+    """The samples a PG step has to compute. Without a KL term, a sample whose advantage is 0
+    adds exactly 0 to the loss and to the gradient (its surrogate is ratio x 0, clipped or not),
+    and every aggregation divides by global counts taken over all samples, so dropping it leaves
+    the step unchanged. In group-relative RL that is every group whose samples all got the same
+    reward (all wrong, early on a hard task): often most of the batch, and compute-bound CPU
+    learners would spend most of a step on zeros. If no sample carries a gradient, one is kept so
+    the optimiser still takes its (zero-gradient) step as it would on the full batch."""
+    if loss.kind != "pg" or loss.kl_coef:
+        return samples
+    carrying = [s for s in samples if s.advantage != 0.0]
+    return carrying or samples[:1]
+
+
 class LearnerGroup:
     def __init__(self, policy_name: str, model_path: str, model_cfg: ModelConfig, learner_cfg: LearnerConfig,
                  seed: int, need_reference: bool, env_vars: dict, start_timeout_s: float = 900.0):
@@ -183,12 +197,15 @@ class LearnerGroup:
             n_tokens = sum(len(s.chosen_ids) + len(s.rejected_ids) for s in samples)
         else:
             n_tokens = sum(len(s.completion_ids) for s in samples)
+        n_samples = len(samples)
+        # the normalisers count every sample; only the samples that carry a gradient are computed
+        samples = gradient_carrying(samples, loss)
         shards = shard_by_length(samples, self.world_size)
         n_micro = self._micro_count(shards)
-        args = [([samples[i] for i in sh], loss, len(samples), n_tokens, n_micro) for sh in shards]
+        args = [([samples[i] for i in sh], loss, n_samples, n_tokens, n_micro) for sh in shards]
         t0 = time.time()
         out = _combine(self._run("train_step", "train_step", args))
-        out.update(n_samples=len(samples), n_tokens=n_tokens, step_s=time.time() - t0)
+        out.update(n_samples=n_samples, n_trained=len(samples), n_tokens=n_tokens, step_s=time.time() - t0)
         return out
 
     def logprobs(self, samples: Sequence[Sample], reference: bool = False) -> list[list[float]]:

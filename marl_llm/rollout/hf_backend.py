@@ -6,9 +6,9 @@ the sampled token is the behaviour policy's log-prob, the same quantity the vLLM
 (`logprobs_mode="processed_logprobs"`); greedy decoding applies no warpers, so there it is the
 plain model log-prob.
 
-Stop strings follow vLLM: a row stops once its text contains one anywhere (transformers' own
-`stop_strings` only match at the end); the tokens up to the completing one are kept, the text is cut
-before it.
+Stop strings follow vLLM with `include_stop_str_in_output=True`: a row stops once its text contains
+one anywhere (transformers' own `stop_strings` only match at the end); the tokens up to the completing
+one are kept, and the text ends with the stop string (it matches the tokens that are trained on).
 
 Every generation knob is set explicitly: `generate` otherwise fills unset ones from the model's
 `generation_config.json` and from global defaults (top_k=50 among them).
@@ -49,7 +49,8 @@ class StopOnText(StoppingCriteria):
 
 
 def cut_at_stop(tokenizer, toks: list[int], stops: list[str]) -> tuple[int, str] | None:
-    """(number of tokens up to the one that completes the first stop string, text before it)."""
+    """(number of tokens up to the one that completes the first stop string, text up to and
+    including it)."""
     stops = [x for x in stops if x]
     text = tokenizer.decode(toks, skip_special_tokens=True)
     if not any(x in text for x in stops):
@@ -61,7 +62,7 @@ def cut_at_stop(tokenizer, toks: list[int], stops: list[str]) -> tuple[int, str]
             hi = mid
         else:
             lo = mid + 1
-    return lo, text[:min(text.find(x) for x in stops if x in text)]
+    return lo, text[:min(text.find(x) + len(x) for x in stops if x in text)]
 
 
 def _key(s: SamplingConfig) -> tuple:

@@ -207,7 +207,7 @@ class VLLMBackend(RolloutBackend):
             prompts.append(TokensPrompt(prompt_token_ids=self.prompt_ids(r)))
             params.append(SamplingParams(
                 n=1 if greedy else s.n, temperature=s.temperature, top_p=s.top_p, top_k=0, max_tokens=s.max_tokens,
-                seed=s.seed, stop=list(s.stop) if s.stop else None, logprobs=0,
+                seed=s.seed, stop=list(s.stop) if s.stop else None, include_stop_str_in_output=True, logprobs=0,
                 skip_special_tokens=True))
         outs = self.llm.generate(prompts, params, use_tqdm=False,
                                  lora_request=self.adapters[adapter] if adapter is not None else None)
