@@ -13,9 +13,9 @@ Where the paper is silent, we chose:
   - the team answers are sampled once before training (`team_samples` per agent per task,
     `team_temperature`) and stored; each RL prompt draws one stored answer per agent (seeded), or
     none with probability `solo_fraction` (this trains the single-agent mode too);
-  - G (`group_size`) is 4, KL is off (`kl_coef=0`; the reference is the post-SFT leader), and the
+  - G (`group_size`) is 8, KL is off (`kl_coef=0`; the reference is the post-SFT leader), and the
     loss divides token sums by `rollout.max_new_tokens`;
-  - `rounds=2` by default (CPU evaluation time); greedy leader and single-agent baselines.
+  - `rounds=1` by default (CPU evaluation time); greedy leader and single-agent baselines.
 
 Agents: one trainable `leader` policy (rollout workers + a ZeRO-3 learner group) and K frozen team
 agents `team0 .. team{K-1}` (the same model or different ones). Team agents with the same weights
@@ -82,7 +82,7 @@ class MLPOConfig(PGConfig):
     team_samples: int = 2                   # stored answers per agent per training task (paper: several)
     team_temperature: float = 0.7           # team sampling, for the stored answers and in evaluation
     # ---- data preparation -----------------------------------------------------------------------
-    max_train_tasks: Optional[int] = 24     # prepare at most this many training tasks (seeded pick); null: all
+    max_train_tasks: Optional[int] = 48     # prepare at most this many training tasks (seeded pick); null: all
     easy_threshold: Optional[float] = 0.75  # drop tasks with >= this share of correct team answers; null: keep all
     # ---- SFT warm-up of the leader (the paper does not publish its recipe: rejection sampling) -
     sft_warmup: str = "rejection"           # none | rejection | file
@@ -93,11 +93,11 @@ class MLPOConfig(PGConfig):
     sft_batch_size: int = 16                # examples per optimiser step
     # ---- RL of the leader: GRPO with Dr. GRPO changes (PGConfig: group_size, std_normalize,
     # clip_eps, kl_coef, loss_agg = token sums / max_new_tokens)
-    group_size: int = 4                     # G leader samples per prompt (paper: open)
+    group_size: int = 8                     # G leader samples per prompt (paper: open)
     solo_fraction: float = 0.25             # share of RL prompts without team answers (single-agent mode)
     shuffle_team: bool = True               # shuffle the order of the drawn team answers in the prompt
     # ---- evaluation -----------------------------------------------------------------------------
-    rounds: int = 2                         # T rounds of team + leader at inference (paper 5; 2 keeps CPU evals short)
+    rounds: int = 1                         # T rounds of team + leader at inference (paper 5; 1 keeps CPU evals short)
     eval_temperature: float = 0.0           # leader and single-agent baseline (greedy)
     eval_leader_alone: bool = True
     eval_baselines: list[str] = field(default_factory=lambda: list(EVAL_BASELINES))

@@ -143,7 +143,7 @@ class LearnerConfig:
     num_ranks: int = 1
     num_cpus: float = 1.0
     zero_stage: int = 3
-    lr: float = 2e-5  # the CPU default model; GPU presets set their own
+    lr: float = 3e-5  # the CPU default model; GPU presets set their own
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
@@ -190,8 +190,8 @@ class ClusterConfig:
 
 @dataclass
 class TrainerConfig:
-    steps: int = 6
-    batch_size: int = 2
+    steps: int = 8
+    batch_size: int = 4
     save_every: int = 10
     eval_every: int = 10
     eval_size: int = 200
