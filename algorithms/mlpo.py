@@ -82,7 +82,7 @@ class MLPOConfig(PGConfig):
     team_samples: int = 2                   # stored answers per agent per training task (paper: several)
     team_temperature: float = 0.7           # team sampling, for the stored answers and in evaluation
     # ---- data preparation -----------------------------------------------------------------------
-    max_train_tasks: Optional[int] = 48     # prepare at most this many training tasks (seeded pick); null: all
+    max_train_tasks: Optional[int] = 32     # prepare at most this many training tasks (seeded pick); null: all
     easy_threshold: Optional[float] = 0.75  # drop tasks with >= this share of correct team answers; null: keep all
     # ---- SFT warm-up of the leader (the paper does not publish its recipe: rejection sampling) -
     sft_warmup: str = "rejection"           # none | rejection | file

@@ -108,7 +108,7 @@ class RolloutConfig:
     backend: str = "vllm"
     num_workers: int = 1
     num_cpus: float = 1.0
-    temperature: float = 1.0
+    temperature: float = 0.8
     top_p: float = 1.0
     max_new_tokens: int = 128
     # vLLM engine settings (ignored by the hf backend)
@@ -190,11 +190,11 @@ class ClusterConfig:
 
 @dataclass
 class TrainerConfig:
-    steps: int = 8
+    steps: int = 6
     batch_size: int = 4
     save_every: int = 10
     eval_every: int = 10
-    eval_size: int = 200
+    eval_size: int = 100
     output_dir: str = "outputs/run"
     resume: bool = False
     # metrics.jsonl is always written; these get the same scalars (see marl_llm.metrics)

@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SHORT = ["trainer.steps=1", "trainer.eval_every=1", "trainer.save_every=1", "trainer.eval_size=4",
-         "trainer.progress=false", "trainer.tensorboard=false", "rollout.max_new_tokens=32"]
+         "trainer.progress=false", "trainer.loggers=[]", "rollout.max_new_tokens=32"]
 
 
 @pytest.mark.parametrize("recipe, overrides, comparison", [
