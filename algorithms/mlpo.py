@@ -80,9 +80,9 @@ class MLPOConfig(PGConfig):
     # one conf/model preset per team agent (heterogeneous teams); empty: every agent uses `model=`
     team_models: list[str] = field(default_factory=list)
     team_samples: int = 2                   # stored answers per agent per training task (paper: several)
-    team_temperature: float = 0.7           # team sampling, for the stored answers and in evaluation
+    team_temperature: float = 0.3           # team sampling, for the stored answers and in evaluation (0.7: SmolLM2 team 8% right)
     # ---- data preparation -----------------------------------------------------------------------
-    max_train_tasks: Optional[int] = 32     # prepare at most this many training tasks (seeded pick); null: all
+    max_train_tasks: Optional[int] = 24     # prepare at most this many training tasks (seeded pick); null: all
     easy_threshold: Optional[float] = 0.75  # drop tasks with >= this share of correct team answers; null: keep all
     # ---- SFT warm-up of the leader (the paper does not publish its recipe: rejection sampling) -
     sft_warmup: str = "rejection"           # none | rejection | file

@@ -110,7 +110,7 @@ class RolloutConfig:
     num_cpus: float = 1.0
     temperature: float = 0.8
     top_p: float = 1.0
-    max_new_tokens: int = 128
+    max_new_tokens: int = 96
     # vLLM engine settings (ignored by the hf backend)
     # "auto": compiled (torch.compile; on CPU its cache makes later starts ~25 s) for real models,
     # eager for tiny random-init ones, whose generation is cheaper than a compile
@@ -143,7 +143,7 @@ class LearnerConfig:
     num_ranks: int = 1
     num_cpus: float = 1.0
     zero_stage: int = 3
-    lr: float = 3e-5  # the CPU default model; GPU presets set their own
+    lr: float = 5e-5  # the CPU default model; GPU presets set their own
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
