@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from marl_llm.config import conf_dir, validate
+from marl_llm.config import RolloutConfig, conf_dir, validate
 from marl_llm.preflight import PreflightError, check_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ def data(tmp_path):
     ("empty.jsonl", ["is empty", "at least one task"]),
     ("no_answer.jsonl", ["'answer'", "Columns that exist: ['question', 'solution']",
                          "env.data.fields.answer=solution"]),
-    ("long.jsonl", ["none of the 4 tasks has a prompt that fits in 896 tokens",
+    ("long.jsonl", [f"none of the 4 tasks has a prompt that fits in {1024 - RolloutConfig().max_new_tokens} tokens",
                     "env.data.long_prompts=truncate"]),
 ])
 def test_train_bad_data(data, tmp_path, case, needles):
@@ -173,7 +173,8 @@ def test_long_prompts_dropped_with_count(data, caplog):
     with caplog.at_level(logging.WARNING):
         env, _ = check_run(run)
     assert len(env.train_tasks()) == 8
-    assert "dropped 3 of 11 tasks whose prompt is longer than 896 tokens" in caplog.text
+    limit = 1024 - RolloutConfig().max_new_tokens
+    assert f"dropped 3 of 11 tasks whose prompt is longer than {limit} tokens" in caplog.text
 
 
 def test_long_prompts_truncated_on_request(data, caplog):
