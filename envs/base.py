@@ -113,13 +113,13 @@ class Env:
     def train_tasks(self) -> list[dict[str, Any]]:
         return self._ensure()[0]
 
+    def eval_tasks(self) -> list[dict[str, Any]]:
+        return self._ensure()[1]
+
     def stop(self, role: str) -> list[str]:
         """Strings that end a reply in `role` (generation stops there; the text keeps them).
         Default: none, replies run to EOS or `rollout.max_new_tokens`."""
         return []
-
-    def eval_tasks(self) -> list[dict[str, Any]]:
-        return self._ensure()[1]
 
     def fit_prompts(self, tokenizer, limit: int) -> None:
         """Keep only tasks whose first-turn prompts (every joint role's) fit in `limit` tokens of
