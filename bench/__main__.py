@@ -10,6 +10,8 @@ machines are shared and noisy; absolute seconds are informative only):
   learner  training tokens/s and model FLOP/s of the learner vs the machine's GEMM ceiling
            (a torch matmul at the learner's dtype and thread count), and what each learner
            optimisation is worth (shared prompts, micro-batch size, ZeRO-3 vs ZeRO-0, threads)
+  cores    two vLLM engines generating at once with uneven batches: a running call re-taking the
+           cores the other frees (runtime.rebalance) vs keeping the share it started with
   magrpo   a 2-agent MAGRPO step vs a GRPO step with the same samples per agent
   rollout  tokens/s of the vLLM backend vs the HF transformers backend, same model and prompts
   grpo     one GRPO step split by phase (generate, reward, train, sync), vLLM vs HF rollout
@@ -212,6 +214,35 @@ def bench_magrpo(quick: bool) -> None:
                                                     "x_step_vs_grpo"], rows)
 
 
+# ---- cores: two engines, uneven batches ------------------------------------------------------
+def bench_cores(quick: bool) -> None:
+    """Two vLLM engines generate at once, one with 4x the other's work (MLPO's evaluation: the
+    team's engine answers 3 times per task and hosts the untrained baselines, the leader's engine
+    twice). With rebalancing the long batch takes the core the short one frees (baseline: each
+    call keeps the share it started with)."""
+    import multiprocessing as mp
+
+    from bench.workers import concurrent_rollout_worker
+    model = "tiny" if quick else "smollm2-135m"
+    prompts = [f"Tom has {i} apples and buys {i + 3} more. How many apples does he have now?" for i in range(16)]
+    n, max_tokens = 4, 64
+    ctx = mp.get_context("spawn")
+    rows, base = [], None
+    for name, every in (("share taken once per call", 0), ("rebalanced while generating", runtime.REBALANCE_S)):
+        with ctx.Manager() as manager, ctx.Pool(2) as pool:
+            barrier = manager.Barrier(2)
+            jobs = [pool.apply_async(concurrent_rollout_worker, ((model, ps, n, max_tokens, every, barrier),))
+                    for ps in (prompts, prompts[:4])]
+            res = [j.get() for j in jobs]
+        wall = max(r["end"] for r in res) - min(r["start"] for r in res)
+        tokens = sum(r["tokens"] for r in res)
+        base = base or wall
+        rows.append([name, tokens, wall, tokens / wall, base / wall])
+    table(f"cores: two vLLM engines at once, {model}, 16 vs 4 prompts x n={n} x {max_tokens} tokens "
+          f"on {runtime.cpu_cores()} cores (baseline: share taken once per call)",
+          ["threads", "tokens", "wall_s", "tok/s", "x_vs_once"], rows)
+
+
 # ---- vs raw vLLM ------------------------------------------------------------------------------
 def bench_vs_vllm(quick: bool) -> None:
     import multiprocessing as mp
@@ -264,8 +295,8 @@ def bench_learner(quick: bool) -> None:
            "x_vs_default"], rows)
 
 
-SECTIONS = {"vs_trl": bench_vs_trl, "vs_vllm": bench_vs_vllm, "learner": bench_learner, "magrpo": bench_magrpo,
-            "rollout": bench_rollout, "grpo": bench_grpo, "sandbox": bench_sandbox, "lora": bench_lora}
+SECTIONS = {"vs_trl": bench_vs_trl, "vs_vllm": bench_vs_vllm, "cores": bench_cores, "learner": bench_learner,
+            "magrpo": bench_magrpo, "rollout": bench_rollout, "grpo": bench_grpo, "sandbox": bench_sandbox, "lora": bench_lora}
 
 
 def main() -> None:

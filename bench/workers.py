@@ -32,6 +32,32 @@ def rollout_worker(args):
     return {"backend": backend, "start_s": start, "seconds": dt, "tokens": tokens}
 
 
+def concurrent_rollout_worker(args):
+    """Runs in a child process next to another one: a vLLM rollout worker that waits at `barrier`
+    for the other engine, then generates its share; returns when it started and ended."""
+    model, prompts, n, max_tokens, rebalance_s, barrier = args
+    import os
+
+    os.environ[runtime.REBALANCE_ENV] = str(rebalance_s)
+    from marl_llm.config import ModelConfig, RolloutConfig
+    from marl_llm.models import resolve_model
+    from marl_llm.rollout.worker import RolloutWorker
+    from marl_llm.types import GenerationRequest, SamplingConfig
+
+    mcfg = ModelConfig(name=model, source="tiny" if model == "tiny" else "smollm2_gguf")
+    w = RolloutWorker(resolve_model(mcfg), mcfg, RolloutConfig(backend="vllm", max_new_tokens=max_tokens), 0, "bench")
+    reqs = [GenerationRequest(messages=[{"role": "user", "content": p}],
+                              sampling=SamplingConfig(n=n, temperature=1.0, max_tokens=max_tokens, seed=i))
+            for i, p in enumerate(prompts)]
+    w.generate(reqs[:1])  # warm-up
+    barrier.wait()
+    t0 = time.time()
+    outs = w.generate(reqs)
+    t1 = time.time()
+    w.shutdown()
+    return {"start": t0, "end": t1, "tokens": sum(len(c.completion_ids) for o in outs for c in o)}
+
+
 def lora_sync_worker(args):
     """Runs in a child process: one policy with full weights, then one LoRA policy on a shared
     engine; per policy a few SFT steps, each followed by a timed weight sync, then timed generation."""

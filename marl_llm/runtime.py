@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -76,7 +77,14 @@ def actor_env() -> dict[str, str]:
 # phase that runs alone (GRPO's generate, then its train step) gets every core; MAGRPO's agents
 # generating or training at the same time, or the ranks of one learner group, split them and
 # never oversubscribe (an OpenMP team on a core that another process holds collapses).
+# A long phase re-takes its share while it runs (`rebalance`, between engine steps and
+# micro-batches): when MLPO's leader engine finishes its evaluation batch first, the team's
+# engine, still generating, picks up the freed core instead of leaving it idle.
 CORES_DIR_ENV = "MARL_LLM_CORES_DIR"
+# seconds between two share checks of a running phase; 0 turns rebalancing off (the share is
+# taken once, when the phase starts)
+REBALANCE_ENV = "MARL_LLM_REBALANCE_S"
+REBALANCE_S = 0.5
 # concurrent dispatches from the driver arrive within milliseconds of each other: wait this
 # long after registering before counting who else is active
 SETTLE_S = 0.05
@@ -140,15 +148,25 @@ def phase_threads(fixed: int = 0) -> int:
     return max(1, cpu_cores() // max(1, active_phases()))
 
 
+class _Phase(threading.local):
+    """The compute phase this thread is in: its pinned thread count (0: a share), current
+    threads and when the share was last checked."""
+    fixed: int = 0
+    threads: int = 0
+    checked: float = 0.0
+
+
+_phase = _Phase()
+
+
 @contextlib.contextmanager
 def compute_phase(fixed: int = 0, settle_s: float = SETTLE_S) -> Iterator[int]:
     """Register this process as computing, take its share of the cores, drop back to one thread
     on exit. `fixed` > 0 pins the thread count (config `rollout.threads` / `learner.threads`).
-    A no-op on GPUs (threads do not matter there)."""
+    Long phases call `rebalance` as they go. A no-op on GPUs (threads do not matter there)."""
     if has_gpu():
         yield 0
         return
-    import threading
     marker = _cores_dir() / f"{os.getpid()}.{threading.get_ident()}"
     marker.touch()
     try:
@@ -156,7 +174,33 @@ def compute_phase(fixed: int = 0, settle_s: float = SETTLE_S) -> Iterator[int]:
             time.sleep(settle_s)
         n = phase_threads(fixed)
         set_threads(n)
+        _phase.fixed, _phase.threads, _phase.checked = fixed, n, time.monotonic()
         yield n
     finally:
+        _phase.threads = 0
         marker.unlink(missing_ok=True)
         set_threads(1)
+
+
+def rebalance_interval() -> float:
+    return float(os.environ.get(REBALANCE_ENV, REBALANCE_S))
+
+
+def rebalance() -> int:
+    """Inside a compute phase: re-take this process's share of the cores if the number of phases
+    computing has changed (another engine finished or started), checked at most once every
+    `MARL_LLM_REBALANCE_S` seconds. Call it between steps of a long phase (vLLM engine steps,
+    learner micro-batches); it must run on the thread that computes (OpenMP's thread count is
+    per thread). Returns the phase's threads now (0 outside a phase or on GPUs)."""
+    if not _phase.threads or _phase.fixed:
+        return _phase.threads
+    every = rebalance_interval()
+    now = time.monotonic()
+    if every <= 0 or now - _phase.checked < every:
+        return _phase.threads
+    _phase.checked = now
+    n = phase_threads()
+    if n != _phase.threads:
+        set_threads(n)
+        _phase.threads = n
+    return n

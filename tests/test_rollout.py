@@ -220,6 +220,31 @@ def test_stop_strings_end_text_at_the_stop_and_keep_sampled_tokens(worker, token
             assert "e" not in tokenizer.decode(c.completion_ids[:-1])
 
 
+def test_a_generate_call_takes_the_cores_another_engine_frees(worker, tmp_path, monkeypatch):
+    """Another engine computes when the call starts (the call gets half the cores) and finishes
+    right after: the running call re-takes the whole machine between engine steps (vLLM) or
+    batches (HF) instead of leaving the freed cores idle."""
+    monkeypatch.setenv(runtime.CORES_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(runtime.REBALANCE_ENV, "0.0001")
+    monkeypatch.setattr(runtime, "has_gpu", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_cores", lambda: 4)
+    other = tmp_path / f"{os.getpid()}.other-engine"
+    other.touch()
+    seen = []
+    rebalance = runtime.rebalance
+
+    def watch():
+        seen.append(rebalance())
+        other.unlink(missing_ok=True)  # the other engine's batch ends after our first step
+
+    monkeypatch.setattr(runtime, "rebalance", watch)
+    reqs = [GenerationRequest(messages=m, sampling=SamplingConfig(n=2, max_tokens=8, seed=5))
+            for m in MESSAGES * 3]
+    worker.generate(reqs)
+    assert seen[0] == 2 and seen[-1] == 4, seen
+    assert torch.get_num_threads() == 1  # idle again after the call
+
+
 def test_sleep_wake_are_safe(worker):
     worker.sleep()
     worker.wake()

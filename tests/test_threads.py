@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -68,3 +69,34 @@ def test_set_threads_survives_vllms_patch(cores_dir, monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     runtime.set_threads(2)
     assert torch.get_num_threads() == 2
+
+
+def test_a_running_phase_takes_the_cores_another_phase_frees(cores_dir, monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_cores", lambda: 4)
+    monkeypatch.setenv(runtime.REBALANCE_ENV, "0.001")
+    other = cores_dir / f"{os.getpid()}.other"
+    other.touch()  # another engine computing
+    with runtime.compute_phase(settle_s=0) as n:
+        assert n == 2 and torch.get_num_threads() == 2
+        other.unlink()  # ... finishes its batch
+        time.sleep(0.01)
+        assert runtime.rebalance() == 4 and torch.get_num_threads() == 4
+        other.touch()  # ... and starts the next one
+        time.sleep(0.01)
+        assert runtime.rebalance() == 2 and torch.get_num_threads() == 2
+    assert runtime.rebalance() == 0 and torch.get_num_threads() == 1  # outside a phase: nothing to do
+
+
+def test_rebalancing_is_rate_limited_and_can_be_turned_off(cores_dir, monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_cores", lambda: 4)
+    other = cores_dir / f"{os.getpid()}.other"
+    other.touch()
+    for interval in ("3600", "0"):  # not due yet; off
+        monkeypatch.setenv(runtime.REBALANCE_ENV, interval)
+        with runtime.compute_phase(settle_s=0) as n:
+            other.unlink(missing_ok=True)
+            assert n == 2 and runtime.rebalance() == 2 and torch.get_num_threads() == 2
+        other.touch()
+    with runtime.compute_phase(fixed=3) as n:  # a pinned count stays pinned
+        other.unlink()
+        assert n == 3 and runtime.rebalance() == 3

@@ -485,8 +485,7 @@ class LearnerWorker:
         metrics = _Metrics()
         with runtime.compute_phase(self.cfg.threads) as threads:
             for i in range(n_micro):
-                if i:  # another engine may have started or finished computing: re-take our share
-                    runtime.set_threads(runtime.phase_threads(self.cfg.threads))
+                runtime.rebalance()  # another engine may have started or finished computing
                 self.engine.set_gradient_accumulation_boundary(i == n_micro - 1)
                 batch = [samples_shard[j] for j in local[i]] if i < len(local) else []
                 if not batch:
@@ -580,6 +579,7 @@ class LearnerWorker:
         try:
             with runtime.compute_phase(self.cfg.threads):
                 for i in range(n):
+                    runtime.rebalance()
                     if i >= len(local):
                         self._dummy_forward(module, grad=False)
                         continue

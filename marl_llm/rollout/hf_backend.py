@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from marl_llm import runtime
 from marl_llm.config import ModelConfig, RolloutConfig
 from marl_llm.rollout.backend import RolloutBackend, eos_ids
 from marl_llm.types import Completion, GenerationRequest, SamplingConfig
@@ -116,6 +117,7 @@ class HFBackend(RolloutBackend):
             per_batch = max(1, self.batch_size // max(1, s.n))  # hf_batch_size counts sequences
             for a in range(0, len(idx), per_batch):
                 chunk = idx[a:a + per_batch]
+                runtime.rebalance()
                 seeded = requests[chunk[0]].sampling
                 for i, comps in zip(chunk, self._generate_batch([prompts[i] for i in chunk], seeded)):
                     out[i] = comps

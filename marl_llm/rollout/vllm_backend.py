@@ -145,6 +145,21 @@ def engine_args(model_path: str, model_cfg: ModelConfig, rollout_cfg: RolloutCon
     return kw
 
 
+def rebalance_between_steps(engine) -> None:
+    """Re-take this engine's share of the cores between engine steps (`runtime.rebalance`): a
+    batch that outlives the other engines' batches speeds up on the cores they free. Only for
+    the in-process engine, whose steps run on the calling thread (the one whose threads count)."""
+    from marl_llm import runtime
+
+    step = engine.step
+
+    def step_with_rebalance(*args, **kwargs):
+        runtime.rebalance()
+        return step(*args, **kwargs)
+
+    engine.step = step_with_rebalance
+
+
 class VLLMBackend(RolloutBackend):
     name = "vllm"
     multi_lora = True
@@ -169,6 +184,8 @@ class VLLMBackend(RolloutBackend):
         t0 = time.perf_counter()
         self.llm = vllm.LLM(**kw)
         self.start_s = time.perf_counter() - t0
+        if self.in_process:
+            rebalance_between_steps(self.llm.llm_engine)
         self.sleeping = False
         log.info("vLLM %s engine (V1, %s, %s, %s, %s) for %s started in %.1fs", self.version,
                  "in-process" if self.in_process else "engine-core process",
