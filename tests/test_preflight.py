@@ -236,3 +236,48 @@ def test_growing_context_is_cut_to_fit(data, caplog):
     team = env.prompt(task, "leader", team_answers=[long_prev, "The answer is 3.", long_prev])
     assert len(prompt_ids_of(tok, GenerationRequest(messages=team))) <= 1024 - 24
     assert "The answer is 3." in team[-1]["content"]
+
+
+# ---- memory: an estimate against what Ray allows, a warning with the breakdown ---------------------
+def memory_estimate(*overrides):
+    from marl_llm.preflight import estimate_memory
+    from marl_llm.registry import ALGORITHMS, ENVS
+    run = run_config(*overrides)
+    algo = ALGORITHMS.get(run.algo.name)(run.algo, ENVS.get(run.env.name)(run.env, seed=0), run)
+    return run, algo.policy_specs(), estimate_memory(algo.policy_specs(), run)
+
+
+def test_memory_estimate_follows_the_settings_that_lower_it():
+    from marl_llm.models import resolve_model, weights_bytes
+    run, _, base = memory_estimate("algo=malt")
+    w = weights_bytes(resolve_model(run.model)) / 1e9
+    assert {k for k in base if k.startswith("engine")} == {"engine generator", "engine verifier", "engine refiner"}
+    assert base["learner verifier"] == pytest.approx(6 * w + 1.2)  # ZeRO-3, 1 rank: 5 copies + the DPO reference
+    _, _, zero0 = memory_estimate("algo=malt", "learner.zero_stage=0")
+    assert zero0["learner verifier"] == pytest.approx(base["learner verifier"] - w)
+    _, _, kv = memory_estimate("algo=malt", "rollout.kv_cache_gb=0.5")
+    assert kv["engine refiner"] == pytest.approx(base["engine refiner"] - 0.5)
+    _, _, small = memory_estimate("algo=malt", "learner.micro_batch_tokens=512")
+    assert small["training micro-batch"] == pytest.approx(base["training micro-batch"] / 4)
+    _, _, lora = memory_estimate("algo=malt", "algo.role_weights=lora")  # one shared engine, frozen bases
+    assert [k for k in lora if k.startswith("engine")] == ["engine generator"]
+    assert lora["learner verifier"] < base["learner verifier"]
+    _, _, mlpo = memory_estimate("algo=mlpo")  # the frozen team: an engine, no learner
+    assert "engine team0" in mlpo and "learner team0" not in mlpo
+
+
+def test_a_run_over_the_memory_limit_gets_a_warning_naming_the_parts(monkeypatch, caplog):
+    from marl_llm import preflight, runtime
+    run, specs, est = memory_estimate("algo=malt")
+    monkeypatch.setattr(runtime, "has_gpu", lambda: False)
+    monkeypatch.setattr(preflight, "machine_memory_gb", lambda: 1000.0)
+    assert preflight.check_memory(specs, run) is None
+    monkeypatch.setattr(preflight, "machine_memory_gb", lambda: sum(est.values()))  # 95% of it is usable
+    with caplog.at_level(logging.WARNING):
+        msg = preflight.check_memory(specs, run)
+    assert msg and msg in caplog.text
+    for needle in ("estimated peak memory", "engine refiner", "learner verifier", "rollout.kv_cache_gb",
+                   "learner.micro_batch_tokens"):
+        assert needle in msg
+    monkeypatch.setattr(runtime, "has_gpu", lambda: True)  # tensors live on the GPUs
+    assert preflight.check_memory(specs, run) is None
