@@ -85,7 +85,7 @@ class MLPOConfig(PGConfig):
     max_train_tasks: Optional[int] = 24     # prepare at most this many training tasks (seeded pick); null: all
     easy_threshold: Optional[float] = 0.75  # drop tasks with >= this share of correct team answers; null: keep all
     # ---- SFT warm-up of the leader (the paper does not publish its recipe: rejection sampling) -
-    sft_warmup: str = "rejection"           # none | rejection | file
+    sft_warmup: str = "none"                # none | rejection | file (conf/algo/mlpo.yaml says why none)
     sft_file: Optional[str] = None          # JSONL for sft_warmup=file (format: read_sft_file)
     sft_samples: int = 2                    # rejection: leader syntheses sampled per kept task
     sft_require_format: bool = False        # rejection: keep only correct AND well-formed syntheses
@@ -94,7 +94,7 @@ class MLPOConfig(PGConfig):
     # ---- RL of the leader: GRPO with Dr. GRPO changes (PGConfig: group_size, std_normalize,
     # clip_eps, kl_coef, loss_agg = token sums / max_new_tokens)
     group_size: int = 8                     # G leader samples per prompt (paper: open)
-    solo_fraction: float = 0.25             # share of RL prompts without team answers (single-agent mode)
+    solo_fraction: float = 0.5              # share of RL prompts without team answers (single-agent mode)
     shuffle_team: bool = True               # shuffle the order of the drawn team answers in the prompt
     # ---- evaluation -----------------------------------------------------------------------------
     rounds: int = 1                         # T rounds of team + leader at inference (paper 5; 1 keeps CPU evals short)

@@ -142,10 +142,12 @@ def test_cpu_recipe_presets_compose_and_validate(experiment, algo, env):
 
 def test_main_job_is_sized_to_learn_and_to_tell_within_15_minutes():
     """The main job (no arguments): MLPO over a 3-agent team, 6 steps of 4 tasks x G=8 leader
-    samples, one round at inference, >= 100 held-out tasks with every baseline (README "Results")."""
+    samples, half of them solo, no SFT warm-up, one round at inference, >= 100 held-out tasks with
+    every baseline (README "Results")."""
     run = validate(composed())
     assert (run.algo.name, run.env.name, run.model.name) == ("mlpo", "math", "smollm2-135m")
     assert run.trainer.eval_size >= 100 and run.trainer.eval_every >= run.trainer.steps
     assert (run.trainer.steps, run.trainer.batch_size, run.algo.group_size, run.algo.rounds) == (6, 4, 8, 1)
+    assert (run.algo.solo_fraction, run.algo.sft_warmup, run.learner.lr) == (0.5, "none", 5e-5)
     assert run.algo.eval_baselines == ["single", "majority", "untrained"] and run.algo.eval_leader_alone
     assert run.env.stop_at_answer
