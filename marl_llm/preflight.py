@@ -118,19 +118,19 @@ def fit_env_prompts(env, specs: list, run: RunConfig) -> None:
 
 # ---- memory ------------------------------------------------------------------------------------
 # Resident memory of one process, in addition to the tensors it holds, measured with SmolLM2-135M
-# (fp32) on a 2-core CPU machine (2026-11-30, cpu_malt_math: 3 engines + 3 learners): a vLLM-CPU
-# engine held 3.2 GB with 0.54 GB of weights and 1 GB of KV cache; a ZeRO-3 learner rank 3.2 GB
-# at start and 4.4 GB after its first step (weights, fp32 master copy, gradients, 2 Adam moments,
-# a DPO reference); a training micro-batch of 1,024 tokens added ~2.2 GB on top.
-ENGINE_OVERHEAD_GB = 1.6
-LEARNER_OVERHEAD_GB = 1.2
+# (fp32, 0.50 GiB of weights) on a 2-core CPU machine (2026-11-30, cpu_malt_math: 3 engines + 3
+# learners): a vLLM-CPU engine held 3.2 GiB with 1 GiB of KV cache; a ZeRO-3 learner rank 4.4 GiB
+# after its first step (weights, fp32 master copy, gradients, 2 Adam moments, a DPO reference); a
+# training micro-batch of up to 1,024 tokens added ~2.2 GiB on top.
+ENGINE_OVERHEAD_GB = 1.7
+LEARNER_OVERHEAD_GB = 1.4
 DRIVER_GB = 1.0
 # bytes per token of a training micro-batch: logits and their gradient (~4 fp32 copies of the
 # vocabulary row) plus ~20 fp32 activations of the hidden size per layer
 LOGIT_COPIES, LAYER_ACTIVATIONS = 4, 20
 # Ray's memory monitor kills actors above this share of the machine's RAM (RAY_memory_usage_threshold)
 RAY_MEMORY_THRESHOLD = 0.95
-GB = 1e9
+GB = 1 << 30  # GiB, as Ray's memory monitor and `free` count
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -153,7 +153,7 @@ def _model_shape(m: ModelConfig) -> Optional[dict]:
 
 
 def estimate_memory(specs: list, run: RunConfig) -> dict[str, float]:
-    """Peak resident memory (GB) of a CPU run on one machine, by component: every policy's rollout
+    """Peak resident memory (GiB) of a CPU run on one machine, by component: every policy's rollout
     engines, every learner rank after its first step, and the largest training micro-batch (one
     learner trains at a time on CPU: its micro-batch is the peak on top). Policies whose model is
     not a local folder are left out."""
@@ -192,7 +192,7 @@ def estimate_memory(specs: list, run: RunConfig) -> dict[str, float]:
 
 
 def machine_memory_gb() -> float:
-    """This machine's RAM (GB), from /proc/meminfo (0 where there is none)."""
+    """This machine's RAM (GiB), from /proc/meminfo (0 where there is none)."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
@@ -213,12 +213,12 @@ def check_memory(specs: list, run: RunConfig) -> Optional[str]:
         return None
     est = estimate_memory(specs, run)
     need, limit = sum(est.values()), RAY_MEMORY_THRESHOLD * total
-    log.info("memory estimate: %.1f GB of %.1f GB usable (%s)", need, limit,
+    log.info("memory estimate: %.1f GiB of %.1f GiB usable (%s)", need, limit,
              ", ".join(f"{k} {v:.1f}" for k, v in est.items()))
     if need <= limit:
         return None
-    msg = (f"estimated peak memory {need:.1f} GB is over the {limit:.1f} GB Ray allows on this machine "
-           f"({RAY_MEMORY_THRESHOLD:.0%} of {total:.1f} GB): " + ", ".join(f"{k} {v:.1f} GB" for k, v in est.items())
+    msg = (f"estimated peak memory {need:.1f} GiB is over the {limit:.1f} GiB Ray allows on this machine "
+           f"({RAY_MEMORY_THRESHOLD:.0%} of {total:.1f} GiB): " + ", ".join(f"{k} {v:.1f} GiB" for k, v in est.items())
            + "; Ray's memory monitor may kill it, often many minutes in. Lower it with rollout.kv_cache_gb, "
            "learner.micro_batch_tokens / learner.micro_batch_size, learner.zero_stage=0 (one rank: no second "
            "copy of the weights), LoRA policies (model.lora) or a smaller model")
