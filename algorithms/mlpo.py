@@ -9,10 +9,12 @@ revising after reading the leader's previous output; the trained leader also ans
 
 Where the paper is silent, we chose:
   - the SFT recipe: `rejection` (the leader's own correct syntheses of a first sampling pass) or
-    `file` (a user JSONL file, format in `read_sft_file`); `none` skips it;
+    `file` (a user JSONL file, format in `read_sft_file`); `none` (the CPU default: SmolLM2 keeps
+    2-6 of 48 syntheses, too few to matter) skips it;
   - the team answers are sampled once before training (`team_samples` per agent per task,
     `team_temperature`) and stored; each RL prompt draws one stored answer per agent (seeded), or
-    none with probability `solo_fraction` (this trains the single-agent mode too);
+    none with probability `solo_fraction` (0.5: this trains the single-agent mode too, and with
+    SmolLM2 it is where the skill grows first; README "Results");
   - G (`group_size`) is 8, KL is off (`kl_coef=0`; the reference is the post-SFT leader), and the
     loss divides token sums by `rollout.max_new_tokens`;
   - `rounds=1` by default (CPU evaluation time); greedy leader and single-agent baselines.
