@@ -280,7 +280,7 @@ def _short(text: str, n: int = 60) -> str:
 
 def _step_axis(ax) -> None:
     ax.set_xlabel("step")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one eval point: tick "2", not 1.900..2.100
 
 
 def smooth(ys: list[float]) -> list[float]:
