@@ -152,11 +152,11 @@ def _model_shape(m: ModelConfig) -> Optional[dict]:
             "hidden": int(text.get("hidden_size", 0))}
 
 
-def estimate_memory(specs: list, run: RunConfig) -> dict[str, float]:
+def estimate_memory(specs: list, run: RunConfig, train: bool = True) -> dict[str, float]:
     """Peak resident memory (GiB) of a CPU run on one machine, by component: every policy's rollout
     engines, every learner rank after its first step, and the largest training micro-batch (one
-    learner trains at a time on CPU: its micro-batch is the peak on top). Policies whose model is
-    not a local folder are left out."""
+    learner trains at a time on CPU: its micro-batch is the peak on top); engines only when not
+    training (`evaluate` starts no learner). Policies whose model is not a local folder are left out."""
     out: dict[str, float] = {"driver": DRIVER_GB}
     shared_engines: set[str] = set()
     peak_batch = 0.0
@@ -171,7 +171,7 @@ def estimate_memory(specs: list, run: RunConfig) -> dict[str, float]:
             shared_engines.add(engine_key)
             kv = run.rollout.kv_cache_gb if run.rollout.backend == "vllm" else 0.0
             out[f"engine {s.name}"] = run.rollout.num_workers * (w + kv + ENGINE_OVERHEAD_GB)
-        if not s.trainable:
+        if not (train and s.trainable):
             continue
         lc = s.learner or run.learner
         n = lc.num_ranks
@@ -202,7 +202,7 @@ def machine_memory_gb() -> float:
     return 0.0
 
 
-def check_memory(specs: list, run: RunConfig) -> Optional[str]:
+def check_memory(specs: list, run: RunConfig, train: bool = True) -> Optional[str]:
     """Warn (and return the message) when the run's estimated peak memory is over what Ray's
     memory monitor allows on this machine: such a run is killed after its engines have started,
     often many minutes in. CPU runs on a local cluster only (a GPU run's tensors live on the GPUs;
@@ -211,7 +211,7 @@ def check_memory(specs: list, run: RunConfig) -> Optional[str]:
     total = machine_memory_gb()
     if runtime.has_gpu() or run.cluster.address or not total:
         return None
-    est = estimate_memory(specs, run)
+    est = estimate_memory(specs, run, train)
     need, limit = sum(est.values()), RAY_MEMORY_THRESHOLD * total
     log.info("memory estimate: %.1f GiB of %.1f GiB usable (%s)", need, limit,
              ", ".join(f"{k} {v:.1f}" for k, v in est.items()))
@@ -258,5 +258,5 @@ def check_run(run: RunConfig, *, output_dir: Optional[str] = None, resume: Optio
     if not eval_tasks and (not train or run.trainer.eval_every):
         log.warning("env=%r has no evaluation tasks", run.env.name)
     fit_env_prompts(env, specs, run)
-    check_memory(specs, run)
+    check_memory(specs, run, train)
     return env, algo

@@ -263,8 +263,10 @@ def test_memory_estimate_follows_the_settings_that_lower_it():
     _, _, lora = memory_estimate("algo=malt", "algo.role_weights=lora")  # one shared engine, frozen bases
     assert [k for k in lora if k.startswith("engine")] == ["engine generator"]
     assert lora["learner verifier"] < base["learner verifier"]
-    _, _, mlpo = memory_estimate("algo=mlpo")  # the frozen team: an engine, no learner
+    run, specs, mlpo = memory_estimate("algo=mlpo")  # the frozen team: an engine, no learner
     assert "engine team0" in mlpo and "learner team0" not in mlpo
+    from marl_llm.preflight import estimate_memory
+    assert set(estimate_memory(specs, run, train=False)) == {"driver", "engine leader", "engine team0"}  # evaluate
 
 
 def test_a_run_over_the_memory_limit_gets_a_warning_naming_the_parts(monkeypatch, caplog):
