@@ -38,6 +38,10 @@ from marl_llm import runtime  # noqa: E402
 runtime.apply_defaults()
 
 
+# the chat prompts of the generation benches
+PROMPTS = [f"Tom has {i} apples and buys {i + 3} more. How many apples does he have now?" for i in range(16)]
+
+
 def table(title: str, header: list[str], rows: list[list]) -> None:
     cells = [header] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -55,17 +59,16 @@ def bench_rollout(quick: bool) -> None:
 
     from bench.workers import rollout_worker  # spawned children must import it by name
     model = "tiny" if quick else "smollm2"
-    prompts = [f"Tom has {i} apples and buys {i + 3} more. How many apples does he have now?" for i in range(16)]
     n, max_tokens = 4, 64
     results = []
     ctx = mp.get_context("spawn")
     for backend in ("hf", "vllm"):  # one engine at a time: they would share the 2 cores
         with ctx.Pool(1) as pool:
-            results.append(pool.apply(rollout_worker, ((backend, model, prompts, n, max_tokens),)))
+            results.append(pool.apply(rollout_worker, ((backend, model, PROMPTS, n, max_tokens),)))
     base = results[0]["tokens"] / results[0]["seconds"]
     rows = [[r["backend"], r["tokens"], r["seconds"], r["tokens"] / r["seconds"],
              (r["tokens"] / r["seconds"]) / base, r["start_s"]] for r in results]
-    table(f"rollout: {model}, {len(prompts)} prompts x n={n} x {max_tokens} tokens (baseline: hf)",
+    table(f"rollout: {model}, {len(PROMPTS)} prompts x n={n} x {max_tokens} tokens (baseline: hf)",
           ["backend", "tokens", "gen_s", "tok/s", "x_vs_hf", "start_s"], rows)
 
 
@@ -114,14 +117,13 @@ def bench_lora(quick: bool) -> None:
 
     from bench.workers import lora_sync_worker
     model = "tiny" if quick else "smollm2-135m"
-    prompts = [f"Tom has {i} apples and buys {i + 3} more. How many apples does he have now?" for i in range(16)]
     with mp.get_context("spawn").Pool(1) as pool:
-        full, lora = pool.apply(lora_sync_worker, ((model, 3, prompts, 64),))
+        full, lora = pool.apply(lora_sync_worker, ((model, 3, PROMPTS, 64),))
     rows = [[r["kind"], r["sync_s"], r["bytes"] / 2**20, full["sync_s"] / r["sync_s"],
              r["tokens"] / r["gen_s"], (r["tokens"] / r["gen_s"]) / (full["tokens"] / full["gen_s"])]
             for r in (full, lora)]
     table(f"lora: {model}, weight sync after an SFT step (mean of steps 2-3) and generation of "
-          f"{len(prompts)} prompts x 64 tokens (baseline: full-weight policy)",
+          f"{len(PROMPTS)} prompts x 64 tokens (baseline: full-weight policy)",
           ["policy", "sync_s", "sync_MiB", "x_sync_vs_full", "gen_tok/s", "x_gen_vs_full"], rows)
 
 
@@ -224,7 +226,6 @@ def bench_cores(quick: bool) -> None:
 
     from bench.workers import concurrent_rollout_worker
     model = "tiny" if quick else "smollm2-135m"
-    prompts = [f"Tom has {i} apples and buys {i + 3} more. How many apples does he have now?" for i in range(16)]
     n, max_tokens = 4, 64
     ctx = mp.get_context("spawn")
     rows, base = [], None
@@ -232,7 +233,7 @@ def bench_cores(quick: bool) -> None:
         with ctx.Manager() as manager, ctx.Pool(2) as pool:
             barrier = manager.Barrier(2)
             jobs = [pool.apply_async(concurrent_rollout_worker, ((model, ps, n, max_tokens, every, barrier),))
-                    for ps in (prompts, prompts[:4])]
+                    for ps in (PROMPTS, PROMPTS[:4])]
             res = [j.get() for j in jobs]
         wall = max(r["end"] for r in res) - min(r["start"] for r in res)
         tokens = sum(r["tokens"] for r in res)
@@ -249,15 +250,14 @@ def bench_vs_vllm(quick: bool) -> None:
 
     from bench.workers import raw_vllm_worker, rollout_actor_worker
     model = "tiny" if quick else "smollm2-135m"
-    prompts = [f"Tom has {i} apples and buys {i + 3} more. How many apples does he have now?" for i in range(16)]
-    args = (model, prompts, 4, 64)
+    args = (model, PROMPTS, 4, 64)
     ctx = mp.get_context("spawn")
     results = []
     for fn in (raw_vllm_worker, rollout_actor_worker):  # one engine at a time: they would share the cores
         with ctx.Pool(1) as pool:
             results.append(pool.apply(fn, (args,)))
     base = results[0]["tokens"] / results[0]["seconds"]
-    table(f"vs_vllm: {model}, {len(prompts)} prompts x n=4 x 64 tokens, after one warm-up call "
+    table(f"vs_vllm: {model}, {len(PROMPTS)} prompts x n=4 x 64 tokens, after one warm-up call "
           "(baseline: raw vllm.LLM in-process with the worker's engine arguments)",
           ["engine", "tokens", "seconds", "tok/s", "x_vs_raw", "threads"],
           [[r["name"], r["tokens"], r["seconds"], r["tokens"] / r["seconds"], (r["tokens"] / r["seconds"]) / base,

@@ -8,28 +8,43 @@ from marl_llm import runtime
 runtime.apply_defaults()
 
 
-def rollout_worker(args):
-    """Runs in a child process: one backend, warm-up, then timed generation."""
-    backend, model, prompts, n, max_tokens = args
+def _worker(backend: str, model: str, max_tokens: int):
+    """A rollout worker for the bench model ("tiny" or the embedded SmolLM2) and its start seconds."""
     from marl_llm.config import ModelConfig, RolloutConfig
     from marl_llm.models import resolve_model
     from marl_llm.rollout.worker import RolloutWorker
-    from marl_llm.types import GenerationRequest, SamplingConfig
 
     mcfg = ModelConfig(name=model, source="tiny" if model == "tiny" else "smollm2_gguf")
     path = resolve_model(mcfg)
     t0 = time.perf_counter()
     w = RolloutWorker(path, mcfg, RolloutConfig(backend=backend, max_new_tokens=max_tokens), 0, "bench")
-    start = time.perf_counter() - t0
-    sampling = SamplingConfig(n=n, temperature=1.0, max_tokens=max_tokens, seed=0)
-    reqs = [GenerationRequest(messages=[{"role": "user", "content": p}], sampling=sampling) for p in prompts]
+    return w, time.perf_counter() - t0
+
+
+def _requests(prompts, n: int, max_tokens: int, seed_each: bool = False):
+    """One chat request per prompt, n samples at temperature 1 (seed 0, or the prompt's index)."""
+    from marl_llm.types import GenerationRequest, SamplingConfig
+    return [GenerationRequest(messages=[{"role": "user", "content": p}],
+                              sampling=SamplingConfig(n=n, temperature=1.0, max_tokens=max_tokens,
+                                                      seed=i if seed_each else 0))
+            for i, p in enumerate(prompts)]
+
+
+def _tokens(outs) -> int:
+    return sum(len(c.completion_ids) for o in outs for c in o)
+
+
+def rollout_worker(args):
+    """Runs in a child process: one backend, warm-up, then timed generation."""
+    backend, model, prompts, n, max_tokens = args
+    w, start = _worker(backend, model, max_tokens)
+    reqs = _requests(prompts, n, max_tokens)
     w.generate(reqs[:2])  # warm-up
     t0 = time.perf_counter()
     outs = w.generate(reqs)
     dt = time.perf_counter() - t0
-    tokens = sum(len(c.completion_ids) for o in outs for c in o)
     w.shutdown()
-    return {"backend": backend, "start_s": start, "seconds": dt, "tokens": tokens}
+    return {"backend": backend, "start_s": start, "seconds": dt, "tokens": _tokens(outs)}
 
 
 def concurrent_rollout_worker(args):
@@ -39,23 +54,15 @@ def concurrent_rollout_worker(args):
     import os
 
     os.environ[runtime.REBALANCE_ENV] = str(rebalance_s)
-    from marl_llm.config import ModelConfig, RolloutConfig
-    from marl_llm.models import resolve_model
-    from marl_llm.rollout.worker import RolloutWorker
-    from marl_llm.types import GenerationRequest, SamplingConfig
-
-    mcfg = ModelConfig(name=model, source="tiny" if model == "tiny" else "smollm2_gguf")
-    w = RolloutWorker(resolve_model(mcfg), mcfg, RolloutConfig(backend="vllm", max_new_tokens=max_tokens), 0, "bench")
-    reqs = [GenerationRequest(messages=[{"role": "user", "content": p}],
-                              sampling=SamplingConfig(n=n, temperature=1.0, max_tokens=max_tokens, seed=i))
-            for i, p in enumerate(prompts)]
+    w, _ = _worker("vllm", model, max_tokens)
+    reqs = _requests(prompts, n, max_tokens, seed_each=True)
     w.generate(reqs[:1])  # warm-up
     barrier.wait()
     t0 = time.time()
     outs = w.generate(reqs)
     t1 = time.time()
     w.shutdown()
-    return {"start": t0, "end": t1, "tokens": sum(len(c.completion_ids) for o in outs for c in o)}
+    return {"start": t0, "end": t1, "tokens": _tokens(outs)}
 
 
 def lora_sync_worker(args):

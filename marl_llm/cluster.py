@@ -6,7 +6,6 @@ the trainer needs lives here.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any, Optional
 from marl_llm import runtime
 from marl_llm.config import ClusterConfig, RunConfig
 from marl_llm.learner.lora import ADAPTER_DIR
-from marl_llm.models import resolve_model
+from marl_llm.models import base_model_key, resolve_model
 from marl_llm.policy import Policy, PolicySpec
 
 log = logging.getLogger(__name__)
@@ -70,8 +69,7 @@ class Cluster:
         shared: dict[tuple, list[PolicySpec]] = {}
         for s in specs:
             if s.model.lora is not None and run.rollout.backend == "vllm":
-                base = dataclasses.replace(s.model, name="", lora=None)
-                shared.setdefault((resolve_model(s.model), repr(base)), []).append(s)
+                shared.setdefault(base_model_key(s.model), []).append(s)
             elif s.model.lora is not None:
                 log.info("policy %r: rollout.backend=%s serves no LoRA adapters; the policy gets its own "
                          "engine and the learner pushes merged weights", s.name, run.rollout.backend)

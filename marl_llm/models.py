@@ -11,6 +11,7 @@ leave a half-written model behind.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -49,6 +50,12 @@ def cache_root(cfg: ModelConfig | None = None) -> Path:
     root = (cfg.cache_dir if cfg and cfg.cache_dir else None) or os.environ.get("MARL_LLM_CACHE") \
         or os.path.join(os.path.expanduser("~"), ".cache", "marl_llm")
     return Path(root)
+
+
+def base_model_key(cfg: ModelConfig) -> str:
+    """What identifies a model's base weights and serving settings (its name and LoRA adapter
+    aside): LoRA policies with the same key share one vLLM engine; prompts are fitted once per key."""
+    return repr(dataclasses.replace(cfg, name="", lora=None))
 
 
 def resolve_model(cfg: ModelConfig) -> str:

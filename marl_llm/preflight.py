@@ -15,7 +15,6 @@ Every failure is a `PreflightError` (a `ConfigError`): one line naming the value
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile
@@ -24,6 +23,7 @@ from typing import Optional
 
 from marl_llm.config import ConfigError, ModelConfig, RunConfig
 from marl_llm.data import hub_offline
+from marl_llm.models import base_model_key
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def fit_env_prompts(env, specs: list, run: RunConfig) -> None:
     """Drop (or truncate) the env's tasks whose first-turn prompt does not fit every policy's model."""
     seen: set[str] = set()
     for s in specs:
-        key = repr(dataclasses.replace(s.model, name="", lora=None))
+        key = base_model_key(s.model)
         if key in seen:
             continue
         seen.add(key)
@@ -166,7 +166,7 @@ def estimate_memory(specs: list, run: RunConfig, train: bool = True) -> dict[str
             continue
         w = shape["weights"] / GB
         lora_engine = s.model.lora is not None and run.rollout.backend == "vllm"
-        engine_key = repr(dataclasses.replace(s.model, name="", lora=None)) if lora_engine else s.name
+        engine_key = base_model_key(s.model) if lora_engine else s.name
         if engine_key not in shared_engines:
             shared_engines.add(engine_key)
             kv = run.rollout.kv_cache_gb if run.rollout.backend == "vllm" else 0.0

@@ -182,10 +182,6 @@ def compute_phase(fixed: int = 0, settle_s: float = SETTLE_S) -> Iterator[int]:
         set_threads(1)
 
 
-def rebalance_interval() -> float:
-    return float(os.environ.get(REBALANCE_ENV, REBALANCE_S))
-
-
 def rebalance() -> int:
     """Inside a compute phase: re-take this process's share of the cores if the number of phases
     computing has changed (another engine finished or started), checked at most once every
@@ -194,7 +190,7 @@ def rebalance() -> int:
     per thread). Returns the phase's threads now (0 outside a phase or on GPUs)."""
     if not _phase.threads or _phase.fixed:
         return _phase.threads
-    every = rebalance_interval()
+    every = float(os.environ.get(REBALANCE_ENV, REBALANCE_S))
     now = time.monotonic()
     if every <= 0 or now - _phase.checked < every:
         return _phase.threads
