@@ -1,5 +1,7 @@
 """MAGRPO's four-level writing reward pinned on hand-built texts: every level boundary, ramp and
 early stop for TLDR and arXiv; the writing envs' data, prompts and reference scoring."""
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -211,6 +213,23 @@ def test_writing_env_local_file_reference_and_prompts():
     assert "detailed" in p2 and "SHORT SUMMARY" in p2
     assert "<part1>" in env.prompt(t, "single")[-1]["content"]
     assert env.joint_roles == ("agent1", "agent2") and env.max_reward == 3.0
+
+
+def test_offline_writing_texts_give_200_held_out_and_rebuild_from_gsm8k(tmp_path):
+    """The MAGRPO recipe's offline texts: 200 held out, the rest to train on, disjoint; the file
+    is what make_gsm8k_posts.py writes from GSM8K's train.jsonl (checked where that file is)."""
+    env = make_env({"name": "writing", "data": {"path": str(EXAMPLES / "gsm8k_posts.jsonl"), "eval_size": 200}})
+    tr, ev = env.train_tasks(), env.eval_tasks()
+    assert (len(tr), len(ev)) == (240, 200)
+    assert not {t["text"] for t in tr} & {t["text"] for t in ev}
+    assert all(len(t["text"].split()) >= 60 for t in tr + ev)
+    assert env.prompt(ev[0], "agent1")[-1]["content"].count(ev[0]["text"]) == 1
+    gsm8k = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+    if not gsm8k.exists():
+        pytest.skip(f"{gsm8k} not on this machine: the rebuild is not checked")
+    out = tmp_path / "posts.jsonl"
+    subprocess.run([sys.executable, str(EXAMPLES / "make_gsm8k_posts.py"), str(gsm8k), "--out", str(out)], check=True)
+    assert out.read_bytes() == (EXAMPLES / "gsm8k_posts.jsonl").read_bytes()
 
 
 def test_single_agent_output_is_split_into_two_parts():
