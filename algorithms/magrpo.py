@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -264,7 +265,8 @@ class MAGRPO(Algorithm):
     def _score_method(self, name: str, tasks, prefix: str = "") -> tuple[dict[str, list[float]], dict[str, float]]:
         """Run one method on `tasks` and score it: (per-task outcomes, costs), keys `<prefix><key>`.
         Outcomes: reward and components (the env's scale for the roles involved), solved (reward at
-        that max), pass (all unit tests passed, for envs with a `tests` component). Costs:
+        that max; left out when the max is unknown), pass (all unit tests passed, for envs with a
+        `tests` component). Costs:
         generations and tokens per task, and wall-clock generation cost: latency_s = seconds from
         sending the batch's prompts to the last final output (all tasks batched together),
         tokens_per_s = generated tokens / latency_s."""
@@ -279,7 +281,8 @@ class MAGRPO(Algorithm):
         top = self.env.max_reward_for(list(who))
         tokens = sum(len(c.completion_ids) for st in stages for comps in st.values() for c in comps)
         outcomes = score_outcomes(scores, prefix)
-        outcomes[f"{prefix}solved"] = [float(s.total >= top - 1e-9) for s in scores]
+        if math.isfinite(top):  # an env.reward_fn without a declared max_reward leaves "solved" undefined
+            outcomes[f"{prefix}solved"] = [float(s.total >= top - 1e-9) for s in scores]
         if "tests" in scores[0].components:
             outcomes[f"{prefix}pass"] = [float(s.components.get("tests", 0.0) >= 1.0 - 1e-9) for s in scores]
         costs = {"gens": float(sum(len(st) for st in stages)), "tokens": tokens / len(tasks),

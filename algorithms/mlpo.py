@@ -14,7 +14,7 @@ Where the paper is silent, we chose:
   - the team answers are sampled once before training (`team_samples` per agent per task,
     `team_temperature`) and stored; each RL prompt draws one stored answer per agent (seeded), or
     none with probability `solo_fraction` (0.5: this trains the single-agent mode too, and with
-    SmolLM2 it is where the skill grows first; README "Results");
+    SmolLM2 it is where the skill grows first; docs/RESULTS.md);
   - G (`group_size`) is 8, KL is off (`kl_coef=0`; the reference is the post-SFT leader), and the
     loss divides token sums by `rollout.max_new_tokens`;
   - `rounds=1` by default (CPU evaluation time); greedy leader and single-agent baselines.

@@ -46,12 +46,12 @@ def main() -> None:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from envs.base import make_env
     from marl_llm.learner.worker import use_bf16
     from marl_llm.models import resolve_model
-    from marl_llm.registry import ENVS
 
     run = compose_run(spec["overrides"])
-    env = ENVS.get(run.env.name)(run.env, seed=run.seed)
+    env = make_env(run.env, seed=run.seed)
     role = spec["role"]
     steps: list[list[dict]] = spec["steps"]
     G, lc = spec["group_size"], run.learner

@@ -46,6 +46,17 @@ class EnvConfig:
     name: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     system_prompt: Optional[str] = None
+    #: your own reward (envs/reward_fn.py): 'module:function' or a list of them; the entry `env` is
+    #: the env's own reward, which counts only when listed, e.g. [env,examples.rewards:brevity]
+    reward_fn: Any = None
+    #: one weight per env.reward_fn entry (default all 1.0): the reward is sum_i w_i * r_i
+    reward_weights: Optional[list[float]] = None
+
+    def __post_init__(self):
+        from envs.reward_fn import load_parts, reward_specs
+
+        self.reward_fn = reward_specs(self.reward_fn) or None
+        load_parts(self.reward_fn, self.reward_weights)  # imports the functions: a bad entry stops the run here
 
 
 def majority_index(answers: Sequence[Optional[str]],
@@ -93,6 +104,9 @@ class Env:
     max_reward: float = 1.0
     #: the roles whose outputs together form one joint action (MAGRPO's agents, in order)
     joint_roles: tuple[str, ...] = ("single",)
+    #: the task fields a dataset file must provide (through `env.data.fields` or same-named
+    #: columns); empty for generated tasks (docs/DATA.md has each family's schema)
+    columns: tuple[str, ...] = ()
 
     def __init__(self, cfg: EnvConfig, seed: int = 0):
         self.cfg = cfg
@@ -243,10 +257,12 @@ class Env:
 
 
 def make_env(cfg: Any, seed: int = 0) -> Env:
-    """Build the registered env from a validated Config, a dict or DictConfig with `name`."""
+    """Build the registered env from a validated Config, a dict or DictConfig with `name`, with
+    its `reward_fn` applied (envs/reward_fn.py). Every place that builds an env calls this."""
+    from envs.reward_fn import with_reward_fns
     from marl_llm.config import plugin_config
     from marl_llm.registry import ENVS
 
     if not isinstance(cfg, EnvConfig):
         cfg = plugin_config(ENVS, "env", cfg)
-    return ENVS.get(cfg.name)(cfg, seed=seed)
+    return with_reward_fns(ENVS.get(cfg.name)(cfg, seed=seed))

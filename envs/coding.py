@@ -80,6 +80,7 @@ class CodingConfig(EnvConfig):
     prompts: dict[str, str] = field(default_factory=lambda: dict(CODE_PROMPTS))
 
     def __post_init__(self):
+        super().__post_init__()
         check_choice("env.source", self.source, ("auto", "humaneval_package", "dataset"))
         check_choice("env.format", self.format, ("auto", "humaneval", "mbpp"))
         check_positive("env.test_timeout_s", self.test_timeout_s)
@@ -439,7 +440,8 @@ class CodingEnv(Env):
     roles = ("single", "agent1", "agent2", "aux", "main")
     joint_roles = ("agent1", "agent2")
     max_reward = 4.0
-
+    # the humaneval format (MBPPEnv: the mbpp one); checked per task in _normalise
+    columns = ("prompt", "test", "entry_point")
 
     # ---- data -------------------------------------------------------------------------------
     def _load(self):
@@ -682,6 +684,7 @@ class CodingEnv(Env):
 @register_env("mbpp")
 class MBPPEnv(CodingEnv):
     Config = MBPPConfig
+    columns = ("prompt", "test_list")  # "text" may stand for "prompt"; "code" (reference) optional
 
 
 @register_env("coop_humaneval")

@@ -173,14 +173,15 @@ def gsm8k_gold(answer: str) -> str:
 @register_env("math")
 class MathEnv(AnswerEnv):
     Config = MathConfig
+    columns = ("question", "answer")
 
     def _load(self):
         c = self.cfg
         if not self.uses_dataset():
             train, ev = generate_problems(self.seed, c.difficulty, c.train_size, c.eval_size)
         else:
-            splits = load_splits(c.data, default_fields={"question": "question", "answer": "answer"},
-                                 required=("question", "answer"), seed=self.seed, id_prefix=c.name)
+            splits = load_splits(c.data, default_fields={k: k for k in self.columns},
+                                 required=self.columns, seed=self.seed, id_prefix=c.name)
             train, ev = [self._normalise(t) for t in splits.train], [self._normalise(t) for t in splits.eval]
         return without_eval_questions(train, ev), ev
 

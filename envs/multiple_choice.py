@@ -172,11 +172,12 @@ def extract_text_answer(text: str) -> Optional[str]:
 
 class MultipleChoiceEnv(AnswerEnv):
     Config = MultipleChoiceConfig
+    columns = ("question", "answer")  # and `choices` unless the question lists them
 
     def _load(self):
         c = self.cfg
-        splits = load_splits(c.data, default_fields={"question": "question", "answer": "answer"},
-                             required=("question", "answer"), seed=self.seed, id_prefix=c.name)
+        splits = load_splits(c.data, default_fields={k: k for k in self.columns},
+                             required=self.columns, seed=self.seed, id_prefix=c.name)
         return [self._normalise(t) for t in splits.train], [self._normalise(t) for t in splits.eval]
 
     def _normalise(self, t: dict[str, Any]) -> dict[str, Any]:

@@ -63,6 +63,7 @@ class AnswerEnvConfig(EnvConfig):
     stop_at_answer: bool = True
 
     def __post_init__(self):
+        super().__post_init__()
         check_positive("env.format_weight", self.format_weight, allow_zero=True)
 
 

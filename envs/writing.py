@@ -314,12 +314,13 @@ class WritingEnv(Env):
     max_reward = 3.0
     kind = "tldr"
     default_prompts = TLDR_PROMPTS
+    columns = ("text",)
 
 
     def _load(self):
         try:
-            s = load_splits(self.cfg.data, default_fields={"text": "text"}, required=("text",), seed=self.seed,
-                            id_prefix=self.cfg.name)
+            s = load_splits(self.cfg.data, default_fields={k: k for k in self.columns}, required=self.columns,
+                            seed=self.seed, id_prefix=self.cfg.name)
         except DataError as e:
             local = EXAMPLES / self.cfg.offline_file
             if self.cfg.data.path is None and local.exists():

@@ -111,3 +111,85 @@ def reclaim_signals() -> None:
     if _active:
         for s in _SIGNALS:
             signal.signal(s, _active[-1])
+
+
+# ---- arguments: Hydra's flags, our flags, and overrides ------------------------------------------
+# Hydra's own flags (hydra/_internal/utils.py get_args_parser); those in _VALUED take a value.
+_HYDRA_FLAGS = {"-h", "--help", "--hydra-help", "--version", "--resolve", "-r", "--run", "-m", "--multirun",
+                "-c", "--cfg", "-p", "--package", "-i", "--info", "-sc", "--shell-completion", "-cp", "--config-path",
+                "-cn", "--config-name", "-cd", "--config-dir", "--experimental-rerun"}
+_VALUED = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
+           "--experimental-rerun", "-sc", "--shell-completion"}
+VERBOSE_FLAGS = ("-v", "--verbose")
+# presets under conf/experiment are not in the defaults list, so Hydra wants `+experiment=`
+_APPENDED_GROUPS = ("experiment",)
+
+
+def split_args(args: list[str]) -> tuple[list[str], list[str], bool]:
+    """(Hydra flags with their values, overrides, verbose). `experiment=X` is taken as
+    `+experiment=X`. An unknown `-flag` is a user error naming the flags there are."""
+    flags, overrides, verbose = [], [], False
+    it = iter(args)
+    for a in it:
+        name = a.split("=", 1)[0]
+        if a in VERBOSE_FLAGS:
+            verbose = True
+        elif name in _HYDRA_FLAGS:
+            flags.append(a)
+            if name in _VALUED and "=" not in a:
+                flags.append(next(it, ""))
+        elif a.startswith("-"):
+            from marl_llm.config import ConfigError
+            raise ConfigError(f"unknown option {a!r}; the options are --help, --verbose, --cfg job|hydra|all, "
+                              "--resolve, --multirun, --info (and key=value overrides)")
+        elif name in _APPENDED_GROUPS:
+            overrides.append("+" + a)
+        else:
+            overrides.append(a)
+    return flags, overrides, verbose
+
+
+def wants_help(flags: list[str]) -> bool:
+    return "-h" in flags or "--help" in flags
+
+
+def hydra_only(flags: list[str]) -> bool:
+    """Flags whose path is Hydra's alone (sweeps, Hydra's own help, shell completion)."""
+    return bool({"-m", "--multirun", "--hydra-help", "--version", "-sc", "--shell-completion"} & set(flags))
+
+
+def prints_only(flags: list[str]) -> bool:
+    """`--cfg`/`--info` print the config and run nothing: no output folder is written."""
+    return bool({"-c", "--cfg", "-i", "--info"} & {f.split("=", 1)[0] for f in flags})
+
+
+def override_error(e: BaseException, overrides: list[str], compose) -> str:
+    """A Hydra composition failure as one line; an unknown key names the nearest valid keys (the
+    config composed without the bad override lists them)."""
+    import re
+
+    from marl_llm.confdoc import did_you_mean, flat_keys
+
+    text = one_line(e)
+    m = re.search(r"Could not (?:override|append to config)\W+'([\w.]+)'|Key '([\w.]+)' is not in struct", text)
+    key = m and (m.group(1) or m.group(2))
+    if not key:
+        return f"bad override: {text}"
+    rest = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != key]
+    try:
+        valid = flat_keys(compose(rest))
+    except Exception:  # noqa: BLE001 — the suggestion is a help; the error is reported either way
+        valid = []
+    if key in valid:
+        return f"bad override: {text}"
+    return f"unknown key {key}; {did_you_mean(key, valid)}"
+
+
+def set_verbose(verbose: bool) -> None:
+    """Whether the engines' own output (Ray actors, vLLM, DeepSpeed) reaches this terminal;
+    otherwise it goes to the run's engines.log (marl_llm.cluster). Read by the actors' launcher."""
+    os.environ["MARL_LLM_VERBOSE"] = "1" if verbose else "0"
+
+
+def verbose() -> bool:
+    return os.environ.get("MARL_LLM_VERBOSE", "0") == "1"

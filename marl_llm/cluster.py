@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from marl_llm import runtime
-from marl_llm.config import ClusterConfig, RunConfig
+from marl_llm import cli, runtime
+from marl_llm.config import ClusterConfig, LearnerConfig, RolloutConfig, RunConfig
 from marl_llm.learner.lora import ADAPTER_DIR
 from marl_llm.models import base_model_key, resolve_model
 from marl_llm.policy import Policy, PolicySpec
@@ -20,12 +20,29 @@ from marl_llm.policy import Policy, PolicySpec
 log = logging.getLogger(__name__)
 
 
+def rollout_gpus(rollout: RolloutConfig, resources: dict) -> float:
+    """GPUs a rollout worker asks Ray for, so Ray sets its CUDA_VISIBLE_DEVICES and never stacks
+    two engines (or an engine and a learner rank) on one device unless asked to (a fraction)."""
+    if rollout.num_gpus is not None:
+        return rollout.num_gpus
+    return float(rollout.tensor_parallel_size) if resources.get("GPU", 0) > 0 else 0.0
+
+
+def learner_gpus(learner: LearnerConfig, resources: dict) -> float:
+    """GPUs a learner rank asks Ray for (one per rank on a GPU cluster, unless set)."""
+    if learner.num_gpus is not None:
+        return learner.num_gpus
+    return 1.0 if resources.get("GPU", 0) > 0 else 0.0
+
+
 class Cluster:
     def __init__(self, cfg: ClusterConfig):
         self.cfg = cfg
         self._started_here = False
 
-    def start(self, cpus_needed: float = 0) -> "Cluster":
+    def start(self, cpus_needed: float = 0, engine_log: Optional[Path] = None) -> "Cluster":
+        """Start or join Ray. With `engine_log` (and without --verbose) every actor's own output
+        (vLLM, DeepSpeed) appends to that file instead of the driver's terminal."""
         runtime.apply_defaults()
         if self.cfg.name == "local":
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -34,15 +51,20 @@ class Cluster:
         self.ray = ray
         if ray.is_initialized():
             return self
+        runtime_env: dict[str, Any] = {"env_vars": runtime.actor_env()}
+        if engine_log is not None and not cli.verbose():
+            runtime_env["env_vars"][runtime.ENGINE_LOG_ENV] = str(engine_log)
+            runtime_env["worker_process_setup_hook"] = "marl_llm.runtime.redirect_engine_output"
+            log.info("engine output (vLLM, DeepSpeed, Ray actors): %s (--verbose shows it here)", engine_log)
         if self.cfg.name == "local":
             # actors idle between phases, so logical CPUs may exceed physical cores
             num_cpus = self.cfg.num_cpus or max(os.cpu_count() or 1, int(cpus_needed + 0.999))
             ray.init(num_cpus=num_cpus, include_dashboard=False, namespace=self.cfg.namespace,
-                     runtime_env={"env_vars": runtime.actor_env()}, log_to_driver=True)
+                     runtime_env=runtime_env, log_to_driver=True,
+                     logging_level=logging.INFO if cli.verbose() else logging.WARNING)
             log.info("Ray started locally with %d logical CPUs", num_cpus)
         else:
-            ray.init(address=self.cfg.address or "auto", namespace=self.cfg.namespace,
-                     runtime_env={"env_vars": runtime.actor_env()})
+            ray.init(address=self.cfg.address or "auto", namespace=self.cfg.namespace, runtime_env=runtime_env)
             log.info("joined Ray cluster at %s (%s CPUs)", self.cfg.address,
                      ray.cluster_resources().get("CPU"))
         self._started_here = True
@@ -105,7 +127,8 @@ class Cluster:
         from marl_llm.rollout.worker import RolloutWorker
 
         actor = self.ray.remote(RolloutWorker).options(
-            num_cpus=run.rollout.num_cpus, runtime_env={"env_vars": runtime.actor_env()})
+            num_cpus=run.rollout.num_cpus, num_gpus=rollout_gpus(run.rollout, self.ray.cluster_resources()),
+            runtime_env={"env_vars": runtime.actor_env()})
         return [actor.remote(init_path or resolve_model(spec.model), spec.model, run.rollout, run.seed + i,
                              name or spec.name, lora) for i in range(run.rollout.num_workers)]
 

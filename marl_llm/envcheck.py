@@ -9,7 +9,8 @@ The env is composed from conf/env/<name>.yaml plus Hydra-style overrides (``env.
 built. With ``--reference`` every task's ``env.reference_outputs(task)`` is scored with
 ``env.reward``; ``--shuffle`` pairs each task with another task's reference (a sanity check: it
 should score near zero). A summary table goes to stdout; with ``--json`` the last line is a JSON
-object with at least ``n``, ``mean_reward`` and ``max_reward``. Bad configs or data exit with
+object with at least ``n``, ``mean_reward`` and ``max_reward`` (null when unknown: an
+``env.reward_fn`` function without a declared ``max_reward``). Bad configs or data exit with
 status 2 and one line, ``error: <what is wrong>; <what is allowed>``, as in ``marl_llm.train``
 (``MARL_LLM_DEBUG=1`` shows the traceback).
 """
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+from envs.base import make_env
 from marl_llm import cli
 from marl_llm.config import ConfigError, plugin_config
 from marl_llm.preflight import load_tasks
@@ -65,12 +68,26 @@ def compose_env(name: str, overrides: Optional[list[str]] = None):
 
 
 def build_env(name: str, overrides: Optional[list[str]] = None, seed: int = 0):
-    cfg = compose_env(name, overrides)
-    return ENVS.get(cfg.name)(cfg, seed=seed)
+    return make_env(compose_env(name, overrides), seed=seed)
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.4f}"
+def _fmt(x: Optional[float], spec: str = ".4f") -> str:
+    """A number in words where it has no value: None (not applicable), inf (unknown: an
+    env.reward_fn function that declares no max_reward)."""
+    if x is None:
+        return "n/a"
+    return format(x, spec) if math.isfinite(x) else "unknown"
+
+
+def _json_safe(x: Any) -> Any:
+    """`x` with non-finite floats as None (JSON has no Infinity; the line prints null)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
 
 
 def check(env, *, split: str = "all", limit: Optional[int] = None, shuffle: bool = False,
@@ -102,7 +119,7 @@ def check(env, *, split: str = "all", limit: Optional[int] = None, shuffle: bool
         "env": getattr(env.cfg, "name", type(env).__name__), "split": split, "shuffle": shuffle, "n": n,
         "mean_reward": sum(totals) / n if n else 0.0, "max_reward": max_r,
         "min_reward": min(totals) if totals else 0.0,
-        "frac_max": sum(t >= max_r - 1e-9 for t in totals) / n if n else 0.0,
+        "frac_max": None if math.isinf(max_r) else sum(t >= max_r - 1e-9 for t in totals) / n if n else 0.0,
         "components": comps, "roles": roles, "seconds": round(time.time() - t0, 3),
         "worst": [tasks[i]["id"] for i in sorted(range(n), key=lambda i: totals[i])[:5] if totals[i] < max_r - 1e-9],
     }
@@ -137,9 +154,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         return e.code if isinstance(e.code, int) else 1
 
 
+def _epilog(argv: list[str]) -> str:
+    """Overrides, and with --help the keys of `env=<name>` (math if none is given) described."""
+    text = "Overrides: env=<name> (required), env.<key>=<value>, seed=<int>."
+    if not {"-h", "--help"} & set(argv):
+        return text
+    from marl_llm.confdoc import key_table
+
+    name = next((a.split("=", 1)[1] for a in argv if a.startswith("env=")), "math")
+    try:
+        cfg = compose_env(name, [])
+    except ConfigError as e:
+        return f"{text}\n{e}"
+    return f"{text}\n\nkeys of env={name} (key = default):{key_table(cfg, 'env.')}"
+
+
 def _run(argv: Optional[list[str]]) -> int:
     ap = argparse.ArgumentParser(prog="python -m marl_llm.envcheck", description=__doc__.split("\n\n")[0],
-                                 epilog="Overrides: env=<name> (required), env.<key>=<value>, seed=<int>.")
+                                 epilog=_epilog(argv or []), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference", action="store_true", help="score the dataset's reference outputs")
     ap.add_argument("--shuffle", action="store_true", help="pair references with the wrong tasks")
     ap.add_argument("--limit", type=int, default=None, help="score at most N tasks")
@@ -174,11 +206,11 @@ def _run(argv: Optional[list[str]]) -> int:
         print(_table(summary))
     else:
         print(f"env {summary['env']}: {summary['n_train']} train / {summary['n_eval']} eval tasks; "
-              f"roles {summary['roles']}; max reward {summary['max_reward']}")
+              f"roles {summary['roles']}; max reward {_fmt(summary['max_reward'], '')}")
         for m in summary["example_prompt"]:
             print(f"--- {m['role']} ---\n{m['content']}")
     if args.json:
-        print(json.dumps(summary, default=str))
+        print(json.dumps(_json_safe(summary), default=str))
     return 0
 
 

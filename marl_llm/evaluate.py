@@ -69,14 +69,8 @@ def _compose(special: dict, overrides: list[str]):
             cfg.env = _env_group(name)
         dotted = [o for o in overrides if o not in groups]
         return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(f"bad override: {cli.one_line(e)}") from None
+    from marl_llm.train import compose
+    return compose(overrides)
 
 
 def _env_group(name: str):
@@ -128,7 +122,7 @@ def _out_path(special: dict, ckpt: Path | None) -> Path:
     return out
 
 
-def evaluate(run, ckpt: Path | None, baseline: str | None = None) -> dict:
+def evaluate(run, ckpt: Path | None, baseline: str | None = None, engine_log: Path | None = None) -> dict:
     from marl_llm.buffer import TrajectoryBuffer
     from marl_llm.cluster import Cluster
 
@@ -137,7 +131,7 @@ def evaluate(run, ckpt: Path | None, baseline: str | None = None) -> dict:
     cluster = Cluster(run.cluster)
     policies = {}
     try:
-        cluster.start(cluster.cpus_needed(specs, run))
+        cluster.start(cluster.cpus_needed(specs, run), engine_log=engine_log)
         cli.reclaim_signals()
         inits = {s.name: str(ckpt / s.name) if ckpt is not None and (ckpt / s.name).is_dir() else None for s in specs}
         policies.update(cluster.build_policies(specs, run, inits))
@@ -181,19 +175,50 @@ def print_table(result: dict) -> None:
             print(f"{a}: after - before = {iv}")
 
 
+def evaluate_run(special: dict, overrides: list[str]) -> tuple[dict, Path]:
+    """Validate, score, write: the metrics and the JSON file they were written to (`main` and
+    `marl_llm.evaluate_run` of the Python API share it)."""
+    run = validate(_compose(special, overrides))
+    ckpt = _checkpoint(special)
+    out = _out_path(special, ckpt)
+    result = evaluate(run, ckpt, special.get("baseline"), engine_log=out.parent / "engines.log")
+    out.write_text(json.dumps(result, indent=2))
+    return result, out
+
+
+def print_help(overrides: list[str]) -> None:
+    from marl_llm.confdoc import key_table
+
+    print(__doc__.strip())
+    print(f"\nspecial arguments: {', '.join(f'{k}=' for k in SPECIAL)} (above); every other key as in "
+          "python -m marl_llm.train:")
+    if not any(o.startswith("run_dir=") for o in overrides):
+        print(key_table(validate(_compose({}, [o for o in overrides if o.split("=", 1)[0] not in SPECIAL]))))
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
     runtime.apply_defaults()
-    special, overrides = _parse(sys.argv[1:] if argv is None else argv)
+    with cli.reported():
+        flags, args, verbose = cli.split_args(sys.argv[1:] if argv is None else argv)
+        if cli.wants_help(flags):
+            print_help(args)
+            return
+        if flags:
+            raise ConfigError(f"evaluate takes no {' '.join(flags)}; it takes run_dir=, checkpoint=, baseline=, out= "
+                              "and key=value overrides (--help, --verbose)")
+    cli.set_verbose(verbose)
+    if not verbose:
+        runtime.quiet_driver()
+    special, overrides = _parse(args)
     with cli.reported(run_errors=True), cli.stop_on_signals():
-        run = validate(_compose(special, overrides))
-        ckpt = _checkpoint(special)
-        out = _out_path(special, ckpt)
-        result = evaluate(run, ckpt, special.get("baseline"))
+        result, out = evaluate_run(special, overrides)
     print_table(result)
-    out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
     main()
+else:  # `from marl_llm import evaluate` may yield this module: calling it is marl_llm.api.evaluate
+    from marl_llm import api as _api
+    _api.callable_module(__name__, "evaluate")

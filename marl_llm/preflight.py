@@ -246,11 +246,12 @@ def check_run(run: RunConfig, *, output_dir: Optional[str] = None, resume: Optio
               train: bool = True):
     """Check a validated run before the cluster starts; returns (env, algorithm) ready to use, the
     env's tasks already loaded and fitted to the models."""
-    from marl_llm.registry import ALGORITHMS, ENVS
+    from envs.base import make_env
+    from marl_llm.registry import ALGORITHMS
 
     if output_dir is not None:
         check_output(output_dir, run.trainer.resume if resume is None else resume)
-    env = ENVS.get(run.env.name)(run.env, seed=run.seed)
+    env = make_env(run.env, seed=run.seed)
     algo = ALGORITHMS.get(run.algo.name)(run.algo, env, run)
     specs = algo.policy_specs()
     for s in specs:

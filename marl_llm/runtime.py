@@ -1,7 +1,7 @@
 """Process environment for the engines, set before Ray, vLLM or DeepSpeed are imported.
 
-These are the defaults that make the stack behave on a small CPU machine (see README "Running
-on CPU"); anything already set in the environment wins. `actor_env()` is what every Ray actor
+These are the defaults that make the stack behave on a small CPU machine (see docs/CPU.md);
+anything already set in the environment wins. `actor_env()` is what every Ray actor
 gets, so rollout workers and learner ranks run with the same settings as the driver.
 """
 from __future__ import annotations
@@ -62,11 +62,46 @@ def apply_defaults() -> None:
         os.environ.setdefault(k, v)
 
 
+# ---- quiet by default: the engines' own output goes to the run's engines.log ----------------------
+ENGINE_LOG_ENV = "MARL_LLM_ENGINE_LOG"
+
+
+def quiet_driver() -> None:
+    """The driver's own library chatter (progress bars of model conversion, font caches) off the
+    terminal; the run's log lines and its progress bar stay. `--verbose` skips this."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("matplotlib", "ray", "datasets", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def redirect_engine_output() -> None:
+    """Ray's worker-process setup hook: the actor's stdout and stderr (vLLM, DeepSpeed, torch
+    notes) append to `$MARL_LLM_ENGINE_LOG` instead of reaching the driver's terminal. A node
+    that cannot open the file keeps Ray's own log files and says so there."""
+    path = os.environ.get(ENGINE_LOG_ENV)
+    if not path:
+        return
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError as e:
+        print(f"marl_llm: engine output stays in Ray's logs: cannot open {path}: {e}", flush=True)
+        return
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 def actor_env() -> dict[str, str]:
     """Environment variables every Ray actor of a run starts with."""
     apply_defaults()
     keys = set(_defaults()) | {"HF_HUB_OFFLINE", "HF_HOME", "MARL_LLM_CACHE", "RAY_AUTH_MODE",
-                               "VLLM_CPU_OMP_THREADS_BIND", "PYTHONPATH", CORES_DIR_ENV}
+                               "VLLM_CPU_OMP_THREADS_BIND", "PYTHONPATH", CORES_DIR_ENV, ENGINE_LOG_ENV}
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 

@@ -1,14 +1,18 @@
-"""`python -m marl_llm.train [group=option ...] [key=value ...]` — compose, validate, check, train.
+"""`python -m marl_llm.train [group=option ...] [key=value ...] [--verbose]` — compose, validate, check, train.
 
 Examples:
-  python -m marl_llm.train                                   # the embedded default (see README)
+  python -m marl_llm.train                                   # the main job (MLPO, SmolLM2-135M, env=math)
   python -m marl_llm.train algo=grpo env=math model=tiny trainer.steps=2 learner.num_ranks=2
-  python -m marl_llm.train --cfg job algo=grpo env=math      # print the composed config
+  python -m marl_llm.train experiment=cpu_grpo_math          # a preset (same as +experiment=...)
+  python -m marl_llm.train --cfg job algo=grpo env=math      # print the composed, validated config
+  python -m marl_llm.train --help algo=magrpo                # every key of that composition, described
 
-Bad input (a config value, the data, the model, the output folder) stops before any engine
-starts with one line, `error: <what is wrong>; <what is allowed>`, and exit status 2; a run that
-fails later (a dead actor, a timeout) or gets SIGTERM/Ctrl-C stops cleanly with one `error:` line
-and a non-zero status. `MARL_LLM_DEBUG=1` shows the Python traceback instead (marl_llm/cli.py).
+Bad input (a config value, a misspelt key, the data, the model, the output folder) stops before any
+engine starts with one line, `error: <what is wrong>; <what is allowed>`, and exit status 2; a run
+that fails later (a dead actor, a timeout) or gets SIGTERM/Ctrl-C stops cleanly with one `error:`
+line and a non-zero status. `MARL_LLM_DEBUG=1` shows the Python traceback instead. The engines'
+own output (vLLM, DeepSpeed, Ray actors) goes to `<trainer.output_dir>/engines.log`; `--verbose`
+prints it here too. The summary is printed once, as JSON, and written to `summary.json`.
 """
 from __future__ import annotations
 
@@ -32,35 +36,60 @@ def _main(cfg: DictConfig) -> None:
         from marl_llm.trainer import Trainer
 
         summary = Trainer(validate(cfg)).fit()
-    log.info("done: %s", json.dumps(summary))
     print(json.dumps(summary, indent=2))
 
 
-def precheck(overrides: list[str]) -> None:
-    """What Hydra itself would trip on before `_main` runs, as a one-line error: the composition
-    (unknown group option or key), the values, and the output folder Hydra logs into."""
-    from hydra import compose, initialize_config_dir
+def compose(overrides: list[str]) -> DictConfig:
+    """The Hydra composition of `overrides`, its failures as one-line errors (a misspelt key gets
+    the nearest valid keys)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from marl_llm.preflight import check_output
-
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="train"):
-            cfg = compose(config_name="config", overrides=overrides)
+            return hydra_compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(f"bad override: {cli.one_line(e)}") from None
-    run = validate(cfg)
-    check_output(run.trainer.output_dir, run.trainer.resume)
+        raise ConfigError(cli.override_error(e, overrides, compose)) from None
 
 
-def main() -> None:
-    args = sys.argv[1:]
-    if not any(a.startswith("-") for a in args):  # --cfg, --help, --multirun: Hydra's own paths
-        with cli.reported():
-            precheck(args)
+def precheck(overrides: list[str], output: bool = True) -> None:
+    """What Hydra itself would trip on before `_main` runs, as a one-line error: the composition
+    (unknown group option or key), the values, and (`output`) the folder Hydra logs into."""
+    from marl_llm.preflight import check_output
+
+    run = validate(compose(overrides))
+    if output:
+        check_output(run.trainer.output_dir, run.trainer.resume)
+
+
+def print_help(overrides: list[str]) -> None:
+    from marl_llm.confdoc import group_options, key_table
+
+    run = validate(compose(overrides))
+    print(__doc__.strip())
+    print(f"\nconfig groups (group=option):\n{group_options()}")
+    print(f"\nkeys (key = value for this composition{': ' + ' '.join(overrides) if overrides else ''}):"
+          f"{key_table(run)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    with cli.reported():
+        flags, overrides, verbose = cli.split_args(sys.argv[1:] if argv is None else argv)
+        if cli.wants_help(flags):
+            print_help(overrides)
+            return
+        if not cli.hydra_only(flags):  # a sweep (--multirun) is checked per job by _main
+            precheck(overrides, output=not cli.prints_only(flags))
+    cli.set_verbose(verbose)
+    if not verbose:
+        runtime.quiet_driver()
+    sys.argv = [sys.argv[0], *flags, *overrides]
     _main()
 
 
 if __name__ == "__main__":
     main()
+else:  # `from marl_llm import train` may yield this module: calling it is marl_llm.api.train
+    from marl_llm import api as _api
+    _api.callable_module(__name__, "train")

@@ -82,7 +82,7 @@ class Trainer:
         policies: dict[str, Any] = {}
         metrics = MetricsLogger(out, run.trainer.loggers)
         try:
-            cluster.start(cluster.cpus_needed(specs, run))
+            cluster.start(cluster.cpus_needed(specs, run), engine_log=out / "engines.log")
             cli.reclaim_signals()
             # ---- build: rollout workers for every policy, learner groups for trainable ones
             with self.timer("setup"):

@@ -117,7 +117,7 @@ def test_paper_experiment_presets_compose_and_validate(experiment, model, algo):
     ("cpu_magrpo_writing", "magrpo", "writing"),
 ])
 def test_cpu_recipe_presets_compose_and_validate(experiment, algo, env):
-    """The CPU recipes (README "Results"): SmolLM2 on this machine, held-out evaluation of 200
+    """The CPU recipes (docs/RESULTS.md): SmolLM2 on this machine, held-out evaluation of 200
     tasks, the algorithm's baselines on, sizes within the issue's bounds."""
     run = validate(composed(f"+experiment={experiment}"))
     assert (run.algo.name, run.env.name, run.model.name) == (algo, env, "smollm2-135m")
@@ -141,7 +141,7 @@ def test_cpu_recipe_presets_compose_and_validate(experiment, algo, env):
 def test_main_job_is_sized_to_learn_and_to_tell_within_15_minutes():
     """The main job (no arguments): MLPO over a 3-agent team, 6 steps of 4 tasks x G=8 leader
     samples, half of them solo, no SFT warm-up, one round at inference, >= 100 held-out tasks with
-    every baseline (README "Results")."""
+    every baseline (docs/RESULTS.md)."""
     run = validate(composed())
     assert (run.algo.name, run.env.name, run.model.name) == ("mlpo", "math", "smollm2-135m")
     assert run.trainer.eval_size >= 100 and run.trainer.eval_every >= run.trainer.steps

@@ -87,6 +87,19 @@ def test_writing_reference_runs(capsys, monkeypatch):
     assert set(s["components"]) == {"structure", "coherence", "consistency", "total"}
 
 
+def test_bring_your_own_data_example(capsys, monkeypatch):
+    """docs/DATA.md: examples/data/my_math.jsonl, columns q and a mapped onto the math env's fields."""
+    monkeypatch.chdir(ROOT)
+    rc, out, err = run(capsys, "env=math", "env.data.path=examples/data/my_math.jsonl", "env.data.fields.question=q",
+                       "env.data.fields.answer=a", "env.data.eval_size=6", "--reference", "--json")
+    s = last_json(out)
+    assert rc == 0, err
+    assert s["n"] == 30 and s["mean_reward"] == s["max_reward"] == 1.0 and s["components"]["correct"] == 1.0
+    rc, out, _ = run(capsys, "env=math", "env.data.path=examples/data/my_math.jsonl", "env.data.fields.question=q",
+                     "env.data.fields.answer=a", "--reference", "--shuffle", "--json")
+    assert rc == 0 and last_json(out)["mean_reward"] < 0.1
+
+
 def test_describe_mode(capsys):
     rc, out, _ = run(capsys, "env=reasoning_gym", "env.task=basic_arithmetic", "env.train_size=3", "env.eval_size=2", "--json")
     s = last_json(out)
@@ -103,6 +116,7 @@ def test_describe_mode(capsys):
     (["env=math", "env.data.path=tests/data/mmlu.jsonl", "env.data.fields.question=problem", "--reference"],
      "column(s) not found"),
     (["env=math", "trainer.steps=3"], "only takes env.* overrides"),
+    (["env=toy", "env.reward_fn=examples.rewards:nope"], "module 'examples.rewards' has no attribute 'nope'"),
 ])
 def test_bad_input_is_one_clear_line(capsys, monkeypatch, argv, needle):
     monkeypatch.chdir(ROOT)

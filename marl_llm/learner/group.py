@@ -96,7 +96,9 @@ class LearnerGroup:
         self._sync_workers: Optional[list] = None
         self._meta = None
         t0 = time.time()
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        from marl_llm.cluster import learner_gpus
+
+        gpus = learner_gpus(learner_cfg, ray.cluster_resources())
         bundle = {"CPU": learner_cfg.num_cpus, **({"GPU": gpus} if gpus else {})}
         self.pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK",
                                   name=f"learner-{policy_name}-{id(self):x}")

@@ -135,6 +135,10 @@ def engine_args(model_path: str, model_cfg: ModelConfig, rollout_cfg: RolloutCon
         kw.update(lora_engine_args(lora["max_loras"], lora["max_lora_rank"]))
     if gpu:
         kw.update(gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, enable_sleep_mode=True)
+        if rollout_cfg.tensor_parallel_size > 1:
+            # the worker holds its tensor_parallel_size GPUs (Ray set CUDA_VISIBLE_DEVICES): vLLM
+            # spawns its TP ranks on them instead of asking Ray for a placement group of its own
+            kw.update(distributed_executor_backend="mp")
     else:
         # otherwise the CPU engine claims ~90% of RAM (VLLM_CPU_KVCACHE_SPACE is the env twin)
         kw.update(kv_cache_memory_bytes=int(rollout_cfg.kv_cache_gb * 2**30))
