@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install install-gpu test test-all bench demo smoke lint clean
+.PHONY: install install-gpu test test-unit test-all bench demo smoke lint clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ install-gpu:
 
 test: install
 	$(PYTEST) -m "not slow" --timeout 1800 tests
+
+# the unit tier: no engine (Ray, vLLM, DeepSpeed) and no command line in a subprocess (setup.cfg's
+# `engine` marker, enforced by tests/conftest.py), under a minute; `make test` (CI) runs both tiers
+test-unit: install
+	$(PYTEST) -m "not engine and not slow" --timeout 300 tests
 
 test-all: install
 	$(PYTEST) --timeout 3600 tests

@@ -62,7 +62,7 @@ stage for all questions), sampled at `eval_temperature`; majority vote over the 
 answers (MV@chains; ties go to the answer seen first). Reported: `acc/generator` and
 `acc/refiner` (per chain), `acc/verifier_verdict` (the critique's last "correct"/"incorrect"
 agrees with the answer's real correctness; a critique is not an answer, so this is its only
-score), `mv/gvr` (= `accuracy`, MALT's number), and ablations with the same models:
+score), `mv/gvr` (MALT's number), and ablations with the same models:
 `mv/g` (G only: the vote over the generator's answers), `mv/gv` (G+V: the generator revises its
 own answer using the critique, through the env's `previous`/`feedback` prompt context; no
 refiner), `mv/gr` (G+R: the refiner improves the answer without a critique, `critique` =
@@ -600,7 +600,6 @@ class MALT(Algorithm):
     def baseline_outcomes(res: dict[str, list[float]]) -> dict[str, list[float]]:
         out = {f"baseline/{k}": v for k, v in res.items()}
         out["baseline/single_mv"] = res["mv/g"]            # base model x chains + MV
-        out["baseline/single_acc"] = res["acc/generator"]
         out["baseline/gvr_mv"] = res["mv/gvr"]             # untrained G-V-R + MV
         return out
 
@@ -681,7 +680,6 @@ class MALT(Algorithm):
 
         verdicts = {k: verdict(v_text[k]) for k in flat}
         res = {
-            "accuracy": mv("refiner"),
             "mv/gvr": mv("refiner"),
             "mv/g": mv("generator"),
             "acc/generator": per_question(correct["generator"]),

@@ -30,8 +30,8 @@ Answer extraction (`MathEnv.extract_answer`), in this order:
   3. else no answer (scored wrong).
 There is no last-number fallback: a model that answers and then rambles on into new numbers (as
 SmolLM2-135M does) would be scored on whatever number the length cap happens to cut at, so the
-accuracy would depend on `rollout.max_new_tokens` (measured here: the untrained model's greedy
-accuracy went from 0.57 at 96 tokens to 0.38 at 128). With the rules above a longer cap can only
+accuracy would depend on `rollout.max_new_tokens` (the untrained model's greedy accuracy fell
+when the cap went from 96 to 128 tokens). With the rules above a longer cap can only
 add an answer that was not reached yet, never change one that was given.
 """
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Checkpoints: `checkpoints/step_<N>/` holds one Hugging Face folder per trained policy
 (`<policy>/`: config, safetensors, tokenizer — `from_pretrained` and vLLM load it), the learners'
-DeepSpeed state for exact resume (`_deepspeed/<policy>/`) and `trainer_state.json` (step, data
-position, RNG, buffer length).
+DeepSpeed state for exact resume (`_deepspeed/<policy>/`; a learner of another rank count re-shards
+it on load, `LearnerWorker.load_state`) and `trainer_state.json` (step, data position, RNG, buffer
+length: the driver's, so they do not depend on the learners' rank count).
 
 A checkpoint is written into `step_<N>.tmp` and renamed when complete, so a crash mid-save never
 leaves a half checkpoint that resume would pick up; older complete checkpoints are kept until the

@@ -175,7 +175,8 @@ def override_error(e: BaseException, overrides: list[str], compose) -> str:
     key = m and (m.group(1) or m.group(2))
     if not key:
         return f"bad override: {text}"
-    rest = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != key]
+    # the composition's groups only: another bad override must not hide the keys
+    rest = [o for o in overrides if "." not in (k := o.lstrip("+~").split("=", 1)[0]) and k != key]
     try:
         valid = flat_keys(compose(rest))
     except Exception:  # noqa: BLE001 — the suggestion is a help; the error is reported either way

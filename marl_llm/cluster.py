@@ -15,7 +15,8 @@ from marl_llm import cli, runtime
 from marl_llm.config import ClusterConfig, LearnerConfig, RolloutConfig, RunConfig
 from marl_llm.learner.lora import ADAPTER_DIR
 from marl_llm.models import base_model_key, resolve_model
-from marl_llm.policy import Policy, PolicySpec
+from marl_llm.deadlines import START_S
+from marl_llm.policy import ActorFailed, ActorHung, Policy, PolicySpec, actor_label, describe_failure
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ class Cluster:
         if self.cfg.name == "local":
             # actors idle between phases, so logical CPUs may exceed physical cores
             num_cpus = self.cfg.num_cpus or max(os.cpu_count() or 1, int(cpus_needed + 0.999))
-            ray.init(num_cpus=num_cpus, include_dashboard=False, namespace=self.cfg.namespace,
+            # address="local": a new instance even when another Ray cluster runs on this machine
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, namespace=self.cfg.namespace,
                      runtime_env=runtime_env, log_to_driver=True,
                      logging_level=logging.INFO if cli.verbose() else logging.WARNING)
             log.info("Ray started locally with %d logical CPUs", num_cpus)
@@ -103,7 +105,7 @@ class Cluster:
                 engines[s.name] = (workers, s.name)
                 saved = Path(init_paths[s.name]) / ADAPTER_DIR if init_paths.get(s.name) else None
                 if saved is not None and saved.is_dir():
-                    self.get([w.load_adapter_dir.remote(s.name, str(saved)) for w in workers])
+                    self.get([w.load_adapter_dir.remote(s.name, str(saved)) for w in workers], timeout=START_S)
                     log.info("policy %r: serving the LoRA adapter saved in %s", s.name, saved)
         policies = {}
         for s in specs:
@@ -113,14 +115,26 @@ class Cluster:
                 from marl_llm.learner.group import LearnerGroup
                 learner = LearnerGroup(s.name, resolve_model(s.model), s.model, s.learner or run.learner,
                                        run.seed, s.reference, runtime.actor_env())
-            infos = self.get([w.ready.remote() for w in workers])
-            log.info("policy %r: %d rollout worker(s) [%s%s], %s", s.name, len(workers),
+            infos = self._ready(workers, s.name)
+            log.info("policy %r: %d rollout worker(s) [%s%s] on nodes %s, %s", s.name, len(workers),
                      infos[0].get("engine", "?") if infos else "-",
                      f", LoRA adapter {adapter!r} on a shared engine" if adapter else "",
-                     "trainable" if learner else "frozen (rollout only)")
-            policies[s.name] = Policy(s, workers, learner, get=self.get,
-                                      sync_timeout_s=run.rollout.weight_sync_timeout_s, adapter=adapter)
+                     ", ".join(i.get("node", "?") for i in infos), "trainable" if learner else "frozen (rollout only)")
+            policies[s.name] = Policy(s, workers, learner, get=self.get, adapter=adapter,
+                                      timeout_s=run.rollout.timeout_s, worker_nodes=[i.get("node", "?") for i in infos])
         return policies
+
+    def _ready(self, workers: list, policy: str) -> list[dict]:
+        """The workers' info once their engines are up; one that does not come up within
+        START_S (stuck loading, its node gone) is named as hung, like any other call."""
+        try:
+            return self.get([w.ready.remote() for w in workers], timeout=START_S)
+        except Exception as e:  # noqa: BLE001 — re-raised naming the workers
+            if type(e).__name__ != "GetTimeoutError":
+                raise ActorFailed(f"rollout workers of policy {policy!r} failed to start: {describe_failure(e)}") from e
+            names = ", ".join(f"actor {actor_label(w)}" for w in workers)
+            raise ActorHung(f"rollout workers of policy {policy!r} ({names}) hung in start: its deadline of "
+                            f"{START_S:.0f}s passed") from None
 
     def _rollout_workers(self, spec: PolicySpec, run: RunConfig, init_path: Optional[str],
                          lora: Optional[dict] = None, name: Optional[str] = None) -> list:
@@ -128,7 +142,7 @@ class Cluster:
 
         actor = self.ray.remote(RolloutWorker).options(
             num_cpus=run.rollout.num_cpus, num_gpus=rollout_gpus(run.rollout, self.ray.cluster_resources()),
-            runtime_env={"env_vars": runtime.actor_env()})
+            resources=run.rollout.resources, runtime_env={"env_vars": runtime.actor_env()})
         return [actor.remote(init_path or resolve_model(spec.model), spec.model, run.rollout, run.seed + i,
                              name or spec.name, lora) for i in range(run.rollout.num_workers)]
 

@@ -123,14 +123,17 @@ class RolloutConfig:
     # GPUs each rollout worker asks Ray for; null: tensor_parallel_size on a cluster with GPUs, 0
     # without. A fraction (0.5) shares a GPU with a learner rank (colocated; lower gpu_memory_utilization)
     num_gpus: Optional[float] = None
+    # custom Ray resources each rollout worker asks for, e.g. {rollout_node: 1} to keep the engines
+    # on the nodes started with --resources='{"rollout_node": 8}' (docs/CLUSTER.md)
+    resources: Optional[dict[str, float]] = None
     enable_prefix_caching: bool = True  # vLLM reuses the KV of shared prompt prefixes (a GRPO group)
     # CPU threads while generating: 0 = this engine's share of the cores among the engines
     # computing at the same moment (runtime.compute_phase); N pins it
     threads: int = 0
     # hf backend settings
     hf_batch_size: int = 16
-    # a weight push that takes longer than this raises instead of hanging
-    weight_sync_timeout_s: float = 300.0
+    # deadline of one generate call (s); null: sized from its tokens (marl_llm/deadlines.py)
+    timeout_s: Optional[float] = None
 
     def __post_init__(self):
         check_choice("rollout.backend", self.backend, ("vllm", "hf"))
@@ -141,8 +144,13 @@ class RolloutConfig:
         check_positive("rollout.threads", self.threads, allow_zero=True)
         check_positive("rollout.tensor_parallel_size", self.tensor_parallel_size)
         check(self.num_gpus is None or self.num_gpus >= 0, "rollout.num_gpus", self.num_gpus, "must be >= 0 or null")
+        check(self.timeout_s is None or self.timeout_s > 0, "rollout.timeout_s", self.timeout_s,
+              "must be > 0 or null (sized from the work)")
         self.enforce_eager = str(self.enforce_eager).lower()  # YAML booleans arrive as "True"/"False"
         check_choice("rollout.enforce_eager", self.enforce_eager, ("auto", "true", "false"))
+
+
+PLACEMENTS = ("pack", "spread", "strict_pack", "strict_spread")
 
 
 @dataclass
@@ -152,6 +160,11 @@ class LearnerConfig:
     # GPUs each learner rank asks Ray for; null: 1 on a cluster with GPUs, 0 without. A fraction
     # (0.5) shares a GPU with a rollout worker (colocated)
     num_gpus: Optional[float] = None
+    # custom Ray resources each rank asks for (as rollout.resources)
+    resources: Optional[dict[str, float]] = None
+    # how Ray places the ranks: pack (fewest nodes), spread (as many nodes as it can),
+    # strict_pack (one node), strict_spread (one rank per node)
+    placement: str = "pack"
     zero_stage: int = 3  # DeepSpeed ZeRO stage 0-3 (3: parameters, gradients and optimiser state sharded)
     lr: float = 5e-5  # the CPU default model; GPU presets set their own
     weight_decay: float = 0.0  # AdamW weight decay
@@ -170,14 +183,18 @@ class LearnerConfig:
     # samples that share a prompt (a GRPO group, a DPO pair) run the prompt through the model
     # once and their completions on its KV cache: "auto" when a micro-batch has repeated prompts
     share_prompts: str = "auto"
-    # every collective (ZeRO-3, weight push) fails after this instead of hanging
-    collective_timeout_s: float = 300.0
+    # deadline (s) of each learner call (train step, scoring, each part of a weight push, a
+    # checkpoint save) and timeout of every collective; null: sized from the work (marl_llm/deadlines.py)
+    timeout_s: Optional[float] = None
 
     def __post_init__(self):
         check_positive("learner.num_ranks", self.num_ranks)
         check(self.num_gpus is None or 0 <= self.num_gpus <= 1, "learner.num_gpus", self.num_gpus,
               "must be in [0, 1] or null (one rank drives at most one GPU)")
+        check(self.timeout_s is None or self.timeout_s > 0, "learner.timeout_s", self.timeout_s,
+              "must be > 0 or null (sized from the work)")
         check_choice("learner.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        check_choice("learner.placement", self.placement, PLACEMENTS)
         check_positive("learner.lr", self.lr)
         check_positive("learner.micro_batch_size", self.micro_batch_size)
         check_positive("learner.micro_batch_tokens", self.micro_batch_tokens, allow_zero=True)
@@ -195,9 +212,16 @@ class ClusterConfig:
     num_cpus: Optional[int] = None
     address: Optional[str] = None  # cluster=ray: auto (under ray job submit), HEAD:6379 or ray://HEAD:10001
     namespace: str = "marl_llm"  # Ray namespace of the run's actors
+    # the GPU cluster the run targets, for its GPU plan (python -m marl_llm.preflight, docs/GPU.md)
+    num_nodes: int = 1  # nodes of the target cluster, each with cluster.gpus_per_node GPUs
+    gpus_per_node: int = 0  # GPUs per node (0: this machine's; none: a CPU run, no GPU plan)
+    gpu_memory_gb: float = 0.0  # memory of one GPU in GiB (0: that of this machine's GPUs)
 
     def __post_init__(self):
         check_choice("cluster.name", self.name, ("local", "ray"))
+        check_positive("cluster.num_nodes", self.num_nodes)
+        check_positive("cluster.gpus_per_node", self.gpus_per_node, allow_zero=True)
+        check_positive("cluster.gpu_memory_gb", self.gpu_memory_gb, allow_zero=True)
 
 
 @dataclass

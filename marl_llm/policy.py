@@ -7,10 +7,12 @@ never see Ray, DeepSpeed or vLLM: they call the methods below with marl_llm.type
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from marl_llm.config import LearnerConfig, ModelConfig
+from marl_llm.deadlines import Deadline
 from marl_llm.losses import LossConfig
 from marl_llm.types import Completion, GenerationRequest, PairSample, Sample
 
@@ -29,7 +31,11 @@ class PolicySpec:
 
 
 class ActorFailed(RuntimeError):
-    """A rollout worker or learner rank failed or died; the message names it."""
+    """A rollout worker or learner rank failed, died or hung; the message names it."""
+
+
+class ActorHung(ActorFailed):
+    """A remote call outlived its deadline (the actor is stopped, stuck, or its node is gone)."""
 
 
 def actor_label(actor) -> str:
@@ -48,20 +54,39 @@ def describe_failure(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
-class Pending:
-    """An in-flight generation; `result()` blocks. Lets algorithms dispatch many policies at once."""
+def request_tokens(requests: Sequence[GenerationRequest]) -> int:
+    """The most tokens a generate call may produce: every request's n x max_tokens."""
+    return sum(r.sampling.n * r.sampling.max_tokens for r in requests)
 
-    def __init__(self, refs: list, splits: list[list[int]], n_requests: int, get, names: Optional[list[str]] = None):
+
+class Pending:
+    """An in-flight generation; `result()` blocks. Lets algorithms dispatch many policies at once.
+
+    Each worker's call has a deadline (`Deadline`, sized from its tokens when not set): a worker
+    that does not answer in time (stopped, stuck, its node gone) raises `ActorHung` naming it."""
+
+    def __init__(self, refs: list, splits: list[list[int]], n_requests: int, get, names: Optional[list[str]] = None,
+                 tokens: Optional[list[int]] = None, deadline: Optional[Deadline] = None):
         self._refs, self._splits, self._n, self._get = refs, splits, n_requests, get
         self._names = names or [f"rollout worker {i}" for i in range(len(refs))]
+        self._tokens = tokens or [0] * len(refs)
+        self._deadline = deadline
+        self._started = time.monotonic()
 
     def result(self) -> list[list[Completion]]:
         out: list[Any] = [None] * self._n
-        for ref, idx, name in zip(self._refs, self._splits, self._names):
+        for ref, idx, name, tokens in zip(self._refs, self._splits, self._names, self._tokens):
+            limit = self._deadline.seconds(tokens) if self._deadline else None
+            wait = None if limit is None else max(0.0, self._started + limit - time.monotonic())
             try:
-                comps = self._get(ref)
-            except Exception as e:  # a dead actor (kill -9, OOM) or an engine error: say which one
+                comps = self._get(ref, timeout=wait)
+            except Exception as e:  # a dead actor (kill -9, OOM), an engine error, or no answer in time
+                if type(e).__name__ == "GetTimeoutError":
+                    raise ActorHung(f"{name} hung in generate: {self._deadline.describe(limit)}") from None
                 raise ActorFailed(f"generate failed on {name}: {describe_failure(e)}") from e
+            if self._deadline:
+                self._deadline.observe(sum(len(c.completion_ids) for cs in comps for c in cs),
+                                       time.monotonic() - self._started)
             for i, comps_i in zip(idx, comps):
                 out[i] = comps_i
         return out
@@ -69,7 +94,8 @@ class Pending:
 
 class Policy:
     def __init__(self, spec: PolicySpec, rollout_workers: list, learner=None, get=None,
-                 sync_timeout_s: Optional[float] = None, adapter: Optional[str] = None):
+                 adapter: Optional[str] = None, timeout_s: Optional[float] = None,
+                 worker_nodes: Optional[list[str]] = None):
         self.spec = spec
         # LoRA policy on a shared engine: its requests name this adapter; syncs push only the adapter
         self.adapter = adapter
@@ -77,7 +103,8 @@ class Policy:
         self.rollout_workers = rollout_workers
         self.learner = learner
         self._get = get
-        self.sync_timeout_s = sync_timeout_s
+        self.deadline = Deadline("generate", "rollout.timeout_s", timeout_s)
+        self.worker_nodes = worker_nodes or ["?"] * len(rollout_workers)
         self.dirty = False  # trained since the rollout workers last received weights
 
     @property
@@ -89,13 +116,15 @@ class Policy:
         """Spread requests over the rollout workers (contiguous slices keep shared prefixes together)."""
         n, k = len(requests), len(self.rollout_workers)
         bounds = [round(i * n / k) for i in range(k + 1)]
-        refs, splits, names = [], [], []
+        refs, splits, names, tokens = [], [], [], []
         for j, (w, (a, b)) in enumerate(zip(self.rollout_workers, zip(bounds, bounds[1:]))):
             if b > a:
                 refs.append(w.generate.remote(list(requests[a:b]), self.adapter))
                 splits.append(list(range(a, b)))
-                names.append(f"rollout worker {j} of policy {self.name!r} (actor {actor_label(w)})")
-        return Pending(refs, splits, n, self._get, names)
+                names.append(f"rollout worker {j} of policy {self.name!r} "
+                             f"(actor {actor_label(w)}, node {self.worker_nodes[j]})")
+                tokens.append(request_tokens(requests[a:b]))
+        return Pending(refs, splits, n, self._get, names, tokens, self.deadline)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
         return self.generate_async(requests).result()
@@ -125,9 +154,11 @@ class Policy:
         rollout worker of this policy; returns the push's timings and bytes ({} if nothing to do)."""
         if self.learner is None or not self.dirty:
             return {}
+        names = [f"rollout worker {i} of policy {self.name!r} (actor {actor_label(w)}, node {node})"
+                 for i, (w, node) in enumerate(zip(self.rollout_workers, self.worker_nodes))]
         if self.adapter is not None:
-            info = self.learner.push_adapter(self.rollout_workers, self.adapter, timeout_s=self.sync_timeout_s)
+            info = self.learner.push_adapter(self.rollout_workers, self.adapter, names)
         else:
-            info = self.learner.push_weights(self.rollout_workers, timeout_s=self.sync_timeout_s)
+            info = self.learner.push_weights(self.rollout_workers, names)
         self.dirty = False
         return info

@@ -9,9 +9,26 @@
   are dropped or truncated (`marl_llm.data.fit_prompts`);
 - memory (`check_memory`, CPU runs on a local cluster): an estimate of the run's peak RAM (engines,
   learners, the largest training micro-batch) against what Ray's memory monitor allows; over it, a
-  warning with the breakdown and the settings that lower it (an estimate, so it does not stop the run).
+  warning with the breakdown and the settings that lower it (an estimate, so it does not stop the run);
+- GPUs (`check_gpus`, runs that target GPUs: described by `cluster.gpus_per_node` or on this
+  machine): the GPU plan of `marl_llm.gpu_plan`, each actor on its devices as Ray will place it and
+  an estimate of each device's memory; more GPUs than the cluster has, or a device over its memory,
+  stops the run. CPU runs skip it.
 Config values themselves are validated earlier, by `marl_llm.config.validate`.
 Every failure is a `PreflightError` (a `ConfigError`): one line naming the value and what is allowed.
+
+`python -m marl_llm.preflight [group=option ...] [key=value ...]` prints the GPU plan of a run and
+starts nothing (no Ray, no engine, no model load): on the GPUs described by `cluster.num_nodes`,
+`cluster.gpus_per_node` and `cluster.gpu_memory_gb` (GiB per GPU), else this machine's, else one
+node of 8 x 80 GiB (what the paper presets are sized for). Exit status 0 when the plan fits; a plan
+that does not fit prints the plan, then one `error:` line naming the device, its actors, the
+estimate, the limit and the settings that lower it, and exits with status 2. E.g.
+  python -m marl_llm.preflight experiment=mlpo_paper
+  python -m marl_llm.preflight experiment=mlpo_paper cluster.gpus_per_node=8 cluster.gpu_memory_gb=40
+  python -m marl_llm.preflight experiment=malt_paper cluster.num_nodes=2 cluster.gpus_per_node=4
+The estimates (docs/GPU.md "Before you start: the plan"): DeepSpeed's model-state estimator for the
+ZeRO stage, a rough activation formula for the largest micro-batch, vLLM's
+`rollout.gpu_memory_utilization` share of its GPUs.
 """
 from __future__ import annotations
 
@@ -19,11 +36,14 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from marl_llm.config import ConfigError, ModelConfig, RunConfig
+from marl_llm.config import ConfigError, ModelConfig, RunConfig, validate
 from marl_llm.data import hub_offline
 from marl_llm.models import base_model_key
+
+if TYPE_CHECKING:
+    from marl_llm.gpu_plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +76,7 @@ def writable_dir(folder: Path, key: str) -> Path:
     return folder
 
 
-def _is_local_path(path: str) -> bool:
+def is_local_path(path: str) -> bool:
     """A Hub id is `name` or `owner/name`; anything else (or anything that exists) is a folder."""
     return (path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path
             or Path(path).expanduser().exists())
@@ -65,7 +85,7 @@ def _is_local_path(path: str) -> bool:
 def check_model(m: ModelConfig, key: str = "model") -> None:
     if m.source == "hf":
         path = str(m.path)
-        if _is_local_path(path):
+        if is_local_path(path):
             folder = Path(path).expanduser()
             if not folder.is_dir():
                 raise PreflightError(f"{key}.path={path!r} is not a folder (model.source=hf); give a folder that "
@@ -134,7 +154,7 @@ LOGIT_COPIES, LAYER_ACTIVATIONS = 4, 20
 # Ray's memory monitor kills actors above this share of the machine's RAM (RAY_memory_usage_threshold)
 RAY_MEMORY_THRESHOLD = 0.95
 GB = 1 << 30  # GiB, as Ray's memory monitor and `free` count
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def _model_shape(m: ModelConfig) -> Optional[dict]:
@@ -148,9 +168,9 @@ def _model_shape(m: ModelConfig) -> Optional[dict]:
     if not cfg_file.is_file() or not weights_bytes(str(path)):
         return None
     cfg = json.loads(cfg_file.read_text())
-    stored = _DTYPE_BYTES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or m.dtype), 4)
+    stored = DTYPE_BYTES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or m.dtype), 4)
     text = cfg.get("text_config") or cfg
-    return {"weights": weights_bytes(str(path)) * _DTYPE_BYTES[m.dtype] / stored,
+    return {"weights": weights_bytes(str(path)) * DTYPE_BYTES[m.dtype] / stored,
             "vocab": int(text.get("vocab_size", 0)), "layers": int(text.get("num_hidden_layers", 0)),
             "hidden": int(text.get("hidden_size", 0))}
 
@@ -229,6 +249,20 @@ def check_memory(specs: list, run: RunConfig, train: bool = True) -> Optional[st
     return msg
 
 
+def check_gpus(specs: list, run: RunConfig, train: bool = True) -> Optional["Plan"]:
+    """The run's GPU plan (logged) when it targets GPUs; a PreflightError when it needs more GPUs
+    than the cluster has or a device's estimate is over its memory. None for a CPU run."""
+    from marl_llm.gpu_plan import plan_run, target_cluster
+    cluster = target_cluster(run.cluster)
+    if cluster is None:
+        log.info("GPU plan skipped: no GPU described (cluster.gpus_per_node) and none on this machine")
+        return None
+    plan = plan_run(specs, run, cluster, train)
+    log.info("%s", plan.render())
+    plan.check()
+    return plan
+
+
 def load_tasks(env) -> tuple[list, list]:
     """The env's (train, eval) tasks; a failure of its loader is a PreflightError naming the env."""
     from marl_llm.data import DataError
@@ -263,4 +297,48 @@ def check_run(run: RunConfig, *, output_dir: Optional[str] = None, resume: Optio
         log.warning("env=%r has no evaluation tasks", run.env.name)
     fit_env_prompts(env, specs, run)
     check_memory(specs, run, train)
+    check_gpus(specs, run, train)
     return env, algo
+
+
+def policy_specs(run: RunConfig) -> list:
+    """The policies the run's algorithm builds (nothing loaded: no data, no model)."""
+    from envs.base import make_env
+    from marl_llm.registry import ALGORITHMS
+    return ALGORITHMS.get(run.algo.name)(run.algo, make_env(run.env, seed=run.seed), run).policy_specs()
+
+
+def print_help(overrides: list[str]) -> None:
+    from marl_llm.confdoc import key_table
+    from marl_llm.train import compose
+
+    print(__doc__[__doc__.index("`python -m marl_llm.preflight"):].strip())
+    print(f"\nkeys (as in python -m marl_llm.train):{key_table(validate(compose(overrides)))}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Print the GPU plan of the composed run; exit 2 (one `error:` line) when it does not fit."""
+    import sys
+
+    from marl_llm import cli, runtime
+    from marl_llm.gpu_plan import plan_run, target_cluster
+    from marl_llm.train import compose
+
+    runtime.apply_defaults()  # DS_ACCELERATOR=cpu on a CPU machine: DeepSpeed's estimator imports quietly
+    with cli.reported():
+        flags, overrides, _ = cli.split_args(sys.argv[1:] if argv is None else argv)
+        if cli.wants_help(flags):
+            print_help(overrides)
+            return 0
+        if flags:
+            raise ConfigError(f"preflight takes no {' '.join(flags)}; it takes key=value overrides (--help)")
+        run = validate(compose(overrides))
+        plan = plan_run(policy_specs(run), run, target_cluster(run.cluster, default=True))
+        print(plan.render(), flush=True)
+        plan.check()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

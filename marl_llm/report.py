@@ -73,9 +73,10 @@ def _baseline(name: str) -> Optional[tuple[str, str]]:
 
 # The baselines the algorithms log next to their evaluation (see algorithms/*.py `evaluate`).
 BASELINE_RULES: list[tuple[str, Callable[[re.Match], tuple[str, str]]]] = [
-    # MALT: the untrained roles (`baseline=initial`); single_mv = base model x chains + MV
-    (r"baseline/single_mv", lambda m: ("accuracy", "single model + MV")),
-    (r"baseline/(single_acc|gvr_mv)", lambda m: ("", "")),   # aliases of acc/generator, mv/gvr
+    # MALT: the untrained roles (`baseline=initial`); the names its comparisons use are aliases
+    # (single_mv: baseline/mv/g, the base model x chains + MV; gvr_mv: baseline/mv/gvr), as is
+    # single_acc (baseline/acc/generator) in runs from before it was dropped
+    (r"baseline/(single_mv|gvr_mv|single_acc)", lambda m: ("", "")),
     (r"baseline/(.+)", lambda m: (m[1], f"untrained {m[1]}")),
     # MAGRPO: baselines on the untrained weights, `<baseline>/<metric>`
     (r"(naive|single|sequential|discussion)/(.+)", lambda m: (m[2], m[1])),

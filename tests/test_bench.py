@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.engine  # `python -m bench`: its sections start the engines (setup.cfg)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

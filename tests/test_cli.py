@@ -45,6 +45,7 @@ def test_split_args_reads_flags_overrides_and_presets():
         cli.split_args(["--bogus"])
 
 
+@pytest.mark.engine  # the command line in a subprocess (setup.cfg)
 def test_top_level_help_lists_the_commands():
     r = run("marl_llm", "--help")
     assert r.returncode == 0
@@ -54,6 +55,7 @@ def test_top_level_help_lists_the_commands():
     assert r.returncode == 2 and r.stderr.startswith("error: unknown command 'nope'")
 
 
+@pytest.mark.engine  # the command line in a subprocess (setup.cfg)
 def test_list_shows_algorithms_envs_with_columns_presets_and_experiments():
     r = run("marl_llm", "list")
     assert r.returncode == 0, r.stderr
@@ -65,6 +67,7 @@ def test_list_shows_algorithms_envs_with_columns_presets_and_experiments():
     assert "[columns: none (generated tasks)]" in next(l for l in out.splitlines() if l.startswith("  toy "))
 
 
+@pytest.mark.engine  # the command line in a subprocess (setup.cfg)
 @pytest.mark.parametrize("entry", [("marl_llm.train",), ("marl_llm", "train"), ("marl_llm.evaluate",),
                                    ("marl_llm", "envcheck"), ("marl_llm", "report")])
 def test_help_on_every_entry_point(entry):
@@ -77,12 +80,14 @@ def test_help_on_every_entry_point(entry):
         assert "env.data.fields" in r.stdout
 
 
+@pytest.mark.engine  # the command line in a subprocess (setup.cfg)
 def test_train_help_describes_the_composition_asked_for():
     r = run("marl_llm.train", "--help", "algo=magrpo", "env=writing")
     assert r.returncode == 0, r.stderr
     assert "algo.name = 'magrpo'" in r.stdout and "env.name = 'writing'" in r.stdout
 
 
+@pytest.mark.engine  # the command line in a subprocess (setup.cfg)
 def test_cfg_job_validates_like_a_run():
     r = run("marl_llm.train", "--cfg", "job", "algo=magrpo", "algo.joint=both")
     assert r.returncode == 2 and r.stdout == ""
@@ -91,6 +96,7 @@ def test_cfg_job_validates_like_a_run():
     assert good.returncode == 0 and "name: toy" in good.stdout, good.stderr
 
 
+@pytest.mark.engine  # the command line in a subprocess (setup.cfg)
 @pytest.mark.parametrize("override, expected", [
     ("trainer.step=2", "error: unknown key trainer.step; did you mean trainer.steps?"),
     ("+trainer.step=2", "error: unknown key trainer.step; did you mean trainer.steps?"),
@@ -102,6 +108,7 @@ def test_misspelt_key_gets_the_nearest_valid_keys(override, expected, tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == expected, r.stderr
 
 
+@pytest.mark.engine  # the command line in a subprocess (setup.cfg)
 def test_unknown_preset_is_one_line():
     r = run("marl_llm.train", "experiment=nope", "--cfg", "job")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
@@ -126,6 +133,7 @@ TINY = ["algo=grpo", "env=toy", "model=tiny", "rollout.backend=hf", "trainer.ste
         "trainer.save_every=0", "trainer.report=false"]
 
 
+@pytest.mark.engine
 def test_a_run_is_quiet_by_default_and_prints_its_summary_once(tmp_path):
     r = run("marl_llm", "train", *TINY, "trainer.progress=false", f"trainer.output_dir={tmp_path}", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -137,6 +145,15 @@ def test_a_run_is_quiet_by_default_and_prints_its_summary_once(tmp_path):
     assert "actor_name:LearnerWorker" in engines  # the actors' own output went there
 
 
+@pytest.mark.engine
+def test_verbose_brings_the_engine_output_back(tmp_path):
+    r = run("marl_llm", "train", *TINY, "trainer.progress=false", f"trainer.output_dir={tmp_path}", "--verbose",
+            timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "pid=" in r.stderr and not (tmp_path / "engines.log").exists()  # actors' output, prefixed by Ray
+
+
+@pytest.mark.engine
 def test_the_python_api_trains_and_returns_the_summary(tmp_path):
     code = ("import json, sys\nfrom marl_llm import compose, train\n"
             f"summary = train(compose(*{TINY!r}, 'trainer.progress=false', 'trainer.output_dir={tmp_path}'))\n"

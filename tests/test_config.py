@@ -66,6 +66,7 @@ def test_unregistered_algo_name_rejected():
         validate(composed("env=toy", "algo.name=nope"))
 
 
+@pytest.mark.engine  # the command line in a subprocess (setup.cfg), though it stops at validation
 def test_unknown_group_option_lists_choices():
     r = subprocess.run([sys.executable, "-m", "marl_llm.train", "algo=nope", "env=toy"],
                        capture_output=True, text=True, timeout=120)
@@ -73,6 +74,7 @@ def test_unknown_group_option_lists_choices():
     assert "Could not find 'algo/nope'" in r.stderr and "grpo" in r.stderr
 
 
+@pytest.mark.engine
 def test_bad_value_cli_exits_with_message(tmp_path):
     r = subprocess.run([sys.executable, "-m", "marl_llm.train", "env=toy", "rollout.backend=foo",
                         f"trainer.output_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
@@ -80,6 +82,7 @@ def test_bad_value_cli_exits_with_message(tmp_path):
     assert "rollout.backend='foo' is not allowed" in r.stderr
 
 
+@pytest.mark.engine
 def test_print_config_cli():
     r = subprocess.run([sys.executable, "-m", "marl_llm.train", "--cfg", "job", "algo=grpo", "env=toy"],
                        capture_output=True, text=True, timeout=120)

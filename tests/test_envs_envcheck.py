@@ -26,6 +26,7 @@ def last_json(out):
 
 
 @needs_gsm8k
+@pytest.mark.engine  # the command line in a subprocess (setup.cfg)
 def test_gsm8k_gold_full_marks_cli():
     """The real CLI in a subprocess, as a user runs it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.engine  # training runs and Ray clusters
+
 ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT_S = 60  # learner.collective_timeout_s and rollout.weight_sync_timeout_s of these runs
+TIMEOUT_S = 60  # learner.timeout_s and rollout.timeout_s of these runs
 TRAIN = [sys.executable, "-m", "marl_llm.train", "algo=grpo", "env=toy", "model=tiny", "learner.num_ranks=2",
          "rollout.backend=vllm", "trainer.batch_size=2", "algo.group_size=4", "rollout.max_new_tokens=16",
          "trainer.save_every=1", "trainer.eval_every=0", "trainer.progress=false",
-         f"learner.collective_timeout_s={TIMEOUT_S}", f"rollout.weight_sync_timeout_s={TIMEOUT_S}"]
+         f"learner.timeout_s={TIMEOUT_S}", f"rollout.timeout_s={TIMEOUT_S}"]
 
 
 def tagged_pids(tag: str) -> list[int]:
@@ -63,15 +65,15 @@ def wait_for_checkpoint(proc, out: Path, step: int, timeout: float = 600):
         time.sleep(0.2)
 
 
-def assert_clean_stop(proc, tag: str, out: Path, t_fault: float, *needles, rc=None):
-    _, err = proc.communicate(timeout=TIMEOUT_S + 120)
+def assert_clean_stop(proc, tag: str, out: Path, t_fault: float, *needles, rc=None, limit_s=TIMEOUT_S + 30):
+    _, err = proc.communicate(timeout=limit_s + 120)
     stopped = time.time() - t_fault
     lines = [l for l in err.strip().splitlines() if l.startswith("error: ")]
     assert proc.returncode != 0 and (rc is None or proc.returncode == rc), (proc.returncode, err[-3000:])
     assert len(lines) == 1 and err.strip().splitlines()[-1] == lines[0], err[-3000:]
     for n in needles:
         assert n in lines[0], (n, lines[0])
-    assert stopped < TIMEOUT_S + 30, stopped  # the configured timeout plus shutdown
+    assert stopped < limit_s, stopped  # the configured timeout plus shutdown
     # no half checkpoint: every step folder is complete, no staging folder is left
     ckpts = out / "checkpoints"
     assert not list(ckpts.glob("*.tmp")), list(ckpts.iterdir())
@@ -124,4 +126,32 @@ def test_fault_stops_cleanly_and_resumes(tmp_path, fault, needles, rc):
     else:
         kill_actor(tag, fault)
     assert_clean_stop(proc, tag, out, time.time(), *needles, rc=rc)
+    assert_resumes(out)
+
+
+HANG_S = 20  # learner.timeout_s and rollout.timeout_s of the hang runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point, needles", [
+    # a rollout worker stopped in its 3rd generate call: the driver's generate deadline names it
+    ("rollout.generate:3", ["rollout worker 0 of policy 'policy'", "hung in generate",
+                            f"its deadline of {HANG_S}s (rollout.timeout_s, set) passed"]),
+    # rank 1 stopped in its 3rd train step while rank 0 waits for it in a ZeRO-3 collective
+    ("learner.train_step@1:3", ["learner group 'policy': rank 1", "hung in train_step",
+                                "rank 0", "failed waiting for it in a collective"]),
+    # rank 1 stopped entering its 2nd weight push (the ZeRO-3 gather rank 0 needs for the broadcast)
+    ("learner.push_weights@1:2", ["learner group 'policy': rank 1", "hung in weight push"]),
+])
+def test_a_hung_actor_stops_the_run_within_its_deadline_and_resume_continues(tmp_path, point, needles):
+    out = tmp_path / "run"
+    timeouts = [f"learner.timeout_s={HANG_S}", f"rollout.timeout_s={HANG_S}"]
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "MARL_LLM_FAULT_TAG": tag, "MARL_LLM_FAULT_STOP": point}
+    proc = subprocess.Popen(TRAIN + ["trainer.steps=40", f"trainer.output_dir={out}", *timeouts],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    wait_for_checkpoint(proc, out, 1)
+    t_fault = time.time()  # the stop comes at step 2 or 3: within a few seconds of this
+    line = assert_clean_stop(proc, tag, out, t_fault, *needles, "node ", rc=1, limit_s=HANG_S + 60)
+    assert "ActorHung" in line
     assert_resumes(out)

@@ -33,7 +33,7 @@ MODEL_CFG = ModelConfig(name="tiny", source="tiny")
 
 def learner_cfg(num_ranks):
     return LearnerConfig(num_ranks=num_ranks, num_cpus=1, zero_stage=3, lr=5e-3, grad_clip=1.0,
-                         micro_batch_size=2, bf16="false", collective_timeout_s=120)
+                         micro_batch_size=2, bf16="false", timeout_s=120)
 
 
 def make_samples(n, seed, adv=True):

@@ -11,6 +11,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.engine
+
 
 def test_grpo_raises_toy_reward(tmp_path):
     cmd = [sys.executable, "-m", "marl_llm.train", "algo=grpo", "env=toy", "model=tiny",

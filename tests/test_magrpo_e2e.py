@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.engine
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE = [sys.executable, "-m", "marl_llm.train", "algo=magrpo", "model=tiny", "rollout.backend=vllm",
         "trainer.batch_size=2", "algo.group_size=2", "rollout.max_new_tokens=24", "trainer.save_every=2",

@@ -119,14 +119,6 @@ def test_bad_config_names_value_and_allowed(kw, needle):
     assert needle in str(e.value)
 
 
-def test_defaults_documented_in_yaml_match_dataclass():
-    from omegaconf import OmegaConf
-    yaml = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "algo" / "mlpo.yaml"))
-    cfg = MLPOConfig()
-    assert {k: getattr(cfg, k) for k in yaml} == yaml
-    assert set(yaml) == set(vars(cfg))
-
-
 def test_policy_specs_leader_trainable_team_frozen_heterogeneous():
     cfg = MLPOConfig(team_models=["tiny", "tiny-wide", "tiny"], kl_coef=0.0)
     algo = MLPO(cfg, QEnv(), make_run(cfg))
@@ -436,6 +428,7 @@ def _engines_or_skip():
 
 
 @pytest.mark.slow
+@pytest.mark.engine
 def test_e2e_two_steps_heterogeneous_team(tmp_path):
     """2 steps of `algo=mlpo env=math model=tiny` with a heterogeneous team and a file SFT warm-up:
     only the leader is checkpointed; team answers are stored; evaluation reports every round."""
@@ -510,6 +503,7 @@ class SecretEnv(AnswerEnv):
 
 
 @pytest.mark.slow
+@pytest.mark.engine
 def test_learning_signal_leader_learns_to_use_team_answers(tmp_path):
     """SmolLM2-135M leader over stored team answers that hold the secret (2 of 3 agents right):
     the leader's reward rises clearly within a bounded number of steps. Knobs (env vars):

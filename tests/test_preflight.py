@@ -2,7 +2,8 @@
 
 Each CLI case runs the real entry point in a subprocess, as a user runs it; "no engine started"
 is asserted by the time it takes (Ray + vLLM + DeepSpeed take 25 s or more here) and by the
-absence of the engines' start-up lines.
+absence of the engines' start-up lines. They are marked `engine` all the same (setup.cfg): the
+unit tier runs no command line in a subprocess.
 """
 import json
 import logging
@@ -65,6 +66,7 @@ def data(tmp_path):
     return d
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("case, needles", [
     ("missing.jsonl", ["does not exist", "give an existing"]),
     ("malformed.jsonl", ["line 2 is not valid JSON", "one JSON object per line"]),
@@ -81,17 +83,20 @@ def test_train_bad_data(data, tmp_path, case, needles):
                       *needles)
 
 
+@pytest.mark.engine
 def test_train_missing_model_folder(tmp_path):
     r, s = cli(TRAIN + ["model.source=hf", "model.path=/no/such/folder", f"trainer.output_dir={tmp_path}"])
     assert_user_error(r, s, "model.path='/no/such/folder' is not a folder", "Hub id")
 
 
+@pytest.mark.engine
 def test_train_model_folder_without_config(tmp_path):
     (tmp_path / "m").mkdir()
     r, s = cli(TRAIN + ["model.source=hf", f"model.path={tmp_path / 'm'}", f"trainer.output_dir={tmp_path / 'o'}"])
     assert_user_error(r, s, "holds no config.json")
 
 
+@pytest.mark.engine
 def test_train_hub_id_while_offline(tmp_path):
     r, s = cli(TRAIN + ["model.source=hf", "model.path=nobody/no-such-model", f"trainer.output_dir={tmp_path}"],
                env_extra={"HF_HUB_OFFLINE": "1"})
@@ -99,12 +104,14 @@ def test_train_hub_id_while_offline(tmp_path):
                       "local model folder")
 
 
+@pytest.mark.engine
 def test_train_unwritable_output_dir(tmp_path):
     (tmp_path / "a_file").write_text("")
     r, s = cli(TRAIN + [f"trainer.output_dir={tmp_path / 'a_file' / 'run'}"])
     assert_user_error(r, s, "trainer.output_dir=", "is not writable", "choose a folder")
 
 
+@pytest.mark.engine
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
 def test_train_read_only_output_dir(tmp_path):
     ro = tmp_path / "ro"
@@ -113,6 +120,7 @@ def test_train_read_only_output_dir(tmp_path):
     assert_user_error(r, s, "is not writable")
 
 
+@pytest.mark.engine
 def test_train_existing_checkpoints_without_resume(tmp_path):
     (tmp_path / "checkpoints" / "step_2").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step_2" / "trainer_state.json").write_text("{}")
@@ -120,6 +128,7 @@ def test_train_existing_checkpoints_without_resume(tmp_path):
     assert_user_error(r, s, "already holds checkpoints (step_2)", "trainer.resume=true")
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("args, needles", [
     (["algo=nope"], ["Could not find 'algo/nope'", "grpo"]),
     (["trainer.stepz=3"], ["trainer.stepz"]),
@@ -131,12 +140,14 @@ def test_train_bad_config(tmp_path, args, needles):
     assert_user_error(r, s, *needles)
 
 
+@pytest.mark.engine
 def test_debug_switch_shows_the_traceback(tmp_path):
     r, _ = cli(TRAIN + ["env.data.path=/no/such.jsonl", f"trainer.output_dir={tmp_path}"],
                env_extra={"MARL_LLM_DEBUG": "1"})
     assert r.returncode != 0 and "Traceback" in r.stderr and "DataNotFound" in r.stderr
 
 
+@pytest.mark.engine
 def test_evaluate_bad_input(data, tmp_path):
     base = [sys.executable, "-m", "marl_llm.evaluate"]
     model = ["algo=grpo", "env=math", "model=tiny"]
@@ -150,6 +161,7 @@ def test_evaluate_bad_input(data, tmp_path):
         assert_user_error(r, s, needle, logs_on_stderr=True)
 
 
+@pytest.mark.engine  # the command line in a subprocess (setup.cfg)
 def test_envcheck_bad_input(data):
     base = [sys.executable, "-m", "marl_llm.envcheck", "env=math"]
     for args, needle in [([f"env.data.path={data / 'malformed.jsonl'}"], "line 2 is not valid JSON"),

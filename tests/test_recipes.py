@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
 SHORT = ["trainer.steps=1", "trainer.eval_every=1", "trainer.save_every=1", "trainer.eval_size=4",
          "trainer.progress=false", "trainer.loggers=[]", "rollout.max_new_tokens=32"]

@@ -183,6 +183,7 @@ def test_non_number_return_names_function_and_value(user_module, fn, needle):
 
 
 # ---- end to end: a user's functions train and evaluate a tiny run -----------------------------------------
+@pytest.mark.engine
 def test_user_reward_trains_a_tiny_run_end_to_end(tmp_path):
     from examples.rewards import brevity, tidy
 

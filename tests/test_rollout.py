@@ -27,6 +27,7 @@ from marl_llm.rollout.worker import RolloutWorker  # noqa: E402
 from marl_llm.types import GenerationRequest, SamplingConfig  # noqa: E402
 
 torch.set_num_threads(1)
+pytestmark = pytest.mark.engine
 
 TINY = dict(num_attention_heads=2, num_key_value_heads=1, initializer_range=0.3)
 BASE = ModelConfig(name="tiny32", source="tiny", tiny=TINY, seed=0)

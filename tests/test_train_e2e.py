@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.engine
+
 TRAIN = [sys.executable, "-m", "marl_llm.train", "algo=grpo", "env=toy", "model=tiny",
          "learner.num_ranks=2", "rollout.backend=vllm", "trainer.batch_size=2", "algo.group_size=4",
          "rollout.max_new_tokens=16", "trainer.save_every=1", "trainer.progress=false"]

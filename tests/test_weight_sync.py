@@ -1,4 +1,7 @@
-"""The learner -> rollout weight-sync group on CPU (gloo), across real processes."""
+"""The learner -> rollout weight-sync group on CPU (gloo), across real processes.
+
+The tests that form a real group (the engines' channel: spawned processes, or waiting out its
+timeout) are in the engine tier (setup.cfg's `engine` marker)."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -48,6 +51,7 @@ def test_meta_of():
     assert meta[2][1] == "bfloat16" and meta[3][2] == () and meta[5][1] == "int64"
 
 
+@pytest.mark.engine
 def test_broadcast_to_two_receivers_gives_identical_tensors():
     ctx = mp.get_context("spawn")
     port, q = free_port(), ctx.Queue()
@@ -70,6 +74,7 @@ def test_broadcast_to_two_receivers_gives_identical_tensors():
     assert all(p.exitcode == 0 for p in procs)
 
 
+@pytest.mark.engine
 def test_receiver_in_this_process():
     """The sender (a spawned process) starts late; rank 1 here waits for it, then gets the data."""
     ctx = mp.get_context("spawn")
@@ -85,6 +90,7 @@ def test_receiver_in_this_process():
         assert n == m and torch.equal(a, b)
 
 
+@pytest.mark.engine
 def test_receiver_without_sender_times_out():
     t0 = time.monotonic()
     with pytest.raises(WeightSyncError, match="could not form the group"):
@@ -92,6 +98,7 @@ def test_receiver_without_sender_times_out():
     assert time.monotonic() - t0 < 30
 
 
+@pytest.mark.engine
 def test_sender_without_receivers_times_out():
     t0 = time.monotonic()
     with pytest.raises(WeightSyncError, match="rank 0/2"):
@@ -99,6 +106,7 @@ def test_sender_without_receivers_times_out():
     assert time.monotonic() - t0 < 30
 
 
+@pytest.mark.engine
 def test_wrong_meta_is_detected():
     ctx = mp.get_context("spawn")
     port = free_port()

@@ -7,8 +7,10 @@ micro-batch count equal on all ranks, and passes the *global* sample/token count
 ranks' losses add up to one objective (see `marl_llm.learner.worker`).
 
 Failure handling: results are collected as they arrive, so an exception on any rank is raised
-at once (naming the rank) instead of waiting on the ranks stuck in a collective; every
-torch.distributed collective has `collective_timeout_s`; weight pushes have a hard timeout.
+at once (naming the rank) instead of waiting on the ranks stuck in a collective. Every call has a
+deadline (`learner.timeout_s`, or sized from the work: marl_llm/deadlines.py) and so does every
+torch.distributed collective: a rank that stops answering (SIGSTOP, a lost node, a stuck
+collective) is named as hung, with its node, the phase and the deadline that passed.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import time
 from typing import Any, Optional, Sequence
 
 from marl_llm.config import LearnerConfig, ModelConfig
+from marl_llm.deadlines import COLLECTIVE_GRACE_S, SAVE_S, START_S, Deadline, collective_seconds
 from marl_llm.learner.worker import validate_samples
 from marl_llm.losses import LossConfig
-from marl_llm.policy import ActorFailed, actor_label, describe_failure
+from marl_llm.policy import ActorFailed, ActorHung, actor_label, describe_failure
 from marl_llm.types import PairSample, Sample
 
 log = logging.getLogger(__name__)
@@ -83,7 +86,7 @@ def gradient_carrying(samples: list, loss: LossConfig) -> list:
 
 class LearnerGroup:
     def __init__(self, policy_name: str, model_path: str, model_cfg: ModelConfig, learner_cfg: LearnerConfig,
-                 seed: int, need_reference: bool, env_vars: dict, start_timeout_s: float = 900.0):
+                 seed: int, need_reference: bool, env_vars: dict, start_timeout_s: float = START_S):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -95,12 +98,16 @@ class LearnerGroup:
         self.world_size = n = learner_cfg.num_ranks
         self._sync_workers: Optional[list] = None
         self._meta = None
+        # train steps and scoring are sized by their tokens; pushes and saves by the fixed bounds
+        self.deadlines = {phase: Deadline(phase, "learner.timeout_s", learner_cfg.timeout_s)
+                          for phase in ("train_step", "logprobs")}
+        self.info: list[dict] = []
         t0 = time.time()
         from marl_llm.cluster import learner_gpus
 
         gpus = learner_gpus(learner_cfg, ray.cluster_resources())
-        bundle = {"CPU": learner_cfg.num_cpus, **({"GPU": gpus} if gpus else {})}
-        self.pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK",
+        bundle = {"CPU": learner_cfg.num_cpus, **({"GPU": gpus} if gpus else {}), **(learner_cfg.resources or {})}
+        self.pg = placement_group([dict(bundle) for _ in range(n)], strategy=learner_cfg.placement.upper(),
                                   name=f"learner-{policy_name}-{id(self):x}")
         try:
             ray.get(self.pg.ready(), timeout=start_timeout_s)
@@ -116,7 +123,8 @@ class LearnerGroup:
         self.actors = []
         for rank in range(n):
             self.actors.append(actor.options(
-                num_cpus=learner_cfg.num_cpus, num_gpus=gpus, max_restarts=0, max_concurrency=1,
+                num_cpus=learner_cfg.num_cpus, num_gpus=gpus, resources=learner_cfg.resources,
+                max_restarts=0, max_concurrency=1,
                 runtime_env={"env_vars": dict(env_vars or {})},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, rank),
                 name=None).remote(rank, n, addr, port, model_path, model_cfg, learner_cfg, seed,
@@ -128,39 +136,76 @@ class LearnerGroup:
             raise
         self.backend = self.info[0]["backend"]
         self.start_seconds = time.time() - t0
-        log.info("DeepSpeed ZeRO-%d learner group '%s': %d ranks, %s (%.1fM params, %s, started in %.1fs)",
-                 learner_cfg.zero_stage, policy_name, n, self.backend, self.info[0]["params"] / 1e6,
-                 "bf16" if self.info[0]["bf16"] else "fp32", self.start_seconds)
+        log.info("DeepSpeed ZeRO-%d learner group '%s': %d ranks, %s (%.1fM params, %s, started in %.1fs); "
+                 "nodes: %s (learner.placement=%s)", learner_cfg.zero_stage, policy_name, n, self.backend,
+                 self.info[0]["params"] / 1e6, "bf16" if self.info[0]["bf16"] else "fp32", self.start_seconds,
+                 ", ".join(f"rank {i} {x.get('node', '?')}" for i, x in enumerate(self.info)), learner_cfg.placement)
 
     # ---- plumbing -------------------------------------------------------------------------------
+    def rank_names(self) -> list[str]:
+        nodes = [i.get("node", "?") for i in self.info] or ["?"] * len(self.actors)
+        return [f"rank {i} (actor {actor_label(a)}, node {node})" for i, (a, node) in enumerate(zip(self.actors, nodes))]
+
     def _get_all(self, refs: list, what: str, timeout: Optional[float] = None,
-                 names: Optional[list[str]] = None) -> list:
-        """Results in order; the first failure is raised at once, naming its actor."""
+                 names: Optional[list[str]] = None, deadline: Optional[Deadline] = None) -> list:
+        """Results in order; the first failure is raised at once, naming its actor. A call that
+        outlives `timeout` (or a rank that fails in a collective while a peer never answers)
+        raises `ActorHung` naming the ranks that did not answer."""
         ray = self.ray
-        names = names or [f"rank {i} (actor {actor_label(a)})" for i, a in enumerate(self.actors)]
+        names = names or self.rank_names()
         index = {r: i for i, r in enumerate(refs)}
         results: list[Any] = [None] * len(refs)
         pending = list(refs)
-        deadline = None if timeout is None else time.time() + timeout
+        end = None if timeout is None else time.time() + timeout
+        why = (deadline.describe(timeout) if deadline is not None else
+               f"its deadline of {timeout:.0f}s passed" if timeout is not None else "")
         while pending:
-            wait = 5.0 if deadline is None else max(0.0, min(5.0, deadline - time.time()))
+            wait = 5.0 if end is None else max(0.0, min(5.0, end - time.time()))
             ready, pending = ray.wait(pending, num_returns=1, timeout=wait)
             for r in ready:
                 i = index[r]
                 try:
                     results[i] = ray.get(r)
                 except Exception as e:  # noqa: BLE001 — re-raised with context
+                    if pending and _waited_on_peer(e):
+                        self._raise_stuck(what, names, index, i, e, pending)
                     i, e = self._dead_peer(pending, index, i, e)
                     hint = "" if what == "start" or len(refs) == 1 else (
-                        " (the other ranks may stay blocked in a collective until "
-                        "learner.collective_timeout_s; restart the learner group)")
+                        " (the other ranks may stay blocked in a collective until learner.timeout_s)")
                     raise ActorFailed(f"learner group {self.policy_name!r}: {what} failed on {names[i]}: "
                                       f"{describe_failure(e)}" + hint) from e
-            if deadline is not None and time.time() >= deadline and pending:
-                stuck = [names[index[r]] for r in pending]
-                raise TimeoutError(f"learner group {self.policy_name!r}: {what} did not finish within "
-                                   f"{timeout:.0f}s (waiting on {stuck})")
+            if end is not None and time.time() >= end and pending:
+                stuck = ", ".join(names[index[r]] for r in pending)
+                raise ActorHung(f"learner group {self.policy_name!r}: {stuck} hung in {what}: {why}")
         return results
+
+    def _raise_stuck(self, what: str, names: list[str], index: dict, i: int, e: Exception, pending: list) -> None:
+        """Actor `i` gave up waiting for a peer in a collective. The other waiters give up too
+        within a moment; whoever still has not answered then (stopped, stuck, its node gone) is
+        the culprit, named as hung. A peer that died instead is named as failed."""
+        from ray.exceptions import RayActorError
+
+        waiters, end = [i], time.time() + COLLECTIVE_GRACE_S
+        while pending and time.time() < end:
+            ready, pending = self.ray.wait(pending, num_returns=1, timeout=max(0.0, end - time.time()))
+            for r in ready:
+                try:
+                    self.ray.get(r)
+                except RayActorError as dead:
+                    raise ActorFailed(f"learner group {self.policy_name!r}: {what} failed on {names[index[r]]}: "
+                                      f"{describe_failure(dead)}") from dead
+                except Exception as other:  # noqa: BLE001 — another waiter giving up
+                    if not _waited_on_peer(other):
+                        raise ActorFailed(f"learner group {self.policy_name!r}: {what} failed on "
+                                          f"{names[index[r]]}: {describe_failure(other)}") from other
+                    waiters.append(index[r])
+        if not pending:
+            raise ActorFailed(f"learner group {self.policy_name!r}: {what} failed on {names[i]}: "
+                              f"{describe_failure(e)}") from e
+        stuck = ", ".join(names[index[r]] for r in pending)
+        waited = ", ".join(names[w] for w in waiters)
+        raise ActorHung(f"learner group {self.policy_name!r}: {stuck} hung in {what}; {waited} failed waiting for "
+                        f"it in a collective ({describe_failure(e)})") from e
 
     def _dead_peer(self, pending: list, index: dict, i: int, e: Exception) -> tuple[int, Exception]:
         """A collective fails on the live peers of a dead actor too (e.g. a gloo "connection
@@ -179,10 +224,33 @@ class LearnerGroup:
                 continue
         return i, e
 
-    def _run(self, what: str, method: str, per_rank_args: Optional[list[tuple]] = None, timeout=None, **kw):
+    def _run(self, what: str, method: str, per_rank_args: Optional[list[tuple]] = None, timeout=None,
+             deadline: Optional[Deadline] = None, **kw):
         refs = [getattr(a, method).remote(*(per_rank_args[i] if per_rank_args else ()), **kw)
                 for i, a in enumerate(self.actors)]
-        return self._get_all(refs, what, timeout=timeout)
+        return self._get_all(refs, what, timeout=timeout, deadline=deadline)
+
+    def _timed(self, phase: str, tokens: int, method: str, args: list[tuple]):
+        """A call sized by the tokens it puts through the model; its rate feeds the next deadline."""
+        deadline = self.deadlines[phase]
+        t0 = time.time()
+        out = self._run(phase, method, args, timeout=self._call_s(deadline.seconds(tokens)), deadline=deadline)
+        deadline.observe(tokens, time.time() - t0)
+        return out
+
+    def _call_s(self, seconds: float) -> float:
+        """With several ranks the driver outwaits the ranks' own collective timeout, so a rank left
+        waiting for a stopped peer reports first and the peer is named precisely."""
+        if self.world_size == 1:
+            return seconds
+        return max(seconds, collective_seconds(self.cfg.timeout_s) + COLLECTIVE_GRACE_S)
+
+    def _fixed_s(self, long: bool = False) -> float:
+        """Deadline of a call that is not sized by tokens: a push (`collective_seconds`) or a
+        checkpoint save/load (`SAVE_S` unless learner.timeout_s is set)."""
+        if self.cfg.timeout_s is not None:
+            return self._call_s(float(self.cfg.timeout_s))
+        return SAVE_S if long else self._call_s(collective_seconds(None))
 
     def _micro_count(self, shards: list[list[int]]) -> int:
         mbs = max(1, self.cfg.micro_batch_size)
@@ -206,7 +274,8 @@ class LearnerGroup:
         n_micro = self._micro_count(shards)
         args = [([samples[i] for i in sh], loss, n_samples, n_tokens, n_micro) for sh in shards]
         t0 = time.time()
-        out = _combine(self._run("train_step", "train_step", args))
+        out = _combine(self._timed("train_step", sum(_model_tokens(samples[i]) for i in range(len(samples))),
+                                   "train_step", args))
         out.update(n_samples=n_samples, n_trained=len(samples), n_tokens=n_tokens, step_s=time.time() - t0)
         return out
 
@@ -218,7 +287,7 @@ class LearnerGroup:
         shards = shard_by_length(samples, self.world_size)
         n_micro = self._micro_count(shards)
         args = [([samples[i] for i in sh], reference, n_micro) for sh in shards]
-        parts = self._run("logprobs", "logprobs", args)
+        parts = self._timed("logprobs", sum(map(_model_tokens, samples)), "logprobs", args)
         out: list[Any] = [None] * len(samples)
         for sh, part in zip(shards, parts):
             for i, lp in zip(sh, part):
@@ -226,31 +295,36 @@ class LearnerGroup:
         return out
 
     def snapshot_reference(self) -> None:
-        self._run("snapshot_reference", "snapshot_reference")
+        self._run("snapshot_reference", "snapshot_reference", timeout=self._fixed_s())
 
     # ---- weights out ----------------------------------------------------------------------------
     def save_hf(self, out_dir: str) -> str:
         """A Hugging Face folder (config, safetensors, tokenizer) of the current weights."""
-        return self._run("save_hf", "save_hf", [(str(out_dir),)] * self.world_size)[0]
+        return self._run("checkpoint save (HF folder)", "save_hf", [(str(out_dir),)] * self.world_size,
+                         timeout=self._fixed_s(long=True))[0]
 
     def save_state(self, out_dir: str) -> None:
         """DeepSpeed checkpoint for exact resume (weights, optimizer, step counters)."""
-        self._run("save_state", "save_state", [(str(out_dir),)] * self.world_size)
+        self._run("checkpoint save (DeepSpeed state)", "save_state", [(str(out_dir),)] * self.world_size,
+                  timeout=self._fixed_s(long=True))
 
     def load_state(self, in_dir: str) -> dict:
-        return self._run("load_state", "load_state", [(str(in_dir),)] * self.world_size)[0]
+        return self._run("checkpoint load", "load_state", [(str(in_dir),)] * self.world_size,
+                         timeout=self._fixed_s(long=True))[0]
 
-    def push_weights(self, rollout_workers: list, timeout_s: Optional[float] = None) -> dict:
+    def push_weights(self, rollout_workers: list, worker_names: Optional[list[str]] = None,
+                     timeout_s: Optional[float] = None) -> dict:
         """Gather the ZeRO-3 weights and broadcast them from learner rank 0 (sync rank 0) to the
-        rollout workers (sync ranks 1..). The first call (or a new set of workers) sets up the
-        sync group; a setup or push that does not finish within `timeout_s` (default
-        learner.collective_timeout_s) raises instead of hanging."""
+        rollout workers (sync ranks 1..), which load them. The first call (or a new set of
+        workers) sets up the sync group. Each part has a deadline (`timeout_s`, else
+        learner.timeout_s, else `collective_seconds`): a rank or worker that stops answering is
+        named as hung."""
         workers = list(rollout_workers)
         if not workers:
             return {}
-        timeout = float(timeout_s or self.cfg.collective_timeout_s)
-        names = [f"learner rank {i}" for i in range(self.world_size)] + \
-                [f"rollout worker {i} (actor {actor_label(w)})" for i, w in enumerate(workers)]
+        timeout = float(timeout_s or collective_seconds(self.cfg.timeout_s))
+        names = self.rank_names() + (worker_names or [f"rollout worker {i} (actor {actor_label(w)})"
+                                                      for i, w in enumerate(workers)])
         if self._sync_workers is None or [id(w) for w in self._sync_workers] != [id(w) for w in workers]:
             addr, port = self.ray.get(self.actors[0].node_addr_and_free_port.remote(), timeout=60)
             world = 1 + len(workers)
@@ -263,24 +337,28 @@ class LearnerGroup:
         if self._meta is None:
             self._meta = self.ray.get(self.actors[0].weight_meta.remote(), timeout=60)
         t0 = time.time()
+        # one wait over both sides, so a dead worker is named even while rank 0 fails in the broadcast
         refs = [a.push_weights.remote() for a in self.actors] + \
                [w.receive_weights.remote(self._meta) for w in workers]
-        res = self._get_all(refs, "weight push", timeout=timeout + 30, names=names)
+        res = self._get_all(refs, "weight push (learner gather + broadcast, worker receive + load)",
+                            timeout=timeout + 30, names=names)
         out = dict(res[0] or {})
         out["push_s"] = time.time() - t0
         return out
 
-    def push_adapter(self, rollout_workers: list, adapter: str, timeout_s: Optional[float] = None) -> dict:
+    def push_adapter(self, rollout_workers: list, adapter: str, worker_names: Optional[list[str]] = None,
+                     timeout_s: Optional[float] = None) -> dict:
         """A LoRA policy's sync: gather only the adapter (ZeRO-3, all ranks) and hand it to the
         rollout workers, which serve it as `adapter` on their shared base engine."""
-        timeout = float(timeout_s or self.cfg.collective_timeout_s)
+        timeout = float(timeout_s or collective_seconds(self.cfg.timeout_s))
         t0 = time.time()
-        state = self._run("adapter gather", "adapter_state_dict", timeout=timeout)[0]
+        state = self._run("adapter push (gather)", "adapter_state_dict", timeout=self._call_s(timeout))[0]
         t1 = time.time()
         ref = self.ray.put(state)
         refs = [w.load_adapter.remote(adapter, ref, self.model_cfg.lora) for w in rollout_workers]
-        self._get_all(refs, "adapter push", timeout=timeout,
-                      names=[f"rollout worker {i} (actor {actor_label(w)})" for i, w in enumerate(rollout_workers)])
+        self._get_all(refs, "adapter push (load)", timeout=timeout,
+                      names=worker_names or [f"rollout worker {i} (actor {actor_label(w)})"
+                                             for i, w in enumerate(rollout_workers)])
         return {"gather_s": t1 - t0, "push_s": time.time() - t0,
                 "bytes": sum(t.numel() * t.element_size() for t in state.values())}
 
@@ -310,6 +388,20 @@ def _make_remote():
 
     from marl_llm.weight_sync import node_addr_and_free_port
     return ray.remote(node_addr_and_free_port)
+
+
+def _model_tokens(sample) -> int:
+    """Tokens a sample puts through the model (a DPO pair: both sides)."""
+    if isinstance(sample, PairSample):
+        return len(sample.prompt_ids) + len(sample.chosen_ids) + len(sample.rejected_ids)
+    return len(sample.prompt_ids) + len(sample.completion_ids)
+
+
+def _waited_on_peer(e: BaseException) -> bool:
+    """A rank's error that means it gave up waiting for a peer in a collective (gloo/NCCL timeout
+    or a closed connection), not a failure of its own."""
+    text = describe_failure(e).lower()
+    return any(s in text for s in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe"))
 
 
 class _Lazy:

@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 
 from marl_llm import runtime
 from marl_llm.config import LearnerConfig, ModelConfig
+from marl_llm.deadlines import collective_seconds
 from marl_llm.models import SMALL_MODEL_BYTES, _ensure_rope_theta, weights_bytes
 from marl_llm.losses import LossConfig, dpo_loss, pg_loss, sft_loss, token_logprobs
 from marl_llm.types import PairSample, Sample
@@ -303,7 +304,7 @@ class LearnerWorker:
         self.backend = "nccl" if self.on_gpu else "gloo"
         t0 = time.time()
         deepspeed.init_distributed(dist_backend=self.backend, auto_mpi_discovery=False,
-                                   timeout=timedelta(seconds=learner_cfg.collective_timeout_s))
+                                   timeout=timedelta(seconds=collective_seconds(learner_cfg.timeout_s)))
         torch.manual_seed(seed)
         self.bf16 = use_bf16(learner_cfg.bf16, self.on_gpu, model_path)
         self.out_dtype = _torch_dtype(model_cfg.dtype)
@@ -430,7 +431,7 @@ class LearnerWorker:
                 "zero_stage": self.cfg.zero_stage, "bf16": self.bf16, "params": n,
                 "trainable_params": trainable, "lora": self.lora is not None,
                 "loaded_partitioned": self.loaded_partitioned, "init_seconds": self.init_seconds,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "node": runtime.node_label()}
 
     # ---- collectives helpers --------------------------------------------------------------------
     def _agree(self, *values: int) -> list[int]:
@@ -474,6 +475,7 @@ class LearnerWorker:
         loss parts (this rank's share of the global objective), weighted means, grad_norm, lr."""
         import torch
 
+        runtime.fault_point("learner.train_step", self.rank)
         t0 = time.time()
         kind = loss_cfg.kind
         validate_samples(samples_shard, loss_cfg)
@@ -734,16 +736,59 @@ class LearnerWorker:
                                     client_state={"policy": self.policy_name, "world_size": self.world_size})
 
     def load_state(self, in_dir: str) -> dict:
-        """Restore a `save_state` checkpoint (same world size). Collective."""
-        saved = sorted(Path(in_dir, "state").glob("*zero_pp_rank_*_mp_rank_*optim_states.pt"))
-        if self.cfg.zero_stage > 0 and saved and len(saved) != self.world_size:
-            raise ValueError(f"{in_dir} holds a ZeRO checkpoint of {len(saved)} ranks; this group has "
-                             f"{self.world_size} (start it with learner.num_ranks={len(saved)} to resume)")
-        path, client = self.engine.load_checkpoint(str(in_dir), tag="state", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+        """Restore a `save_state` checkpoint. Collective. With the rank count that wrote it, each
+        rank loads its own ZeRO shard. A ZeRO (stage 1-3) checkpoint of another rank count is
+        re-sharded exactly through DeepSpeed's universal checkpoint (`_load_resharded`). Stage 0
+        keeps whole copies (rank 0 writes the optimizer state once): any rank count loads it."""
+        shards = list(Path(in_dir, "state").glob("*zero_pp_rank_*_mp_rank_*optim_states.pt"))
+        reshard = self.cfg.zero_stage > 0 and bool(shards) and len(shards) != self.world_size
+        if reshard:
+            path, client = self._load_resharded(in_dir)
+        else:
+            path, client = self.engine.load_checkpoint(str(in_dir), tag="state", load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(f"no learner checkpoint under {in_dir}")
-        return {"global_steps": int(self.engine.global_steps), "client_state": client or {}}
+        return {"global_steps": int(self.engine.global_steps), "client_state": client or {},
+                "resharded_from": len(shards) if reshard else None}
+
+    def _load_resharded(self, in_dir: str):
+        """Rank 0 converts the checkpoint to DeepSpeed's universal format (per parameter name: the
+        full fp32 master weights, Adam's exp_avg and exp_avg_sq; the optimizer's step and hyper-
+        parameters), every rank then takes its partition of each for this group's rank count.
+        The numbers are copied, not recomputed: the resumed run continues exactly. The universal
+        copy lives next to the checkpoint (every rank reads it) and is removed afterwards."""
+        import argparse
+        import contextlib
+        import io
+        import shutil
+
+        import torch.distributed as dist
+        from deepspeed.checkpoint import ds_to_universal
+
+        universal = Path(in_dir, "universal")
+        if self.rank == 0:
+            shutil.rmtree(universal, ignore_errors=True)  # left by a crash mid-conversion
+            # serial (no process pool inside a Ray actor); inject_missing_state: ZeRO-1/2 conversion
+            # otherwise wants Megatron's universal_checkpoint_info, which HF models do not carry
+            args = argparse.Namespace(input_folder=str(Path(in_dir, "state")), output_folder=str(universal / "state"),
+                                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                      strict=True, inject_missing_state=True)
+            # its progress prints would flood engines.log; a failure still raises
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                ds_to_universal.main(args)
+        dist.barrier()
+        # the engine reads this flag only while loading; set at initialize it would route every load here
+        self.engine._config.load_universal_checkpoint = True
+        try:
+            loaded = self.engine.load_checkpoint(str(universal), tag="state", load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        dist.barrier()
+        if self.rank == 0:
+            shutil.rmtree(universal, ignore_errors=True)
+        return loaded
 
     def global_steps(self) -> int:
         return int(self.engine.global_steps)
@@ -787,6 +832,7 @@ class LearnerWorker:
 
     def push_weights(self) -> dict:
         """Gather (all ranks) and broadcast from rank 0 to the rollout workers."""
+        runtime.fault_point("learner.push_weights", self.rank)
         t0 = time.time()
         # parameters only, tied ones once: exactly the list `weight_meta` describes
         state = self.full_state_dict(include_tied=False, buffers=False)

@@ -87,7 +87,7 @@ class HFBackend(RolloutBackend):
         self.version = transformers.__version__
         self.device = torch.device("cuda") if runtime.has_gpu() else torch.device("cpu")
         if self.device.type == "cpu":
-            torch.set_num_threads(1)  # 2 threads on 2 shared cores collapse (STACK.md)
+            torch.set_num_threads(1)  # 2 threads on 2 shared cores collapse (docs/CPU.md, Threads)
         t0 = time.perf_counter()
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=getattr(torch, model_cfg.dtype)).to(self.device).eval()

@@ -112,10 +112,10 @@ def lora_engine_args(max_loras: int, max_rank: int) -> dict:
 
 
 def use_eager(flag: str, model_path: str) -> bool:
-    """RolloutConfig.enforce_eager. "auto": compiled for real models. Measured on a 2-core CPU with
-    SmolLM2-135M: compiling costs ~80 s the first time and ~25-35 s per engine start after that
-    (torch.compile's cache), and generation then runs several times faster; tiny random-init test
-    models generate in a second or two, so they stay eager."""
+    """RolloutConfig.enforce_eager. "auto": compiled for real models. On a 2-core CPU with
+    SmolLM2-135M compiling makes the first engine start long and every later one shorter
+    (torch.compile's cache; the timings are in docs/CPU.md), and generation then runs several times
+    faster; tiny random-init test models generate in a second or two, so they stay eager."""
     if flag == "auto":
         return weights_bytes(model_path) < SMALL_MODEL_BYTES
     return flag == "true"

@@ -26,6 +26,7 @@ import torch
 
 from marl_llm import runtime
 from marl_llm.config import LoraConfig, ModelConfig, RolloutConfig
+from marl_llm.deadlines import collective_seconds
 from marl_llm.rollout.backend import (RolloutBackend, load_tokenizer, prompt_ids_of,
                                       read_safetensors_dir)
 from marl_llm.types import Completion, GenerationRequest
@@ -76,9 +77,11 @@ class RolloutWorker:
 
     def ready(self) -> dict:
         return {**self.backend.info(), "policy": self.policy_name, "model_path": self.model_path,
-                "start_s": round(self.start_s, 2), "pid": os.getpid(), "weight_version": self.weight_version}
+                "start_s": round(self.start_s, 2), "pid": os.getpid(), "weight_version": self.weight_version,
+                "node": runtime.node_label()}
 
     def generate(self, requests: Sequence[GenerationRequest], adapter: Optional[str] = None) -> list[list[Completion]]:
+        runtime.fault_point("rollout.generate")
         # template here, once, so both backends see token ids only
         reqs = [r if r.prompt_ids is not None else
                 GenerationRequest(prompt_ids=prompt_ids_of(self.tokenizer, r), sampling=r.sampling)
@@ -141,7 +144,7 @@ class RolloutWorker:
             self.sync.close()
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.sync = WeightSyncGroup(master_addr, master_port, rank, world_size,
-                                    timeout_s or self.rollout_cfg.weight_sync_timeout_s, backend=backend)
+                                    timeout_s or collective_seconds(None), backend=backend)
         return True
 
     def receive_weights(self, meta) -> int:
