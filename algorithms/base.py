@@ -13,41 +13,55 @@ The shared scaffolding (one way each, used by the built-in plugins and the examp
   `score_outcomes`   per-task outcomes of scored outputs: reward and each reward component
   `score_metrics`    their means (an evaluation block without intervals)
   `outcome_metrics` / `Algorithm.eval_metrics`   the evaluation block with 95% intervals and
-                     paired differences, from {metric: per-task outcomes} (see below)
-  `majority_index`   majority vote over extracted answers (ties: the answer seen first)
+                     the paired differences of `Algorithm.comparisons` (see below)
+  `correct_of`       was this answer right: a reward's `correct` component, else reward at its max
+  `majority_index` / `vote`   majority vote over extracted answers (ties: the answer seen first)
+  `train_epochs`     SFT/DPO epochs over a dataset (`TrainJob` per policy, seeded local shuffles),
+                     several policies in lockstep through `Policy.train_async`
   `seed_for` / `Algorithm.seed`   request seeds from the run seed and a request's coordinates
   `Algorithm.sampling`            a SamplingConfig from `rollout.*` (top_p 1.0 at temperature 0)
-  `Algorithm.requests`            one seeded GenerationRequest per task for a role
+  `Algorithm.requests`            one seeded GenerationRequest per task for a role (the env's
+                                  prompt, or the algorithm's own `prompt=`)
+  `Algorithm.answer_prompt`       a protocol's own role prompt on an answer env (its template
+                                  filled with the env's question and answer instruction)
+  `Algorithm.role_model`          a role's model (`algo.role_models` preset, else `model=`)
+  `Algorithm.validate`            the one config check needing the run or env (pre-flight calls
+                                  it): `required_roles`, `env_hooks`, `role_models` keys, plus
+                                  whatever the plugin adds
   `Algorithm.frozen_baseline`     a frozen greedy baseline computed once per eval task set, then reused
   `PGConfig` + `Algorithm.loss`   group size and policy-gradient loss settings, validated
 
 Evaluation: `evaluate(tasks)` collects one outcome per task for every metric it reports (0/1
-correctness, a reward, a share) and returns `self.eval_metrics(outcomes, diffs)`: each metric's
+correctness, a reward, a share) and returns `self.eval_metrics(outcomes)`: each metric's
 mean with `<metric>/ci_low`, `/ci_high` and `/n` (marl_llm/stats.py's convention: a Wilson interval
-for 0/1 outcomes, a Student t interval otherwise), and for each (a, b) in `diffs` the paired
+for 0/1 outcomes, a Student t interval otherwise), and for each (a, b) in `comparisons()` the paired
 difference `diff/<a>-<b>` of two policies scored on the same tasks. The outcomes are kept in
 `eval_outcomes` (what `python -m marl_llm.evaluate baseline=init` pairs across two evaluations).
+In a pair (a, b), b is a's baseline: that is how the run report knows what to draw side by side.
 Costs (generations, tokens, latency) are reported without intervals.
 
-KL to a reference: an algorithm sets `PolicySpec(reference=True)` and `kl_coef > 0` in its loss;
-the learner scores the reference log-probs itself inside the train step (samples carry no
-`ref_logprobs`), so algorithms never make a separate reference call.
+Reference log-probs have one path: an algorithm sets `PolicySpec(reference=True)` (a KL term with
+`kl_coef > 0`, DPO) and the learner scores the reference inside each train step; algorithms never
+make a separate reference call.
 """
 from __future__ import annotations
 
+import dataclasses
+import random
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-from envs.base import Env, Reward, majority_index  # noqa: F401  (majority_index: part of this API)
+from envs.base import Env, Reward, fill, majority_index  # noqa: F401  (fill, majority_index: part of this API)
 from marl_llm.advantages import group_advantages
 from marl_llm.buffer import TrajectoryBuffer
-from marl_llm.config import RolloutConfig, RunConfig, check, check_choice, check_min, check_positive
+from marl_llm.config import (ConfigError, ModelConfig, RolloutConfig, RunConfig, check, check_choice, check_min,
+                             check_positive, load_model_preset)
 from marl_llm.losses import PG_AGGREGATIONS, LossConfig
 from marl_llm.metrics import PhaseTimer, mean
 from marl_llm.policy import Policy, PolicySpec
 from marl_llm.stats import diff_key, interval_metrics, mean_interval, paired_difference, wilson_interval
-from marl_llm.types import Episode, GenerationRequest, Sample, SamplingConfig
+from marl_llm.types import Episode, GenerationRequest, PairSample, Sample, SamplingConfig, chunks
 
 
 @dataclass
@@ -79,6 +93,8 @@ class Algorithm:
     #: the evaluation metrics that say whether training helped (`python -m marl_llm.evaluate
     #: baseline=init` prints their after - before differences); those an evaluation reports count
     headline: tuple[str, ...] = ("reward",)
+    #: env methods the protocol builds on (e.g. an answer env's `question_text`); `validate` checks them
+    env_hooks: tuple[str, ...] = ()
 
     def __init__(self, cfg: Any, env: Env, run: RunConfig):
         self.cfg = cfg
@@ -93,8 +109,41 @@ class Algorithm:
         self.timer = PhaseTimer()
 
     def policy_specs(self) -> list[PolicySpec]:
-        """The policies this algorithm needs; the framework builds them before `setup`."""
+        """The policies this algorithm needs; the framework builds them before `setup`. Declare
+        one spec per role: frozen policies with the same base weights share one engine (the
+        engine decides), and `model.lora` makes trainable ones adapters of one base."""
         raise NotImplementedError
+
+    # ---- validation: the one hook, called by the pre-flight check before any engine starts ------
+    def required_roles(self) -> tuple[str, ...]:
+        """The env roles this algorithm prompts through `env.prompt`."""
+        return ()
+
+    def roles(self) -> tuple[str, ...]:
+        """The names `algo.role_models` may map to a model preset (default: the policy names)."""
+        return tuple(s.name for s in self.policy_specs())
+
+    def validate(self) -> None:
+        """Everything about the config that needs the run or the env (field-level checks of the
+        algorithm's own config are its dataclass's `__post_init__`). Raise `ConfigError` naming
+        the bad value and what is allowed. Subclasses extend it and call `super().validate()`."""
+        name, env = self.cfg.name, self.env.cfg.name
+        missing = [r for r in self.required_roles() if r not in self.env.roles]
+        if missing:
+            raise ConfigError(f"algo={name} needs env roles {missing}; env {env!r} has {list(self.env.roles)}")
+        absent = [h for h in self.env_hooks if not callable(getattr(self.env, h, None))]
+        if absent:
+            raise ConfigError(f"algo={name} builds its prompts on an answer env (env methods {list(self.env_hooks)}); "
+                              f"env {env!r} has no {absent} (use e.g. env=math)")
+        role_models = getattr(self.cfg, "role_models", None) or {}
+        if role_models:
+            roles = self.roles()
+            unknown = sorted(set(role_models) - set(roles))
+            check(not unknown, "algo.role_models", dict(role_models),
+                  f"is not allowed: keys must be roles of {list(roles)} (got {unknown})")
+            for preset in role_models.values():
+                if preset:
+                    load_model_preset(preset)  # an unknown preset fails here, naming the allowed ones
 
     def setup(self, policies: dict[str, Policy], buffer: TrajectoryBuffer,
               timer: Optional[PhaseTimer] = None) -> None:
@@ -140,21 +189,53 @@ class Algorithm:
 
     def requests(self, role: str, tasks: Sequence[dict[str, Any]], n: int = 1, temperature: Optional[float] = None,
                  seed: Optional[tuple] = None, contexts: Optional[Sequence[dict[str, Any]]] = None,
-                 ) -> list[GenerationRequest]:
-        """One request per task for `role`: the env's prompt (with that task's entry of `contexts`),
-        `n` samples at `temperature` (default `rollout.temperature`); request i is seeded with
-        `self.seed(*seed, i)` (no seed if `seed` is None); replies end at the env's stop strings for `role`."""
-        stop = self.env.stop(role) or None
-        return [GenerationRequest(messages=self.env.prompt(t, role, **(contexts[i] if contexts else {})),
+                 prompt: Optional[Callable[..., list[dict[str, str]]]] = None,
+                 stop: Optional[list[str]] = None) -> list[GenerationRequest]:
+        """One request per task for `role`: `prompt(task, **context)` (default: the env's prompt
+        for `role`) with that task's entry of `contexts`, `n` samples at `temperature` (default
+        `rollout.temperature`); request i is seeded with `self.seed(*seed, i)` (no seed if `seed`
+        is None); replies end at `stop` (default: the env's stop strings for `role`)."""
+        if prompt is None:
+            prompt = lambda task, **ctx: self.env.prompt(task, role, **ctx)  # noqa: E731
+        stop = (self.env.stop(role) if stop is None else stop) or None
+        return [GenerationRequest(messages=prompt(t, **(contexts[i] if contexts else {})),
                                   sampling=self.sampling(n, temperature, None if seed is None else self.seed(*seed, i),
                                                          stop))
                 for i, t in enumerate(tasks)]
 
-    def eval_metrics(self, outcomes: Mapping[str, Sequence[float]],
-                     diffs: Iterable[tuple[str, str]] = ()) -> dict[str, float]:
-        """`outcome_metrics(outcomes, diffs)`, keeping the outcomes in `eval_outcomes`."""
+    def answer_prompt(self, template: str, task: dict[str, Any], **values: Any) -> list[dict[str, str]]:
+        """A protocol's own prompt on an answer env: `template` filled with the task's
+        `{question}`, the env's `{answer_instruction}` and `values`, as the env's chat messages;
+        `values` too long for the model are cut like any prompt context (`Env.fit_context`)."""
+        return self.env.fit_context(lambda **ctx: self.answer_messages(template, task, **ctx), task,
+                                    f"{self.cfg.name} prompt", values)
+
+    def answer_messages(self, template: str, task: dict[str, Any], **values: Any) -> list[dict[str, str]]:
+        """`answer_prompt` without the cut (for a prompt that formats list contexts itself and
+        hands them to `env.fit_context`, so each item is cut rather than the joined text)."""
+        return self.env.messages(fill(template, question=self.env.question_text(task),
+                                      answer_instruction=self.env.instruction(task), **values))
+
+    def role_model(self, role: str) -> ModelConfig:
+        """The model of `role`: its `algo.role_models` preset (with the run's `model.lora`), else
+        the run's `model=`."""
+        preset = (getattr(self.cfg, "role_models", None) or {}).get(role)
+        if not preset:
+            return self.run.model
+        model = load_model_preset(preset)
+        # LoRA is the run's choice (`model.lora`): a role's own base model gets the same adapters
+        return model if model.lora is not None else dataclasses.replace(model, lora=self.run.model.lora)
+
+    def comparisons(self) -> list[tuple[str, str]]:
+        """The (metric, its baseline's metric) pairs every evaluation reports as paired
+        differences `diff/<a>-<b>` (those whose metrics it has); the report learns from them
+        which metric is which one's baseline."""
+        return []
+
+    def eval_metrics(self, outcomes: Mapping[str, Sequence[float]]) -> dict[str, float]:
+        """`outcome_metrics(outcomes, self.comparisons())`, keeping the outcomes in `eval_outcomes`."""
         self.eval_outcomes = {k: [float(x) for x in v] for k, v in outcomes.items()}
-        return outcome_metrics(self.eval_outcomes, diffs)
+        return outcome_metrics(self.eval_outcomes, self.comparisons())
 
     def frozen_baseline(self, name: str, tasks: Sequence[dict[str, Any]], compute: Callable[[], Any]) -> Any:
         """The result of a baseline on frozen weights with greedy decoding (it cannot change
@@ -179,6 +260,45 @@ def seed_for(*parts: Any) -> int:
     """A 32-bit seed from any values (run seed, phase, step, index, ...): the same in every process
     (crc32 of their text, not Python's salted hash) and different for different coordinates."""
     return zlib.crc32("-".join(map(str, parts)).encode())
+
+
+def correct_of(reward: Reward, max_reward: float) -> float:
+    """Whether a scored answer is right: its `correct` component, else 1.0 iff the reward is at
+    its maximum (e.g. a unit-test pass rate of 1)."""
+    return float(reward.components.get("correct", float(reward.total >= max_reward - 1e-9)))
+
+
+@dataclass
+class TrainJob:
+    """Epochs of one loss over a fixed dataset for one policy (SFT or DPO)."""
+
+    policy: Policy
+    items: Sequence[Sample | PairSample]
+    epochs: int
+    batch_size: int
+    loss: LossConfig
+    rng: random.Random  # shuffles each epoch; a local RNG, never the trainer's global one
+
+
+def train_epochs(jobs: Mapping[str, TrainJob]) -> dict[str, list[list[dict[str, float]]]]:
+    """Run every job: each epoch trains one optimiser step per `batch_size` items of a shuffled
+    copy. The jobs advance in lockstep: step i of every policy is dispatched before any is awaited,
+    so the engine may train them at the same time (`learner.concurrent`). Returns name -> per
+    epoch, each step's train metrics."""
+    steps: dict[str, list[tuple[int, list]]] = {}  # name -> (epoch, batch) in training order
+    for name, job in jobs.items():
+        steps[name] = []
+        for epoch in range(job.epochs):
+            order = list(job.items)
+            job.rng.shuffle(order)
+            steps[name] += [(epoch, batch) for batch in chunks(order, job.batch_size)]
+    out: dict[str, list[list[dict[str, float]]]] = {name: [[] for _ in range(job.epochs)] for name, job in jobs.items()}
+    for k in range(max((len(v) for v in steps.values()), default=0)):
+        pending = {name: (steps[name][k][0], jobs[name].policy.train_async(steps[name][k][1], jobs[name].loss))
+                   for name in jobs if k < len(steps[name])}
+        for name, (epoch, p) in pending.items():
+            out[name][epoch].append(p.result())
+    return out
 
 
 def sampling(rollout: RolloutConfig, n: int = 1, temperature: Optional[float] = None,

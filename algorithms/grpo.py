@@ -13,7 +13,7 @@ Evaluation: the policy's greedy reward and components per held-out task, with 95
 with `eval_baselines: [base]` (default) also the untrained model (`base/...`: a frozen copy of
 `model=`, rollout workers only, greedy, computed at the first evaluation of a task set and reused)
 and the paired differences trained - base (`diff/reward-base/reward`, and `diff/correct-base/correct`
-where the env scores correctness).
+where the env scores correctness: `comparisons`).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 ROLE = "single"
 BASE = "base"  # the frozen untrained model (the "before" of every evaluation)
 EVAL_BASELINES = (BASE,)
+HEADLINE = ("reward", "correct")
 
 
 @dataclass
@@ -47,13 +48,19 @@ class GRPOConfig(PGConfig):
 @register_algorithm("grpo")
 class GRPO(Algorithm):
     Config = GRPOConfig
-    headline = ("reward", "correct")
+    headline = HEADLINE
+
+    def required_roles(self):
+        return (ROLE,)
 
     def policy_specs(self):
         specs = [PolicySpec("policy", self.run.model, trainable=True, reference=self.cfg.kl_coef > 0)]
         if BASE in self.cfg.eval_baselines:
             specs.append(PolicySpec(BASE, self.run.model, trainable=False))
         return specs
+
+    def comparisons(self):
+        return [(k, f"{BASE}/{k}") for k in HEADLINE] if BASE in self.cfg.eval_baselines else []
 
     def collect(self, tasks, step):
         with self.timer("generate"):
@@ -85,7 +92,7 @@ class GRPO(Algorithm):
         base = self.frozen_baseline(BASE, tasks, lambda: self._base_outcomes(tasks)) \
             if BASE in self.cfg.eval_baselines else {}
         outcomes = {**self._score(tasks, pending.result()), **base}
-        return self.eval_metrics(outcomes, [(k, f"{BASE}/{k}") for k in ("reward", "correct")])
+        return self.eval_metrics(outcomes)
 
     def _score(self, tasks, outs, prefix: str = "") -> dict[str, list[float]]:
         return score_outcomes(self.env.reward_batch([(t, {ROLE: o[0].text}) for t, o in zip(tasks, outs)]), prefix)

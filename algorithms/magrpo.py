@@ -22,12 +22,16 @@ Multi-turn: the best joint action of turn t, with feedback from the env's transi
 expert policy of the run), forms every agent's context for turn t+1; turn t's samples are
 weighted by `turn_weights[t]`; a task stops early once a turn's mean reward reaches the env's max.
 Evaluation: each trained agent answers once (greedy), the env combines the outputs; baselines on
-the untrained weights (frozen `base-<agent>` policies, rollout workers only): one model doing the
-whole task (`single`), naive concatenation of the agents' parallel answers (`naive`), a sequential
-pipeline where each agent sees the earlier agents' outputs (`sequential`), and one round of
-discussion where each agent revises after reading the others' first answers (`discussion`).
+the untrained weights (one frozen `base-<agent>` policy per agent, rollout workers only; the engine
+runs those with the same base weights on one engine): one model doing the whole task (`single`),
+naive concatenation of the agents' parallel answers (`naive`), a sequential pipeline where each
+agent sees the earlier agents' outputs (`sequential`), and one round of discussion where each
+agent revises after reading the others' first answers (`discussion`).
 Every score comes with its 95% interval over the tasks, and the trained pair's reward is compared
-with each baseline's by the paired difference `diff/reward-<baseline>/reward`.
+with each baseline's by the paired difference `diff/reward-<baseline>/reward` (`comparisons`).
+Each agent's model: `algo.role_models.<agent>` (a conf/model preset), else `model=`. The agents'
+learner groups train one after the other or at the same time as the engine decides
+(`learner.concurrent`).
 """
 from __future__ import annotations
 
@@ -35,15 +39,13 @@ import itertools
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from algorithms.base import Algorithm, PGConfig, group_episodes, reward_metrics, score_outcomes
 from envs.base import Reward
 from marl_llm.advantages import group_advantages
-from marl_llm.config import (ConfigError, check, check_choice, check_entries, check_min, check_positive,
-                             load_model_preset)
+from marl_llm.config import ConfigError, check, check_choice, check_entries, check_min, check_positive
 from marl_llm.metrics import mean
 from marl_llm.policy import PolicySpec
 from marl_llm.registry import register_algorithm
@@ -57,12 +59,17 @@ EXPERT_PROMPT = ("Task:\n{task}\n\nThe collaborators answered:\n{outputs}\n\n"
                  "Give each collaborator one or two sentences of concrete feedback to improve.")
 
 
+def base(agent: str) -> str:
+    """The frozen policy holding `agent`'s untrained weights (the evaluation baselines')."""
+    return f"base-{agent}"
+
+
 @dataclass
 class MAGRPOConfig(PGConfig):
     name: str = "magrpo"
     agents: list[str] = field(default_factory=lambda: ["agent1", "agent2"])
-    # one model preset name per agent (conf/model/<name>.yaml); empty: every agent uses `model=`
-    agent_models: list[str] = field(default_factory=list)
+    # agent -> model preset name (conf/model/<name>.yaml); an agent not listed uses `model=`
+    role_models: dict[str, Optional[str]] = field(default_factory=dict)
     joint: str = "aligned"
     adv_clamp: float = 10.0
     clip_eps: Optional[float] = None
@@ -73,10 +80,8 @@ class MAGRPOConfig(PGConfig):
     # policy writes the feedback as an expert
     feedback: str = "env"
     early_stop: bool = True
-    # each agent has its own learner group: train them at the same time
-    parallel_agents: bool = True
     # baselines scored next to the trained agents at every evaluation (see the module docstring);
-    # each distinct base model adds one frozen policy (rollout workers only)
+    # each adds frozen `base-<agent>` policies (rollout workers only)
     eval_baselines: list[str] = field(default_factory=lambda: list(EVAL_BASELINES))
 
     def __post_init__(self):
@@ -84,9 +89,6 @@ class MAGRPOConfig(PGConfig):
         check_choice("algo.joint", self.joint, ("aligned", "cross"))
         check(len(self.agents) >= 1 and len(set(self.agents)) == len(self.agents), "algo.agents", self.agents,
               "must be distinct, non-empty role names")
-        check(not self.agent_models or len(self.agent_models) == len(self.agents), "algo.agent_models",
-              self.agent_models, f"has {len(self.agent_models)} entries for {len(self.agents)} agents; "
-              "give one preset per agent or none")
         check_positive("algo.adv_clamp", self.adv_clamp)
         check_min("algo.turns", self.turns, 1)
         check(len(self.turn_weights) >= self.turns, "algo.turn_weights", self.turn_weights,
@@ -102,35 +104,27 @@ class MAGRPOConfig(PGConfig):
 class MAGRPO(Algorithm):
     Config = MAGRPOConfig
 
-    def agent_models(self):
-        return ([load_model_preset(m) for m in self.cfg.agent_models] if self.cfg.agent_models
-                else [self.run.model] * len(self.cfg.agents))
+    def roles(self):
+        return tuple(self.cfg.agents)
 
-    def base_policies(self) -> dict[str, str]:
-        """Agent -> the frozen policy holding its untrained weights; agents with the same base
-        model share one (named after the first of them), so a homogeneous pair runs one engine."""
-        out: dict[str, str] = {}
-        for a, m in zip(self.cfg.agents, self.agent_models()):
-            out[a] = next((out[b] for b, mb in zip(self.cfg.agents, self.agent_models()) if b in out and mb == m),
-                          f"base-{a}")
-        return out
+    def required_roles(self):
+        return (*self.cfg.agents, *(["single"] if "single" in self.cfg.eval_baselines else []))
 
-    def policy_specs(self):
-        missing = [a for a in self.cfg.agents if a not in self.env.roles]
-        if missing:
-            raise ConfigError(f"env {self.run.env.name!r} has no prompt role for agents {missing}; "
-                              f"its roles: {list(self.env.roles)}")
+    def validate(self):
         if "single" in self.cfg.eval_baselines and "single" not in self.env.roles:
             raise ConfigError(f"algo.eval_baselines has 'single' but env {self.run.env.name!r} has no 'single' "
                               f"role (its roles: {list(self.env.roles)}); drop it from algo.eval_baselines")
-        models = self.agent_models()
-        specs = [PolicySpec(a, m, trainable=True, reference=self.cfg.kl_coef > 0)
-                 for a, m in zip(self.cfg.agents, models)]
+        super().validate()
+
+    def policy_specs(self):
+        specs = [PolicySpec(a, self.role_model(a), trainable=True, reference=self.cfg.kl_coef > 0)
+                 for a in self.cfg.agents]
         if self.cfg.eval_baselines:
-            bases = self.base_policies()
-            specs += [PolicySpec(bases[a], m, trainable=False)
-                      for a, m in zip(self.cfg.agents, models) if bases[a] == f"base-{a}"]
+            specs += [PolicySpec(base(a), self.role_model(a), trainable=False) for a in self.cfg.agents]
         return specs
+
+    def comparisons(self):
+        return [("reward", f"{name}/reward") for name in self.cfg.eval_baselines]
 
     @property
     def max_reward(self) -> float:
@@ -219,22 +213,19 @@ class MAGRPO(Algorithm):
         metrics: dict[str, Any] = reward_metrics(episodes)
         for turn in sorted({e.meta["turn"] for e in episodes}):
             metrics[f"reward/turn{turn}"] = mean(e.reward for e in episodes if e.meta["turn"] == turn)
-        with self.timer("train"):
-            train = lambda a: self.policies[a].train(samples[a], self.loss)  # noqa: E731
-            if self.cfg.parallel_agents and len(self.cfg.agents) > 1:
-                with ThreadPoolExecutor(max_workers=len(self.cfg.agents), thread_name_prefix="magrpo-train") as pool:
-                    results = list(pool.map(train, self.cfg.agents))
-            else:
-                results = [train(a) for a in self.cfg.agents]
-            for a, res in zip(self.cfg.agents, results):
-                metrics.update({f"{a}/{k}": v for k, v in res.items()})
+        with self.timer("train"):  # every agent's step dispatched, then awaited: the engine decides the overlap
+            pending = {a: self.policies[a].train_async(samples[a], self.loss) for a in self.cfg.agents}
+            for a, p in pending.items():
+                metrics.update({f"{a}/{k}": v for k, v in p.result().items()})
         metrics["loss"] = mean(metrics.get(f"{a}/loss", float("nan")) for a in self.cfg.agents)
         return metrics
 
     # ---- evaluation -------------------------------------------------------------------------------
     def _answer(self, tasks, who: dict[str, str], contexts=None) -> dict[str, list[Completion]]:
         """Every role in `who` (role -> policy name) answers every task once, greedily; all
-        requests are dispatched before any result is awaited (agents run in parallel)."""
+        requests are dispatched before any result is awaited (agents run in parallel). One
+        generate call per role, also when two roles' base policies share an engine: the batches
+        the baselines were measured with."""
         contexts = contexts or [{} for _ in tasks]
         pending = {role: self.policies[pol].generate_async(
             self.requests(role, tasks, temperature=0.0, seed=("eval",),
@@ -270,9 +261,9 @@ class MAGRPO(Algorithm):
         generations and tokens per task, and wall-clock generation cost: latency_s = seconds from
         sending the batch's prompts to the last final output (all tasks batched together),
         tokens_per_s = generated tokens / latency_s."""
-        bases = self.base_policies()
-        who = {"trained": {a: a for a in self.cfg.agents},
-               "single": {"single": bases[self.cfg.agents[0]]}}.get(name, {a: bases[a] for a in self.cfg.agents})
+        agents = self.cfg.agents
+        who = {"trained": {a: a for a in agents},
+               "single": {"single": base(agents[0])}}.get(name, {a: base(a) for a in agents})
         t0 = time.perf_counter()
         stages = self._method(name, tasks, who)
         seconds = time.perf_counter() - t0
@@ -307,5 +298,4 @@ class MAGRPO(Algorithm):
             base_outcomes, base_costs = self.frozen_baseline(name, tasks, lambda: self._baseline(name, tasks))
             outcomes.update(base_outcomes)
             costs.update(base_costs)
-        diffs = [("reward", f"{name}/reward") for name in self.cfg.eval_baselines]
-        return {**self.eval_metrics(outcomes, diffs), **costs}
+        return {**self.eval_metrics(outcomes), **costs}

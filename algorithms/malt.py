@@ -8,20 +8,31 @@ nodes, then the verifier and refiner DPO (beta 0.2) on (correct, incorrect) sibl
 SFT model; the generator is SFT only; roles are LoRA adapters of one base; inference is three
 chains with a majority vote (MV@3). Where it is silent we chose: how steps map onto the tree
 collection (`iterations` blocks, below), all sibling pairs (or a cap), exporting the datasets,
-seeded local shuffles, the ablations and baselines of `evaluate`, and full copies per role as
-the default on CPU (`role_weights=lora` is the paper's set-up).
+seeded local shuffles, the ablations and baselines of `evaluate`, and full copies per role
+unless `model.lora` is set (the paper's adapters: the malt_paper preset sets it).
 
-Roles (one policy each, all trainable, full copies of the base; `algo.role_models` may give a
-different preset per role): the generator answers the question; the verifier reads the question
-and one answer and writes a critique; the refiner reads both and writes the final solution.
+Roles (one policy each, all trainable; `algo.role_models` may give a different preset per role):
+the generator answers the question; the verifier reads the question and one answer and writes a
+critique; the refiner reads both and writes the final solution. Whether a role is a full copy of
+the base or a LoRA adapter on it is the engine's decision (`model.lora`), as is whether the
+roles' learner groups train at the same time (`learner.concurrent`).
+
+Prompts (MALT's own, `PROMPTS`; `algo.prompts.<role>` overrides one): the generator answers with
+the env's own answering prompt (role `single`; the G+V ablation's revision passes the env's
+`previous`/`feedback` context); the verifier's and refiner's templates are filled with the env's
+question text and answer instruction and their ancestors' texts (stripped), as the env's chat
+messages (`Algorithm.answer_prompt`). The answering roles' replies end at the env's stop strings
+of an answer (`</answer>`); the verifier's are not stopped (a critique quotes solutions).
 
 Tree protocol (`collect`, per batch of questions): the levels are grown in one loop, one
-generate call per level for the whole batch, whatever its size: level 1 asks the generator for
+generate call per level for the whole batch, whatever its size, sampled at `rollout.temperature`
+(the presets cpu_malt_math and malt_paper set the paper's 0.3): level 1 asks the generator for
 `branching` samples of every question (one request per question, n = branching); level 2 asks
 the verifier for `branching` critiques of every (question, answer); level 3 asks the refiner
-for `branching` refinements of every (question, answer, critique). Every node is a `Turn` (`parent` = the node it answers, `round` =
-its level); one question's whole tree (n + n^2 + n^3 turns, 3 + 9 + 27 by default) is one
-`Episode` in the trajectory buffer, with the values already written.
+for `branching` refinements of every (question, answer, critique). Every node is a `Turn`
+(`parent` = the node it answers, `round` = its level); one question's whole tree (n + n^2 + n^3
+turns, 3 + 9 + 27 by default) is one `Episode` in the trajectory buffer, with the values already
+written.
 
 Credit (value back-up, "global pooling"): a leaf's value is the env's reward component
 `reward_key` (default `correct`: 1 iff the refiner's extracted answer is right); a critique's
@@ -34,15 +45,16 @@ pairs per role = (correct, incorrect) siblings under one parent, every combinati
 `max_pairs_per_parent`): refinements under one critique, critiques under one answer, answers under
 one question (the generator's pairs are built and exported but unused unless
 `generator_dpo=true`). Everything is exported as JSONL (`export_path`, default
-`<run folder>/malt_dataset/iter_<k>.jsonl`; `load_export` reads it back).
+`<run folder>/malt_dataset/iter_<k>.jsonl`; `marl_llm.jsonl.read_jsonl` reads it back,
+`sft_samples` / `pair_samples` turn its rows into training data).
 
-Training: each role SFT on its set (`sft_epochs` passes, `sft_batch_size` samples per optimiser
-step, shuffled with a seeded local RNG); then the DPO roles (`dpo_roles`, default verifier and
-refiner) snapshot the SFT model as their reference, score every pair under it once, and run
-`dpo_epochs` passes of DPO (beta `dpo_beta`, `dpo_batch_size` pairs per step). The generator is
-SFT only (the paper found DPO hurt an instruct model). The roles' learner groups are independent:
-`parallel_roles=true` trains them concurrently (one thread each); the default trains them one
-after the other because three SmolLM2 learners at once ran out of memory on a 24 GiB CPU machine.
+Training (`train_epochs`, the roles in lockstep: step i of every role is dispatched before any
+is awaited): every role SFT on its set (`sft_epochs` passes, `sft_batch_size` samples per
+optimiser step, shuffled with the role's seeded local RNG); then the DPO roles (`dpo_roles`,
+default verifier and refiner) snapshot the SFT model as their reference and run `dpo_epochs`
+passes of DPO (beta `dpo_beta`, `dpo_batch_size` pairs per step; the learner scores the pairs
+under the reference inside each step). The generator is SFT only (the paper found DPO hurt an
+instruct model).
 
 Mapping onto the trainer loop: `trainer.steps` are split into `iterations` equal blocks of
 ceil(steps / iterations) steps. Each step collects the trees of one batch of `trainer.batch_size`
@@ -68,53 +80,53 @@ own answer using the critique, through the env's `previous`/`feedback` prompt co
 refiner), `mv/gr` (G+R: the refiner improves the answer without a critique, `critique` =
 `no_critique`). Baselines at equal compute (`baselines`): `initial` (default) evaluates the
 untrained roles once before training (in `prepare`, only when `trainer.eval_every` > 0) and reports
-them with every evaluation under `baseline/`: `baseline/single_mv` is the base model (the initial
-generator) sampled `chains` times + MV, `baseline/gvr_mv` the untrained G-V-R + MV; `frozen` adds a
+them with every evaluation under `baseline/`: `baseline/mv/g` is the base model (the initial
+generator) sampled `chains` times + MV, `baseline/mv/gvr` the untrained G-V-R + MV; `frozen` adds a
 frozen `base` policy (rollout workers only) that runs the untrained G-V-R chains at the first
 evaluation of a task set (frozen weights and seeded requests: later evaluations reuse them; also
 under `python -m marl_llm.evaluate`); `none` skips them. Every score comes with its 95% interval
 over the questions (per-chain scores are averaged per question first, so n counts questions), and
-the paired differences in COMPARISONS (trained G-V-R + MV against the baselines and against G only).
+the paired differences of `comparisons()` (trained G-V-R + MV against the baselines and against G
+only).
 
-Role weights: `role_weights=copies` (default) trains a full copy of the base per role;
-`role_weights=lora` (the paper's set-up) trains one LoRA adapter per role on the frozen base
-(`model.lora` sets rank, alpha and target modules; defaults r=16, alpha=32, attention
-projections). Each role's checkpoint is then the merged model plus its adapter in `adapter/`
-(marl_llm/learner/lora.py says how adapters reach the rollout engines).
+LoRA roles (`model.lora` set, e.g. `+model.lora.r=16`; the paper's set-up, malt_paper): each role's
+checkpoint is the merged model plus its adapter in `adapter/` (marl_llm/learner/lora.py says how
+adapters reach the rollout engines).
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
-import os
 import random
 import re
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
-from algorithms.base import AlgoConfig, Algorithm, outcome_metrics, reward_metrics, score_outcomes, vote
-from marl_llm.config import (ConfigError, LoraConfig, ModelConfig, check, check_choice, check_min, check_positive,
-                             check_range, load_model_preset)
+from algorithms.base import (AlgoConfig, Algorithm, TrainJob, outcome_metrics, reward_metrics, score_outcomes,
+                             train_epochs, vote)
+from marl_llm.config import ConfigError, check, check_choice, check_min, check_positive, check_range
+from marl_llm.jsonl import write_jsonl
 from marl_llm.losses import LossConfig
 from marl_llm.metrics import mean
 from marl_llm.policy import PolicySpec
 from marl_llm.registry import register_algorithm
-from marl_llm.types import Episode, PairSample, Sample, Turn, chunks
+from marl_llm.types import Episode, GenerationRequest, PairSample, Sample, Turn
 
 log = logging.getLogger(__name__)
 
 ROLES = ("generator", "verifier", "refiner")  # the tree's levels, in order
 LEVEL = {r: i for i, r in enumerate(ROLES)}
 CONTEXT_KEY = {"generator": "answer", "verifier": "critique"}  # how a node's text enters its descendants' prompts
-# the paired differences every evaluation reports (those whose metrics it has): the trained
-# G -> V -> R + MV against the untrained G -> V -> R + MV, against the base model sampled `chains`
-# times + MV, and against the trained generator alone + MV
-COMPARISONS = (("mv/gvr", "baseline/gvr_mv"), ("mv/gvr", "baseline/single_mv"), ("mv/gvr", "mv/g"))
+# the verifier's and refiner's prompts ({question} and {answer_instruction} come from the env; the
+# generator answers with the env's own answering prompt)
+PROMPTS: dict[str, str] = {
+    "verifier": ("{question}\n\nProposed solution:\n{answer}\n\nCheck this solution step by step and point out any "
+                 "mistakes. Do not write a new solution. End with a verdict: correct or incorrect."),
+    "refiner": ("{question}\n\nProposed solution:\n{answer}\n\nCritique of the solution:\n{critique}\n\n"
+                "Using the critique, write the final correct solution. {answer_instruction}"),
+}
 
 
 @dataclass
@@ -122,7 +134,6 @@ class MALTConfig(AlgoConfig):
     name: str = "malt"
     # ---- tree sampling
     branching: int = 3                    # n samples per node and level: n^3 leaves per question
-    temperature: float = 0.3              # tree sampling temperature (paper 0.3)
     reward_key: str = "correct"           # reward component used as a leaf's value (else the total)
     # ---- credit
     value_threshold: float = 0.5          # a node is correct iff value > threshold (strict)
@@ -132,8 +143,9 @@ class MALTConfig(AlgoConfig):
     iterations: int = 1                   # 1: the paper's offline variant; >1: collect -> train repeated
     # ---- roles
     # role -> conf/model preset name; null (or a role left out): the run's `model=`
-    role_models: dict[str, Optional[str]] = field(default_factory=lambda: {r: None for r in ROLES})
-    role_weights: str = "copies"          # "copies" (full copy per role) | "lora" (adapter per role)
+    role_models: dict[str, Optional[str]] = field(default_factory=dict)
+    # role -> prompt template (verifier, refiner); a role left out keeps PROMPTS' text
+    prompts: dict[str, str] = field(default_factory=lambda: dict(PROMPTS))
     # ---- training
     sft_roles: list[str] = field(default_factory=lambda: list(ROLES))
     sft_epochs: int = 1
@@ -143,7 +155,6 @@ class MALTConfig(AlgoConfig):
     dpo_epochs: int = 1
     dpo_batch_size: int = 8
     dpo_beta: float = 0.2                 # paper: 0.2
-    parallel_roles: bool = False          # train the three roles' learner groups concurrently
     export_path: Optional[str] = None     # folder for iter_<k>.jsonl; default <output_dir>/malt_dataset
     # ---- evaluation
     chains: int = 3                       # G -> V -> R chains per question, majority vote (MV@3)
@@ -155,7 +166,6 @@ class MALTConfig(AlgoConfig):
     def __post_init__(self):
         check(isinstance(self.branching, int) and self.branching >= 1, "algo.branching", self.branching,
               "must be an integer >= 1 (paper: 3)")
-        check_positive("algo.temperature", self.temperature, note="tree sampling needs a temperature > 0 (paper: 0.3)")
         for key, v in [("value_threshold", self.value_threshold)] + [
                 (f"threshold_schedule[{i}]", t) for i, t in enumerate(self.threshold_schedule)]:
             check_range(f"algo.{key}", v, 0, 1, hi_open=True, note="values are means of 0/1 rewards")
@@ -164,10 +174,9 @@ class MALTConfig(AlgoConfig):
               f"has too many entries; give at most algo.iterations={self.iterations} thresholds (one per iteration)")
         check_positive("algo.max_pairs_per_parent", self.max_pairs_per_parent, allow_zero=True,
                        note="0 means all pairs")
-        unknown = sorted(set(self.role_models) - set(ROLES))
-        check(not unknown, "algo.role_models", dict(self.role_models), f"is not allowed: keys must be roles of "
-              f"{list(ROLES)} (got {unknown})")
-        check_choice("algo.role_weights", self.role_weights, ("copies", "lora"))
+        unknown = sorted(set(self.prompts) - set(PROMPTS))
+        check(not unknown, "algo.prompts", sorted(self.prompts), f"is not allowed: keys must be of {list(PROMPTS)} "
+              f"(got {unknown}; the generator answers with the env's own prompt)")
         for key, roles, allowed in (("sft_roles", self.sft_roles, ROLES),
                                     ("dpo_roles", self.dpo_roles, ("verifier", "refiner"))):
             wrong = [r for r in roles if r not in allowed]
@@ -260,13 +269,14 @@ def _diagonal(n_chosen: int, n_rejected: int, cap: int) -> list[tuple[int, int]]
     return pairs[:cap] if cap else pairs
 
 
-def build_dataset(episodes: Iterable[Episode], threshold: float, env=None, iteration: int = 0,
-                  max_pairs_per_parent: int = 0) -> list[dict[str, Any]]:
+def build_dataset(episodes: Iterable[Episode], threshold: float, prompt: Optional[Callable[..., Any]] = None,
+                  iteration: int = 0, max_pairs_per_parent: int = 0) -> list[dict[str, Any]]:
     """JSON rows of the SFT sets and DPO pairs of every role from the trees in `episodes`.
 
     kind "sft": one correct node (role, prompt_ids, completion_ids, text, value).
     kind "pair": (chosen = a correct node, rejected = an incorrect sibling with the same parent).
-    With `env`, rows also carry the chat `messages` of the prompt (for inspection)."""
+    With `prompt` (`MALT.role_prompt`: `(task, role, **context) -> messages`), rows also carry
+    the chat `messages` of the node's prompt (for inspection)."""
     rows: list[dict[str, Any]] = []
     for ep in episodes:
         by_id = {t.id: t for t in ep.turns}
@@ -275,10 +285,8 @@ def build_dataset(episodes: Iterable[Episode], threshold: float, env=None, itera
         messages: dict[Optional[str], Any] = {}
 
         def msgs(t: Turn):
-            if env is None:
-                return None
             if t.parent not in messages:
-                messages[t.parent] = env.prompt(ep.task, t.agent, **_context(t, by_id))
+                messages[t.parent] = prompt(ep.task, t.agent, **_context(t, by_id))
             return messages[t.parent]
 
         for t in ep.turns:
@@ -290,7 +298,7 @@ def build_dataset(episodes: Iterable[Episode], threshold: float, env=None, itera
                        "threshold": threshold, "turn_id": t.id, "parent": t.parent, "value": t.value,
                        "prompt_ids": list(t.prompt_ids), "completion_ids": list(t.completion_ids),
                        "text": t.text}
-                if env is not None:
+                if prompt is not None:
                     row["messages"] = msgs(t)
                 rows.append(row)
         for (role, parent), sibs in siblings.items():
@@ -304,7 +312,7 @@ def build_dataset(episodes: Iterable[Episode], threshold: float, env=None, itera
                                   "text": c.text},
                        "rejected": {"turn_id": r.id, "value": r.value, "completion_ids": list(r.completion_ids),
                                     "text": r.text}}
-                if env is not None:
+                if prompt is not None:
                     row["messages"] = msgs(c)
                 rows.append(row)
     return rows
@@ -328,22 +336,14 @@ def dataset_counts(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
     return out
 
 
-def export_jsonl(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Write the dataset rows as JSONL (atomically: a temp file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def load_export(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rows of an exported dataset (`sft_samples` / `pair_samples` turn them into training data)."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def phase_metrics(prefix: str, epochs: list[list[dict[str, float]]], keys: Sequence[str]) -> dict[str, float]:
+    """A training phase's metrics from its per-epoch train results: `<prefix>_steps`, the first
+    step's loss (`<prefix>_loss_first`) and the last epoch's mean of each of `keys`."""
+    out = {f"{prefix}_steps": sum(len(e) for e in epochs),
+           f"{prefix}_loss_first": epochs[0][0].get("loss", float("nan"))}
+    for key in keys:
+        out[f"{prefix}_{key}"] = mean(r.get(key, float("nan")) for r in epochs[-1])
+    return out
 
 
 # ---- verdicts ------------------------------------------------------------------------------------
@@ -361,13 +361,12 @@ def verdict(critique: str) -> Optional[bool]:
 class MALT(Algorithm):
     Config = MALTConfig
     headline = ("mv/gvr", "acc/generator", "acc/refiner")
+    # the verifier's and refiner's prompts are built on an answer env's question and instruction
+    env_hooks = ("question_text", "instruction", "messages")
 
     def __init__(self, cfg: MALTConfig, env, run):
         super().__init__(cfg, env, run)
         steps = int(run.trainer.steps)
-        if steps and cfg.iterations > steps:
-            raise ConfigError(f"algo.iterations={cfg.iterations} needs trainer.steps >= {cfg.iterations} "
-                              f"(each iteration collects for at least one step); got trainer.steps={steps}")
         # training state (see state_dict)
         self.steps_per_iteration = max(1, math.ceil(steps / cfg.iterations)) if steps else 1
         self.iteration = 0
@@ -377,27 +376,58 @@ class MALT(Algorithm):
         self.history: list[dict[str, Any]] = []
         self._pending: list[Episode] = []
 
-    # ---- policies ---------------------------------------------------------------------------------
-    def role_model(self, role: str) -> ModelConfig:
-        preset = self.cfg.role_models.get(role)
-        model = load_model_preset(preset) if preset else self.run.model
-        if self.cfg.role_weights == "lora":
-            return model if model.lora is not None else dataclasses.replace(model, lora=LoraConfig())
-        if model.lora is not None:
-            raise ConfigError(f"the {role}'s model ({preset or 'model='}) has lora set but algo.role_weights=copies "
-                              "(a full copy per role); use algo.role_weights=lora for one adapter per role")
-        return model
+    # ---- validation and policies ------------------------------------------------------------------
+    def required_roles(self) -> tuple[str, ...]:
+        return ("single",)  # the generator answers with the env's own answering prompt
+
+    def roles(self) -> tuple[str, ...]:
+        return ROLES
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive("rollout.temperature", self.run.rollout.temperature,
+                       note="MALT samples its trees at it: n different samples per node need a temperature > 0 "
+                            "(paper: 0.3)")
+        steps, iterations = int(self.run.trainer.steps), self.cfg.iterations
+        if steps and iterations > steps:
+            raise ConfigError(f"algo.iterations={iterations} needs trainer.steps >= {iterations} "
+                              f"(each iteration collects for at least one step); got trainer.steps={steps}")
 
     def policy_specs(self) -> list[PolicySpec]:
-        missing = [r for r in ROLES if r not in self.env.roles]
-        if missing:
-            raise ConfigError(f"env {self.run.env.name!r} has no prompt role for MALT roles {missing}; its roles: "
-                              f"{list(self.env.roles)} (MALT needs {list(ROLES)})")
         dpo = self.cfg.dpo_role_set
         specs = [PolicySpec(r, self.role_model(r), trainable=True, reference=r in dpo) for r in ROLES]
         if self.cfg.baselines == "frozen":
             specs.append(PolicySpec("base", self.run.model, trainable=False))
         return specs
+
+    # ---- prompts ----------------------------------------------------------------------------------
+    def role_prompt(self, task: dict[str, Any], role: str, **context: Any) -> list[dict[str, str]]:
+        """The chat messages of `role` on `task`. The generator answers with the env's answering
+        prompt (with `previous` and `feedback`: a revision); the verifier needs `answer` (the
+        generator's output), the refiner `answer` and `critique` (the verifier's output)."""
+        if role == "generator":
+            return self.env.prompt(task, "single", **context)
+        answer, critique = context.get("answer"), context.get("critique")
+        if role == "verifier":
+            if answer is None:
+                raise ValueError("role 'verifier' needs context answer=<the generator's output>")
+            return self.answer_prompt(self.template("verifier"), task, answer=str(answer).strip())
+        if answer is None or critique is None:
+            raise ValueError("role 'refiner' needs context answer=<generator output> and critique=<verifier output>")
+        return self.answer_prompt(self.template("refiner"), task, answer=str(answer).strip(),
+                                  critique=str(critique).strip())
+
+    def template(self, role: str) -> str:
+        return self.cfg.prompts.get(role) or PROMPTS[role]
+
+    def role_requests(self, role: str, tasks: Sequence[dict[str, Any]], n: int, temperature: Optional[float] = None,
+                      seed: Optional[tuple] = None,
+                      contexts: Optional[Sequence[dict[str, Any]]] = None) -> list[GenerationRequest]:
+        """`requests` with the role's prompt. The answering roles' replies end at the env's stop
+        strings of an answer; the verifier's never (a critique quotes solutions, answer tags and all)."""
+        stop = [] if role == "verifier" else self.env.stop("single")
+        return self.requests(role, tasks, n, temperature, seed=seed, contexts=contexts, stop=stop,
+                             prompt=lambda task, **ctx: self.role_prompt(task, role, **ctx))
 
     # ---- scoring ---------------------------------------------------------------------------------
     def _leaf_values(self, items: list[tuple[dict, dict[str, str]]]):
@@ -426,8 +456,8 @@ class MALT(Algorithm):
         frontier: list[tuple[int, Optional[Turn], dict[str, str]]] = [(i, None, {}) for i in range(len(tasks))]
         with self.timer("generate"):
             for level, role in enumerate(ROLES):
-                outs = self.policies[role].generate(self.requests(
-                    role, [tasks[i] for i, _, _ in frontier], n, cfg.temperature, seed=("tree", step, role),
+                outs = self.policies[role].generate(self.role_requests(  # at rollout.temperature
+                    role, [tasks[i] for i, _, _ in frontier], n, seed=("tree", step, role),
                     contexts=[prompt_context(path) for _, _, path in frontier]))
                 grown = []
                 for (i, parent, path), comps in zip(frontier, outs):
@@ -438,7 +468,8 @@ class MALT(Algorithm):
                         grown.append((i, t, {**path, role: t.text}))
                 frontier = grown
         with self.timer("reward"):
-            vals, rewards = self._leaf_values([(tasks[i], path) for i, _, path in frontier])
+            # a leaf scores the refiner's answer (the env scores one final answer)
+            vals, rewards = self._leaf_values([(tasks[i], {"refiner": path["refiner"]}) for i, _, path in frontier])
         leaf_comps: list[list[dict[str, float]]] = [[] for _ in tasks]
         for (i, leaf, _), val, rew in zip(frontier, vals, rewards):
             leaf.reward = val
@@ -496,25 +527,19 @@ class MALT(Algorithm):
         cfg, k = self.cfg, self.iteration
         thr = cfg.threshold(k)
         with self.timer("dataset"):
-            rows = build_dataset(self._pending, thr, env=self.env, iteration=k,
+            rows = build_dataset(self._pending, thr, prompt=self.role_prompt, iteration=k,
                                  max_pairs_per_parent=cfg.max_pairs_per_parent)
             dpo = cfg.dpo_role_set
             for row in rows:
                 row["used"] = ((row["role"] in cfg.sft_roles and cfg.sft_epochs > 0) if row["kind"] == "sft"
                                else row["role"] in dpo)
-            path = export_jsonl(rows, self.export_dir() / f"iter_{k}.jsonl")
+            path = write_jsonl(self.export_dir() / f"iter_{k}.jsonl", rows)
         log.info("MALT iteration %d: %d questions, threshold %.3f, dataset %s -> %s", k, len(self._pending), thr,
                  dataset_counts(rows), path)
-        jobs = {r: (sft_samples(rows, r) if r in cfg.sft_roles and cfg.sft_epochs > 0 else [],
-                    pair_samples(rows, r) if r in dpo else []) for r in ROLES}
+        sft = {r: sft_samples(rows, r) if r in cfg.sft_roles and cfg.sft_epochs > 0 else [] for r in ROLES}
+        pairs = {r: pair_samples(rows, r) if r in dpo else [] for r in ROLES}
         with self.timer("train"):
-            if cfg.parallel_roles:
-                with ThreadPoolExecutor(max_workers=len(ROLES), thread_name_prefix="malt-train") as pool:
-                    futs = {r: pool.submit(self.train_role, r, s, p, self.seed("train", k, r))
-                            for r, (s, p) in jobs.items()}
-                    results = {r: f.result() for r, f in futs.items()}
-            else:
-                results = {r: self.train_role(r, s, p, self.seed("train", k, r)) for r, (s, p) in jobs.items()}
+            results = self.train_roles(sft, pairs, k)
         metrics: dict[str, Any] = {f"train/{k2}": v for k2, v in dataset_counts(rows).items()}
         for res in results.values():
             metrics.update(res)
@@ -529,39 +554,35 @@ class MALT(Algorithm):
         self.iteration += 1
         return metrics
 
-    def train_role(self, role: str, sft: list[Sample], pairs: list[PairSample], seed: int) -> dict[str, Any]:
-        """SFT on the role's correct nodes; then, for a DPO role with pairs, DPO against the SFT model."""
-        cfg, policy = self.cfg, self.policies[role]
-        rng = random.Random(seed)  # local: never touches the trainer's global RNG state
-        m: dict[str, Any] = {f"{role}/sft_samples": len(sft), f"{role}/dpo_pairs": len(pairs)}
+    def train_roles(self, sft: dict[str, list[Sample]], pairs: dict[str, list[PairSample]],
+                    iteration: int) -> dict[str, dict[str, Any]]:
+        """SFT of every role on its correct nodes, then DPO of every role with pairs against its
+        SFT model (snapshot as the reference); the roles train in lockstep within each phase. One
+        local RNG per role, seeded from the iteration, shuffles its SFT epochs and then its DPO
+        epochs (never the trainer's global RNG state). Returns role -> its metrics."""
+        cfg = self.cfg
+        rngs = {r: random.Random(self.seed("train", iteration, r)) for r in ROLES}
 
-        def run_epochs(items, epochs, batch, loss_cfg):
-            results = []
-            for epoch in range(epochs):
-                order = list(items)
-                rng.shuffle(order)
-                results.append([policy.train(b, loss_cfg) for b in chunks(order, batch)])
-            return results
+        def jobs(data, epochs, batch_size, loss):
+            return {r: TrainJob(self.policies[r], items, epochs, batch_size, loss, rngs[r])
+                    for r, items in data.items() if items}
 
-        if sft:
-            res = run_epochs(sft, cfg.sft_epochs, cfg.sft_batch_size, LossConfig(kind="sft", clip_eps=None, agg="token_mean"))
-            m[f"{role}/sft_steps"] = sum(len(e) for e in res)
-            m[f"{role}/sft_loss_first"] = res[0][0].get("loss", float("nan"))
-            m[f"{role}/sft_loss"] = mean(r.get("loss", float("nan")) for r in res[-1])
-        if pairs:
-            policy.snapshot_reference()  # the SFT model is DPO's reference
-            # scored once here and reused by every DPO epoch (the learner would rescore per step)
-            scored = policy.logprobs([s for p in pairs for s in p.as_samples()], reference=True)
-            for i, p in enumerate(pairs):
-                p.ref_chosen_logp = float(sum(scored[2 * i]))
-                p.ref_rejected_logp = float(sum(scored[2 * i + 1]))
-            res = run_epochs(pairs, cfg.dpo_epochs, cfg.dpo_batch_size,
-                             LossConfig(kind="dpo", clip_eps=None, agg="token_mean", beta=cfg.dpo_beta))
-            m[f"{role}/dpo_steps"] = sum(len(e) for e in res)
-            m[f"{role}/dpo_loss_first"] = res[0][0].get("loss", float("nan"))
-            for key in ("loss", "accuracy", "reward_margin"):
-                m[f"{role}/dpo_{key}"] = mean(r.get(key, float("nan")) for r in res[-1])
-        return m
+        sft_done = train_epochs(jobs(sft, cfg.sft_epochs, cfg.sft_batch_size,
+                                     LossConfig(kind="sft", clip_eps=None, agg="token_mean")))
+        for r, items in pairs.items():
+            if items:
+                self.policies[r].snapshot_reference()  # the SFT model is DPO's reference
+        dpo_done = train_epochs(jobs(pairs, cfg.dpo_epochs, cfg.dpo_batch_size,
+                                     LossConfig(kind="dpo", clip_eps=None, agg="token_mean", beta=cfg.dpo_beta)))
+        out = {}
+        for r in ROLES:
+            m: dict[str, Any] = {f"{r}/sft_samples": len(sft.get(r, [])), f"{r}/dpo_pairs": len(pairs.get(r, []))}
+            if r in sft_done:
+                m.update(phase_metrics(f"{r}/sft", sft_done[r], ("loss",)))
+            if r in dpo_done:
+                m.update(phase_metrics(f"{r}/dpo", dpo_done[r], ("loss", "accuracy", "reward_margin")))
+            out[r] = m
+        return out
 
     # ---- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -598,14 +619,13 @@ class MALT(Algorithm):
 
     @staticmethod
     def baseline_outcomes(res: dict[str, list[float]]) -> dict[str, list[float]]:
-        out = {f"baseline/{k}": v for k, v in res.items()}
-        out["baseline/single_mv"] = res["mv/g"]            # base model x chains + MV
-        out["baseline/gvr_mv"] = res["mv/gvr"]             # untrained G-V-R + MV
-        return out
+        """The untrained roles' scores under `baseline/`: `baseline/mv/gvr` is the untrained
+        G -> V -> R + MV, `baseline/mv/g` the base model (the untrained generator) x chains + MV."""
+        return {f"baseline/{k}": v for k, v in res.items()}
 
     def evaluate(self, tasks):
         """The chains of the trained roles and the baselines, with 95% intervals over the
-        questions and the paired differences in COMPARISONS (where the baseline was scored on the
+        questions and the paired differences of `comparisons()` (where the baseline was scored on the
         same questions: always with `frozen`, with `initial` when the eval set is the one scored
         before training)."""
         if not tasks:
@@ -620,8 +640,12 @@ class MALT(Algorithm):
             outcomes.update(self.initial_outcomes["outcomes"])
         else:
             initial = self.baselines  # scored on other questions: reported, not paired
-        return {**self.eval_metrics(outcomes, COMPARISONS), **initial,
-                "generations_per_question": float(3 * self.cfg.chains)}
+        return {**self.eval_metrics(outcomes), **initial, "generations_per_question": float(3 * self.cfg.chains)}
+
+    def comparisons(self) -> list[tuple[str, str]]:
+        """The trained G -> V -> R + MV against the untrained G -> V -> R + MV, against the base
+        model sampled `chains` times + MV, and against the trained generator alone + MV."""
+        return [("mv/gvr", "baseline/mv/gvr"), ("mv/gvr", "baseline/mv/g"), ("mv/gvr", "mv/g")]
 
     def _correct(self, items: list[tuple[dict, dict[str, str]]]) -> list[float]:
         return self._leaf_values(items)[0]
@@ -644,13 +668,14 @@ class MALT(Algorithm):
 
         def ask(role: str, stage: str, contexts: list[dict[str, str]]):
             """One request per chain, all of a stage dispatched at once."""
-            return pols[role].generate_async(self.requests(role, chain_tasks, 1, cfg.eval_temperature,
-                                                           seed=("eval", stage), contexts=contexts))
+            return pols[role].generate_async(self.role_requests(role, chain_tasks, 1, cfg.eval_temperature,
+                                                                seed=("eval", stage), contexts=contexts))
 
         def chain_texts(results) -> dict[tuple[int, int], str]:
             return {k: (r[0].text if r else "") for k, r in zip(flat, results)}
 
-        G = pols["generator"].generate(self.requests("generator", tasks, C, cfg.eval_temperature, seed=("eval", "g")))
+        G = pols["generator"].generate(self.role_requests("generator", tasks, C, cfg.eval_temperature,
+                                                          seed=("eval", "g")))
         g_text = {(i, c): (G[i][c].text if c < len(G[i]) else "") for i, c in flat}
         v_pending = ask("verifier", "v", [{"answer": g_text[k]} for k in flat])
         gr_pending = ask("refiner", "gr", [{"answer": g_text[k], "critique": cfg.no_critique} for k in flat]) \
@@ -666,8 +691,7 @@ class MALT(Algorithm):
             stages["gr"] = ("refiner", chain_texts(gr_pending.result()))
         correct = {name: dict(zip(flat, self._correct([(tasks[i], {key: texts[i, c]}) for i, c in flat])))
                    for name, (key, texts) in stages.items()}
-        final = self.env.reward_batch([(tasks[i], {"generator": g_text[i, c], "verifier": v_text[i, c],
-                                                   "refiner": r_text[i, c]}) for i, c in flat])
+        final = self.env.reward_batch([(tasks[i], {"refiner": r_text[i, c]}) for i, c in flat])
         questions = range(len(tasks))
 
         def mv(name) -> list[float]:

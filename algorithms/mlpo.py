@@ -10,7 +10,7 @@ revising after reading the leader's previous output; the trained leader also ans
 Where the paper is silent, we chose:
   - the SFT recipe: `rejection` (the leader's own correct syntheses of a first sampling pass) or
     `file` (a user JSONL file, format in `read_sft_file`); `none` (the CPU default: SmolLM2 keeps
-    2-6 of 48 syntheses, too few to matter) skips it;
+    too few of its syntheses for it to matter; docs/RESULTS.md) skips it;
   - the team answers are sampled once before training (`team_samples` per agent per task,
     `team_temperature`) and stored; each RL prompt draws one stored answer per agent (seeded), or
     none with probability `solo_fraction` (0.5: this trains the single-agent mode too, and with
@@ -19,9 +19,17 @@ Where the paper is silent, we chose:
     loss divides token sums by `rollout.max_new_tokens`;
   - `rounds=1` by default (CPU evaluation time); greedy leader and single-agent baselines.
 
-Agents: one trainable `leader` policy (rollout workers + a ZeRO-3 learner group) and K frozen team
-agents `team0 .. team{K-1}` (the same model or different ones). Team agents with the same weights
-share one frozen policy (named after the first of them), so a homogeneous team runs one engine.
+Agents: one trainable `leader` policy (rollout workers + a ZeRO-3 learner group), K frozen team
+agents `team0 .. team{K-1}` (`model=`, or per agent a conf/model preset in `algo.role_models`) and,
+for the untrained-leader baseline, a frozen `untrained_leader` (`model=`). Frozen policies with the
+same base weights share one engine (the cluster decides), so a homogeneous team and the untrained
+leader run on one.
+
+Prompts (PROMPTS, overridable per key with `algo.prompts`; the env gives the question and the
+answer instruction): the leader reads the task and the team's answers as "Solution i:" blocks;
+a team agent revising in round t > 0 reads its previous answer and the leader's previous output.
+The leader without team answers, the team in round 0 and the single-agent baseline use the env's
+own single-agent prompt. Every reply ends at the env's answer stop strings.
 
 prepare(tasks) — once per run; the result is persisted by the trainer (train_tasks.jsonl):
   1. every team agent answers every training task `team_samples` times (all K agents' requests
@@ -35,31 +43,43 @@ update — A = R - mean over the G samples; clipped-ratio PG loss; only the lead
 evaluate(tasks) — the T-round protocol: round 0 the team answers alone, the leader synthesises;
   round t > 0 each team agent revises from the task, its previous answer and the leader's previous
   output, and the leader synthesises again; the answer is the leader's final answer. Reported with
-  K+1 generations per round, and the baselines: leader alone, single agent, team majority vote and
-  the untrained leader (a frozen team policy with the leader's base weights) with the same team;
-  every accuracy with its 95% interval over the tasks, and the paired differences in COMPARISONS.
+  K+1 generations per round, and the baselines: leader alone, single agent (team0's model), team
+  majority vote and the untrained leader (`untrained_leader`, the leader's base weights) with the
+  same team; every accuracy with its 95% interval over the tasks, and the paired differences in
+  COMPARISONS.
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
-from algorithms.base import Algorithm, PGConfig, group_samples, reward_metrics, vote
-from marl_llm.config import (ConfigError, ModelConfig, check, check_choice, check_entries, check_positive,
-                             check_range, load_model_preset)
+from algorithms.base import (Algorithm, PGConfig, TrainJob, correct_of, group_samples, reward_metrics, train_epochs,
+                             vote)
+from marl_llm.config import ConfigError, check, check_choice, check_entries, check_positive, check_range
+from marl_llm.jsonl import read_jsonl
 from marl_llm.losses import LossConfig
 from marl_llm.metrics import mean
-from marl_llm.policy import PolicySpec
+from marl_llm.policy import PolicySpec, generate_all
 from marl_llm.registry import register_algorithm
-from marl_llm.types import Completion, Episode, GenerationRequest, Sample, Turn, chunks
+from marl_llm.types import Completion, Episode, GenerationRequest, Sample, Turn
 
 log = logging.getLogger(__name__)
 
 LEADER = "leader"
+UNTRAINED = "untrained_leader"  # frozen, the leader's base weights: the untrained-leader baseline
+#: MLPO's own prompts, filled by `Algorithm.answer_prompt` ({question} and {answer_instruction}
+#: come from the env); `algo.prompts` overrides single keys
+PROMPTS: dict[str, str] = {
+    # the leader over the team's answers ({team}: "Solution i:" blocks)
+    "leader": ("{question}\n\nYour team proposed these solutions:\n\n{team}\n\n"
+               "Check each solution for mistakes, decide which reasoning is right, and write the correct "
+               "solution. {answer_instruction}"),
+    # a team agent in round t > 0: its previous answer and the leader's previous output
+    "team_revise": ("{question}\n\nYour previous solution:\n{previous}\n\nThe team leader's analysis:\n{leader}\n\n"
+                    "Use it to revise your solution. {answer_instruction}"),
+}
 TEAM_KEY = "mlpo_team"  # task field holding the stored team answers {"answers": [[str]], "correct": [[float]]}
 SFT_MODES = ("none", "rejection", "file")
 EVAL_BASELINES = ("single", "majority", "untrained")
@@ -79,10 +99,10 @@ class MLPOConfig(PGConfig):
     name: str = "mlpo"
     # ---- team (frozen) --------------------------------------------------------------------------
     team_size: int = 3                      # K (paper 3)
-    # one conf/model preset per team agent (heterogeneous teams); empty: every agent uses `model=`
-    team_models: list[str] = field(default_factory=list)
+    # team agent (team0 .. team{K-1}) -> conf/model preset (heterogeneous teams); absent or null: `model=`
+    role_models: dict[str, Optional[str]] = field(default_factory=dict)
     team_samples: int = 2                   # stored answers per agent per training task (paper: several)
-    team_temperature: float = 0.3           # team sampling, for the stored answers and in evaluation (0.7: SmolLM2 team 8% right)
+    team_temperature: float = 0.3           # team sampling, for the stored answers and in evaluation
     # ---- data preparation -----------------------------------------------------------------------
     max_train_tasks: Optional[int] = 24     # prepare at most this many training tasks (seeded pick); null: all
     easy_threshold: Optional[float] = 0.75  # drop tasks with >= this share of correct team answers; null: keep all
@@ -103,13 +123,12 @@ class MLPOConfig(PGConfig):
     eval_temperature: float = 0.0           # leader and single-agent baseline (greedy)
     eval_leader_alone: bool = True
     eval_baselines: list[str] = field(default_factory=lambda: list(EVAL_BASELINES))
+    # ---- prompts ------------------------------------------------------------------------------
+    prompts: dict[str, str] = field(default_factory=dict)  # template overrides by key of PROMPTS (leader, team_revise)
 
     def __post_init__(self):
         super().__post_init__()
         check_positive("algo.team_size", self.team_size)
-        check(not self.team_models or len(self.team_models) == self.team_size, "algo.team_models", self.team_models,
-              f"has {len(self.team_models)} entries for team_size={self.team_size}; "
-              "give one model preset per team agent or none")
         for key in ("team_samples", "sft_samples", "sft_epochs", "sft_batch_size", "rounds"):
             check_positive(f"algo.{key}", getattr(self, key))
         if self.max_train_tasks is not None:
@@ -123,11 +142,11 @@ class MLPOConfig(PGConfig):
         if self.sft_warmup == "file":
             check(bool(self.sft_file), "algo.sft_file", self.sft_file,
                   "is missing: algo.sft_warmup=file needs algo.sft_file=<path to a JSONL file>")
-            read_sft_file(self.sft_file)  # fails now, before any engine starts
         else:
             check(not self.sft_file, "algo.sft_file", self.sft_file,
                   f"is set but algo.sft_warmup={self.sft_warmup!r}; use algo.sft_warmup=file to train on it")
         check_entries("algo.eval_baselines", self.eval_baselines, EVAL_BASELINES)
+        check_entries("algo.prompts", list(self.prompts), list(PROMPTS))
 
 
 # ---- pure helpers (unit-tested without engines) ---------------------------------------------------
@@ -138,27 +157,16 @@ def read_sft_file(path: str) -> list[dict[str, Any]]:
                     backtracks, ends with <answer>...</answer>);
     and exactly one prompt form:
       task          (object) an env task (e.g. {"question": ..., "answer": ...}) and optionally
-                    team_answers (list of str): the prompt is the env's leader prompt;
+                    team_answers (list of str): the prompt is MLPO's leader prompt;
       messages      (list of {"role", "content"}) the full chat prompt;
       prompt        (str) a single user message (no system prompt is added).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"algo.sft_file={path!r} does not exist (expected a JSONL file)")
     forms = ("task", "messages", "prompt")
     usage = ("each line needs 'completion' (str) and exactly one of 'task' (+ optional 'team_answers'), "
              "'messages' or 'prompt'")
-    out = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"algo.sft_file {path}:{n}"
-        try:
-            ex = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(ex, dict):
-            raise ConfigError(f"{where}: not a JSON object; {usage}")
+    out = read_jsonl(path, "algo.sft_file")
+    for n, ex in enumerate(out, 1):
+        where = f"algo.sft_file {path}, example {n}"
         if not isinstance(ex.get("completion"), str) or not ex["completion"].strip():
             raise ConfigError(f"{where}: missing or empty 'completion'; {usage}")
         given = [f for f in forms if f in ex]
@@ -176,7 +184,6 @@ def read_sft_file(path: str) -> list[dict[str, Any]]:
             raise ConfigError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
         if form == "prompt" and not isinstance(ex["prompt"], str):
             raise ConfigError(f"{where}: 'prompt' must be a string; {usage}")
-        out.append(ex)
     if not out:
         raise ConfigError(f"algo.sft_file={path!r} holds no examples; {usage}")
     return out
@@ -197,17 +204,6 @@ def draw_team(n_samples: list[int], rng: random.Random, solo_fraction: float,
     if shuffle:
         rng.shuffle(picks)
     return picks
-
-
-def same_weights(a: ModelConfig, b: ModelConfig) -> bool:
-    """Whether two model configs load the same base weights (the name and serving limits aside)."""
-    from marl_llm.models import TINY_DEFAULTS
-
-    def key(m):
-        tiny = m.source == "tiny"
-        return (m.source, m.path, json.dumps({**TINY_DEFAULTS, **m.tiny}, sort_keys=True) if tiny else None,
-                m.seed if tiny else None, m.lora)
-    return key(a) == key(b)
 
 
 def _strip(task: dict[str, Any]) -> dict[str, Any]:
@@ -232,65 +228,68 @@ class Round:
 class MLPO(Algorithm):
     Config = MLPOConfig
     headline = ("acc/final", "acc/leader_alone")
+    # the prompts are MLPO's own (PROMPTS) on an answer env's question, instruction and chat messages
+    env_hooks = ("question_text", "instruction", "messages", "extract_answer")
 
     def __init__(self, cfg, env, run):
         super().__init__(cfg, env, run)
         self.team = [f"team{k}" for k in range(cfg.team_size)]
         self.stats: dict[str, float] = {}     # prepare/SFT statistics, kept in the checkpoint
         self._report: dict[str, float] = {}   # merged into the next update's metrics once
-        self._noted_untrained = False
 
-    # ---- policies --------------------------------------------------------------------------------
-    def team_model_configs(self) -> list[ModelConfig]:
-        if self.cfg.team_models:
-            return [load_model_preset(m) for m in self.cfg.team_models]
-        return [self.run.model] * self.cfg.team_size
-
-    def team_policies(self) -> dict[str, tuple[str, ModelConfig]]:
-        """Team agent -> (frozen policy name, model). Agents with the same weights share one policy,
-        named after the first of them (one engine): K copies of one model cost one set of rollout
-        workers, not K; a heterogeneous team gets one policy per distinct model."""
-        out: dict[str, tuple[str, ModelConfig]] = {}
-        for agent, m in zip(self.team, self.team_model_configs()):
-            shared = next((p for p, pm in out.values() if same_weights(pm, m)), None)
-            out[agent] = (shared or agent, m)
-        return out
-
-    def team_policy(self, agent: str) -> str:
-        return self.team_policies()[agent][0]
-
+    # ---- policies and validation -----------------------------------------------------------------
     def policy_specs(self):
-        missing = [r for r in ("leader", "team", "single") if r not in self.env.roles]
-        if missing:
-            raise ConfigError(f"algo=mlpo needs env prompt roles {missing}; env {self.run.env.name!r} "
-                              f"has {list(self.env.roles)} (use e.g. env=math)")
         specs = [PolicySpec(LEADER, self.run.model, trainable=True, reference=self.cfg.kl_coef > 0)]
-        frozen = {p: m for p, m in self.team_policies().values()}
-        specs += [PolicySpec(name, m, trainable=False) for name, m in frozen.items()]
+        specs += [PolicySpec(agent, self.role_model(agent), trainable=False) for agent in self.team]
+        if "untrained" in self.cfg.eval_baselines:
+            specs.append(PolicySpec(UNTRAINED, self.run.model, trainable=False))
         return specs
 
-    def team_generate(self, reqs_per_agent: list[list[GenerationRequest]]) -> list[list[list[Completion]]]:
-        """All team agents' requests at once: one batch per frozen policy (agents sharing a policy
-        are concatenated so its engine batches them together); results split back per agent."""
-        by_policy: dict[str, list[int]] = {}
-        for k, agent in enumerate(self.team):
-            by_policy.setdefault(self.team_policy(agent), []).append(k)
-        pending = {p: self.policies[p].generate_async([r for k in ks for r in reqs_per_agent[k]])
-                   for p, ks in by_policy.items()}
-        out: list[list[list[Completion]]] = [[] for _ in self.team]
-        for p, ks in by_policy.items():
-            res, pos = pending[p].result(), 0
-            for k in ks:
-                out[k] = res[pos: pos + len(reqs_per_agent[k])]
-                pos += len(reqs_per_agent[k])
-        return out
+    def roles(self) -> tuple[str, ...]:
+        """`algo.role_models` maps team agents to models (the leader is `model=`)."""
+        return tuple(self.team)
 
-    def _is_correct(self, r) -> float:
-        """A Reward's correctness: its `correct` component (else: the reward at its maximum)."""
-        return float(r.components.get("correct", float(r.total >= self.env.max_reward - 1e-9)))
+    def required_roles(self) -> tuple[str, ...]:
+        return ("single",)  # the leader alone, round 0 of the team and the single-agent baseline
+
+    def validate(self) -> None:
+        super().validate()
+        if self.cfg.sft_warmup == "file":
+            read_sft_file(self.cfg.sft_file)  # a bad file fails now, before any engine starts
+
+    # ---- prompts ---------------------------------------------------------------------------------
+    def template(self, key: str) -> str:
+        return self.cfg.prompts.get(key) or PROMPTS[key]
+
+    def leader_prompt(self, task, team_answers: Optional[list[str]] = None) -> list[dict[str, str]]:
+        """The leader over the team's answers ("Solution i:" blocks); without any, the env's
+        single-agent prompt (the leader alone)."""
+        team = [t for t in (team_answers or []) if t is not None]
+        if not team:
+            return self.env.prompt(task, "single")
+
+        def build(team_answers):  # answers too long for the model are cut one by one, the longest first
+            block = "\n\n".join(f"Solution {i + 1}:\n{str(t).strip()}" for i, t in enumerate(team_answers))
+            return self.answer_messages(self.template("leader"), task, team=block)
+        return self.env.fit_context(build, task, "leader", {"team_answers": team})
+
+    def team_prompt(self, task, previous: Optional[str] = None, leader: Optional[str] = None) -> list[dict[str, str]]:
+        """A team agent: in round 0 (no context) the env's single-agent prompt; in round t > 0 it
+        revises its previous answer after reading the leader's previous output."""
+        if not (previous or leader):
+            return self.env.prompt(task, "single")
+        return self.answer_prompt(self.template("team_revise"), task, previous=previous or "(none)",
+                                  leader=leader or "(none)")
+
+    def team_generate(self, reqs_per_agent: list[list[GenerationRequest]]) -> list[list[list[Completion]]]:
+        """All team agents' requests at once, in agent order (agents on one engine go out as one
+        batch); the results per agent."""
+        out = generate_all({agent: (self.policies[agent], reqs)
+                            for agent, reqs in zip(self.team, reqs_per_agent)}).result()
+        return [out[agent] for agent in self.team]
 
     def _correct(self, task, role: str, text: str) -> float:
-        return self._is_correct(self.env.reward(task, {role: text}))
+        return correct_of(self.env.reward(task, {role: text}), self.env.max_reward)
 
     # ---- prepare: team answers once, easy-task filter, SFT warm-up -------------------------------
     def prepare(self, tasks):
@@ -332,14 +331,14 @@ class MLPO(Algorithm):
         outs: list[list[list[Completion]]] = [[] for _ in range(K)]
         if todo:
             outs = self.team_generate([self.requests("team", [tasks[i] for i in todo], S, self.cfg.team_temperature,
-                                                     seed=("team", k)) for k in range(K)])
+                                                     seed=("team", k), prompt=self.team_prompt) for k in range(K)])
         episodes = []
         for j, i in enumerate(todo):
             task = tasks[i]
             comps = [outs[k][j] for k in range(K)]
             correct = [[self._correct(task, "team", c.text) for c in comps[k]] for k in range(K)]
             task[TEAM_KEY] = {"answers": [[c.text for c in comps[k]] for k in range(K)], "correct": correct}
-            turns = [Turn.from_completion(c, agent=self.team[k], policy=self.team_policy(self.team[k]), reward=correct[k][s],
+            turns = [Turn.from_completion(c, agent=self.team[k], policy=self.team[k], reward=correct[k][s],
                                           meta={"sample": s})
                      for k in range(K) for s, c in enumerate(comps[k])]
             share = mean(x for a in correct for x in a)
@@ -378,14 +377,9 @@ class MLPO(Algorithm):
         if not samples:
             log.warning("MLPO SFT warm-up (%s): no examples kept; skipping it", self.cfg.sft_warmup)
             return stats
-        sft = LossConfig(kind="sft", agg="token_mean")
-        rng = random.Random(self.seed("sft_order"))
-        losses = []
-        for _ in range(self.cfg.sft_epochs):
-            order = samples[:]
-            rng.shuffle(order)
-            for batch in chunks(order, self.cfg.sft_batch_size):
-                losses.append(leader.train(batch, sft).get("loss", float("nan")))
+        job = TrainJob(leader, samples, self.cfg.sft_epochs, self.cfg.sft_batch_size,
+                       LossConfig(kind="sft", agg="token_mean"), random.Random(self.seed("sft_order")))
+        losses = [m.get("loss", float("nan")) for epoch in train_epochs({LEADER: job})[LEADER] for m in epoch]
         leader.sync_weights()  # the first RL collect samples from the warmed-up leader
         if self.cfg.kl_coef > 0:
             leader.snapshot_reference()  # KL is measured against the warmed-up leader
@@ -399,13 +393,13 @@ class MLPO(Algorithm):
         draws = [self.draw(t, -1, i) for i, t in enumerate(tasks)]
         outs = self.policies[LEADER].generate(self.requests(
             LEADER, tasks, self.cfg.sft_samples, seed=("sft",),
-            contexts=[self.leader_context(t, d) for t, d in zip(tasks, draws)]))
+            contexts=[self.leader_context(t, d) for t, d in zip(tasks, draws)], prompt=self.leader_prompt))
         seen, samples, n = set(), [], 0
         for task, comps in zip(tasks, outs):
             for c in comps:
                 n += 1
                 r = self.env.reward(task, {LEADER: c.text})
-                ok = self._is_correct(r) >= 1.0
+                ok = correct_of(r, self.env.max_reward) >= 1.0
                 if self.cfg.sft_require_format:
                     ok = ok and r.components.get("format", 1.0) >= 1.0
                 key = (tuple(c.prompt_ids), tuple(c.completion_ids))
@@ -417,37 +411,25 @@ class MLPO(Algorithm):
                          "sft/keep_rate": len(samples) / n if n else 0.0}
 
     def file_samples(self, examples: list[dict[str, Any]]) -> list[Sample]:
-        tok = self._tokenizer()
+        """The SFT file's examples as leader samples, tokenized as the leader's engine templates chats."""
         samples = []
         for ex in examples:
             if "task" in ex:
-                msgs = self.env.prompt(ex["task"], LEADER, **({"team_answers": ex["team_answers"]}
-                                                               if ex.get("team_answers") else {}))
+                msgs = self.leader_prompt(ex["task"], team_answers=ex.get("team_answers"))
             elif "messages" in ex:
                 msgs = ex["messages"]
             else:
                 msgs = [{"role": "user", "content": ex["prompt"]}]
-            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            prompt_ids = list(tok(text, add_special_tokens=False)["input_ids"])
-            completion_ids = list(tok(ex["completion"], add_special_tokens=False)["input_ids"])
-            if tok.eos_token_id is not None:
-                completion_ids.append(int(tok.eos_token_id))  # learn to stop after the answer
-            samples.append(Sample(prompt_ids, completion_ids))
+            prompt_ids, completion_ids = self.policies[LEADER].tokenize(msgs, ex["completion"])
+            samples.append(Sample(list(prompt_ids), list(completion_ids)))
         return samples
-
-    def _tokenizer(self):
-        """The leader's tokenizer, templating chats exactly as the rollout workers do.
-        (The Policy handle has no tokenize method, so the file's examples are tokenized here.)"""
-        from transformers import AutoTokenizer
-
-        from marl_llm.models import resolve_model
-        return AutoTokenizer.from_pretrained(resolve_model(self.run.model))
 
     # ---- collect: G leader samples over a draw of the stored team answers -----------------------
     def collect(self, tasks, step):
         draws = [self.draw(t, step, i) for i, t in enumerate(tasks)]
         reqs = self.requests(LEADER, tasks, self.cfg.group_size, seed=("collect", step),
-                             contexts=[self.leader_context(t, d) for t, d in zip(tasks, draws)])
+                             contexts=[self.leader_context(t, d) for t, d in zip(tasks, draws)],
+                             prompt=self.leader_prompt)
         with self.timer("generate"):
             groups = self.policies[LEADER].generate(reqs)
         episodes = []
@@ -491,21 +473,13 @@ class MLPO(Algorithm):
         return metrics
 
     # ---- evaluate: T rounds of team + leader, and the baselines ----------------------------------
-    def untrained_leader(self) -> Optional[str]:
-        """A frozen team policy with the leader's base weights: prompted with the leader role it is
-        the untrained leader (no extra engine needed); None if the team has no such policy."""
-        for name, m in self.team_policies().values():
-            if same_weights(m, self.run.model):
-                return name
-        return None
-
     def run_rounds(self, tasks, leaders: dict[str, str]) -> dict[str, list[Round]]:
         """The inference protocol for several leader variants (variant -> leader policy) in lockstep.
 
         Round 0: each team agent answers alone (shared by all variants); round t > 0: each agent
         revises from its previous answer and that variant's previous leader output. After the team,
         each variant's leader synthesises the round's K answers. Every round dispatches all team
-        requests at once (one batch per team policy), then all leaders at once. Seeds depend on
+        requests at once (one batch per team engine), then all leaders at once. Seeds depend on
         (round, agent, task) only, so every evaluation draws the same samples.
         Returns variant -> the T rounds.
         """
@@ -521,15 +495,15 @@ class MLPO(Algorithm):
                 return [{"previous": a.text, "leader": lead.text} for a, lead in zip(prev.team[k], prev.leader)]
 
             results = self.team_generate([[r for v in askers for r in self.requests(
-                "team", tasks, 1, self.cfg.team_temperature, seed=("eval", t, k), contexts=context(v, k))]
-                for k in range(len(self.team))])
+                "team", tasks, 1, self.cfg.team_temperature, seed=("eval", t, k), contexts=context(v, k),
+                prompt=self.team_prompt)] for k in range(len(self.team))])
             # results[k]: agent k's answers for each asker in turn (n each)
             asked = {v: [[c[0] for c in res[j * n:(j + 1) * n]] for res in results] for j, v in enumerate(askers)}
             team = {v: asked[v if t else askers[0]] for v in variants}
             pending = {v: self.policies[leaders[v]].generate_async(self.requests(
                 LEADER, tasks, 1, self.cfg.eval_temperature, seed=("eval", t, LEADER),
-                contexts=[{"team_answers": [agent[i].text for agent in team[v]]} for i in range(n)]))
-                for v in variants}
+                contexts=[{"team_answers": [agent[i].text for agent in team[v]]} for i in range(n)],
+                prompt=self.leader_prompt)) for v in variants}
             for v, p in pending.items():
                 traces[v].append(Round(team=team[v], leader=[c[0] for c in p.result()]))
         return traces
@@ -540,20 +514,17 @@ class MLPO(Algorithm):
         K, n = self.cfg.team_size, len(tasks)
         leaders = {"": LEADER}
         if "untrained" in self.cfg.eval_baselines:
-            base = self.untrained_leader()
-            if base is not None:
-                leaders["untrained_"] = base
-            elif not self._noted_untrained:
-                self._noted_untrained = True
-                log.info("MLPO eval: no team policy has the leader's base model %r (team_models=%s); "
-                         "skipping the untrained-leader baseline", self.run.model.name, self.cfg.team_models)
+            leaders["untrained_"] = UNTRAINED
+
+        def alone(role, prompt=None):
+            return self.requests(role, tasks, 1, self.cfg.eval_temperature, seed=("eval", role), prompt=prompt)
+
         # one-generation baselines go out first; they run while the team answers round 0
-        alone = lambda role: self.requests(role, tasks, 1, self.cfg.eval_temperature, seed=("eval", role))  # noqa: E731
         pending = {}
         if self.cfg.eval_leader_alone:
-            pending["leader_alone"] = self.policies[LEADER].generate_async(alone(LEADER))
-        if "single" in self.cfg.eval_baselines:
-            pending["single"] = self.policies[self.team_policy(self.team[0])].generate_async(alone("single"))
+            pending["leader_alone"] = self.policies[LEADER].generate_async(alone(LEADER, self.leader_prompt))
+        if "single" in self.cfg.eval_baselines:  # the env's single agent on team0's model
+            pending["single"] = self.policies[self.team[0]].generate_async(alone("single"))
         traces = self.run_rounds(tasks, leaders)
         outcomes: dict[str, list[float]] = {}  # metric -> one outcome per task
         costs: dict[str, float] = {}
@@ -592,7 +563,10 @@ class MLPO(Algorithm):
                 outcomes[f"acc/{key}"] = correct(role, comps)
                 costs[f"gens/{key}"] = 1.0
                 costs[f"tokens/{key}"] = sum(len(c.completion_ids) for c in comps) / n
-        return {**self.eval_metrics(outcomes, COMPARISONS), **costs}
+        return {**self.eval_metrics(outcomes), **costs}
+
+    def comparisons(self) -> list[tuple[str, str]]:
+        return list(COMPARISONS)
 
     # ---- state ------------------------------------------------------------------------------------
     def state_dict(self):

@@ -204,7 +204,7 @@ def bench_magrpo(quick: bool) -> None:
               "trainer.batch_size=4", "algo.group_size=4", "rollout.max_new_tokens=64", "learner.micro_batch_size=4"]
     # agents' learners one after the other, each with every core (the preset's setting)
     runs = [("grpo, 1 policy", ["algo=grpo", *common]),
-            ("magrpo, 2 agents", ["algo=magrpo", "algo.eval_baselines=[]", "algo.parallel_agents=false", *common])]
+            ("magrpo, 2 agents", ["algo=magrpo", "algo.eval_baselines=[]", "learner.concurrent=false", *common])]
     rows, base = [], None
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in runs:

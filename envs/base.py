@@ -59,6 +59,17 @@ class EnvConfig:
         load_parts(self.reward_fn, self.reward_weights)  # imports the functions: a bad entry stops the run here
 
 
+class _SafeDict(dict):
+    def __missing__(self, key):
+        return "{" + key + "}"
+
+
+def fill(template: str, **values: Any) -> str:
+    """`template` with `{key}` placeholders filled from `values` (None -> ""); placeholders
+    without a value stay as they are."""
+    return template.format_map(_SafeDict({k: ("" if v is None else v) for k, v in values.items()}))
+
+
 def majority_index(answers: Sequence[Optional[str]],
                    equal: Optional[Callable[[str, str], bool]] = None) -> Optional[int]:
     """Index of a representative of the most common answer (the first position that gave it).
@@ -98,7 +109,8 @@ class Env:
     """Base class; subclasses set `Config` and implement the abstract methods."""
 
     Config = EnvConfig
-    #: roles this env can build prompts for (e.g. "single", "leader", "team", "generator")
+    #: roles this env can build prompts for: the task's own roles (e.g. "single"; writing's
+    #: "agent1"/"agent2"), never a protocol's (those prompts belong to the algorithms)
     roles: tuple[str, ...] = ("single",)
     #: the highest reward `reward()` can give (used for early stopping and reporting)
     max_reward: float = 1.0
@@ -154,14 +166,16 @@ class Env:
 
     # ---- contexts that outgrow the model (multi-turn feedback, other agents' outputs) ---------------
     def _limit_context(self, tokenizer, limit: int) -> None:
-        """From now on `prompt(task, role, **context)` cuts the longest context text (an earlier
-        turn's output, feedback, team answers) until the templated prompt fits in `limit` tokens,
-        and logs each cut, so a growing multi-turn context never reaches the engine too long."""
+        """From now on `prompt(task, role, **context)` (and every prompt built with `fit_context`,
+        e.g. a protocol's own role prompts) cuts the longest context text (an earlier turn's output,
+        feedback, team answers) until the templated prompt fits in `limit` tokens, and logs each
+        cut, so a growing multi-turn context never reaches the engine too long."""
         limits = self.__dict__.setdefault("_context_limits", [])
         limits.append((tokenizer, limit))
         if "prompt" not in self.__dict__:  # bound once per instance, whatever the subclass's prompt
             unbounded = self.prompt
-            self.prompt = lambda task, role="single", **context: self._bounded_prompt(unbounded, task, role, context)
+            self.prompt = lambda task, role="single", **context: self.fit_context(
+                lambda **c: unbounded(task, role, **c), task, role, context)
 
     def _excess(self, messages) -> int:
         """Tokens over the tightest limit (<= 0: fits); counted only when the text could be too long."""
@@ -170,13 +184,16 @@ class Env:
 
         chars = sum(len(m["content"]) for m in messages) + 16 * len(messages)  # a token spans >= 1 char
         over = -1
-        for tokenizer, limit in self._context_limits:
+        for tokenizer, limit in self.__dict__.get("_context_limits", []):
             if chars > limit:
                 over = max(over, len(prompt_ids_of(tokenizer, GenerationRequest(messages=messages))) - limit)
         return over
 
-    def _bounded_prompt(self, unbounded, task, role, context):
-        messages = unbounded(task, role, **context)
+    def fit_context(self, build: Callable[..., list[dict[str, str]]], task: dict[str, Any], role: str,
+                    context: dict[str, Any]) -> list[dict[str, str]]:
+        """`build(**context)`; once the models' limits are known (`fit_prompts`), with the longest
+        context texts cut until the prompt fits."""
+        messages = build(**context)
         over = self._excess(messages) if context else -1
         if over <= 0:
             return messages
@@ -198,7 +215,7 @@ class Env:
                 context[key] = cut
             else:
                 context[key] = [cut if j == i else x for j, x in enumerate(context[key])]
-            messages = unbounded(task, role, **context)
+            messages = build(**context)
             over = self._excess(messages)
         log.warning("env %r: the context of role %r on task %r was %d tokens too long for the model; its longest "
                     "parts were cut to fit (model.max_model_len - rollout.max_new_tokens)",

@@ -33,8 +33,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from envs.base import DataConfig, Env, EnvConfig, Reward
-from envs.qa import fill
+from envs.base import DataConfig, Env, EnvConfig, Reward, fill
 from marl_llm.config import check_choice, check_min, check_positive
 from marl_llm.data import DataError, holdout, load_splits
 from marl_llm.registry import register_env
@@ -61,7 +60,8 @@ ROLE_ALIASES = {"aux": "agent1", "main": "agent2"}
 @dataclass
 class CodingConfig(EnvConfig):
     name: str = "coding"
-    data: DataConfig = field(default_factory=lambda: DataConfig(eval_size=32))
+    # HumanEval-layout Hub data (openai/openai_humaneval) has only a test split
+    data: DataConfig = field(default_factory=lambda: DataConfig(split="test", eval_size=32))
     system_prompt: Optional[str] = ("You are an expert Python programmer. Reply with Python code in a single "
                                     "```python code block.")
     #: humaneval_package (offline default for `coding`), dataset (data.path / data.hub_id), or auto
@@ -92,7 +92,8 @@ class CodingConfig(EnvConfig):
 class MBPPConfig(CodingConfig):
     name: str = "mbpp"
     data: DataConfig = field(default_factory=lambda: DataConfig(
-        hub_id="google-research-datasets/mbpp", hub_config="sanitized", split="train", eval_split="test"))
+        hub_id="google-research-datasets/mbpp", hub_config="sanitized", split="train", eval_split="test",
+        eval_size=50))
     source: str = "dataset"
     format: str = "mbpp"
 

@@ -1,25 +1,15 @@
 """Shared base for envs whose tasks have one verifiable final answer (math, multiple choice,
-reasoning-gym): per-role prompts for every algorithm, answer extraction, a correctness reward
-with an optional format component, and majority voting.
+reasoning-gym): the task's question and answer-format instruction, its chat messages, answer
+extraction, a correctness reward with an optional format component, and majority voting.
 
-Roles and the context keys their prompts read (all optional unless stated):
+An answer env knows tasks, not protocols: it has one role, ``single`` (solve alone; with
+``feedback`` and ``previous``: a multi-turn revision of the agent's own previous output).
+Multi-agent protocols (MLPO's leader and team, MALT's verifier and refiner) write their own prompts
+from the hooks `question_text`, `instruction` and `messages` (`Algorithm.answer_prompt`).
 
-- ``single``     — solve alone. ``feedback``/``previous``: a multi-turn revision.
-- ``leader``     — MLPO leader. ``team_answers: list[str]``: the K team outputs of this round;
-                   None or empty gives the zero-shot single-agent mode (no team in the prompt).
-- ``team``       — MLPO team agent. Round 0: no context. Round t > 0: ``previous`` (its own
-                   last answer) and ``leader`` (the leader's last output).
-- ``generator``  — MALT generator (same task as ``single``).
-- ``verifier``   — MALT verifier. ``answer`` (required): the generator's output; writes a critique.
-- ``refiner``    — MALT refiner. ``answer`` and ``critique`` (required); writes the final solution.
-
-Every role also accepts ``feedback`` (text from a multi-turn `transition`) together with
-``previous`` (the agent's own previous output).
-
-`reward(task, outputs)` scores the final answer, taken from the first of these output keys that
-is present: refiner, leader, single, generator, team; else the only (or last) entry. Components:
-``correct`` (0/1) and ``format`` (0/1: exactly one non-empty ``<answer>...</answer>`` block at
-the end of the text); total = correct + format_weight * format.
+`reward(task, outputs)` scores the one answer in `outputs` (the protocol passes its final answer).
+Components: ``correct`` (0/1) and ``format`` (0/1: exactly one non-empty ``<answer>...</answer>``
+block at the end of the text); total = correct + format_weight * format.
 """
 from __future__ import annotations
 
@@ -29,23 +19,13 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Optional
 
-from envs.base import Env, EnvConfig, Reward
-from marl_llm.config import check_positive
+from envs.base import Env, EnvConfig, Reward, fill
+from marl_llm.config import check, check_positive
 
 DEFAULT_PROMPTS: dict[str, str] = {
     "single": "{question}\n\nSolve the problem step by step. {answer_instruction}",
-    "leader": ("{question}\n\nYour team proposed these solutions:\n\n{team}\n\n"
-               "Check each solution for mistakes, decide which reasoning is right, and write the correct "
-               "solution. {answer_instruction}"),
-    "team_revise": ("{question}\n\nYour previous solution:\n{previous}\n\nThe team leader's analysis:\n{leader}\n\n"
-                    "Use it to revise your solution. {answer_instruction}"),
-    "verifier": ("{question}\n\nProposed solution:\n{answer}\n\nCheck this solution step by step and point out any "
-                 "mistakes. Do not write a new solution. End with a verdict: correct or incorrect."),
-    "refiner": ("{question}\n\nProposed solution:\n{answer}\n\nCritique of the solution:\n{critique}\n\n"
-                "Using the critique, write the final correct solution. {answer_instruction}"),
     "feedback": "\n\nYour previous response:\n{previous}\n\nHere is the feedback:\n{feedback}\n\nRevise your response.",
 }
-FINAL_KEYS = ("refiner", "leader", "single", "generator", "team")
 
 
 @dataclass
@@ -57,7 +37,7 @@ class AnswerEnvConfig(EnvConfig):
     format_weight: float = 0.0
     #: what every answering prompt asks for at its end
     answer_instruction: str = "End your reply with the final answer in the form <answer>ANSWER</answer>."
-    #: role prompt templates; override single keys, e.g. env.prompts.leader="..."
+    #: prompt templates (`single`, `feedback`); override single keys, e.g. env.prompts.single="..."
     prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
     #: answering replies end at the answer block's closing tag (see AnswerEnv.stop)
     stop_at_answer: bool = True
@@ -65,6 +45,9 @@ class AnswerEnvConfig(EnvConfig):
     def __post_init__(self):
         super().__post_init__()
         check_positive("env.format_weight", self.format_weight, allow_zero=True)
+        unknown = sorted(set(self.prompts or {}) - set(DEFAULT_PROMPTS))
+        check(not unknown, "env.prompts", sorted(self.prompts), f"has keys {unknown}; an answer env's templates are "
+              f"{list(DEFAULT_PROMPTS)} (a protocol's role prompts are algo.prompts)")
 
 
 # ---- text helpers -------------------------------------------------------------------------------
@@ -215,21 +198,12 @@ def math_equal(pred: Optional[str], gold: Optional[str]) -> bool:
         return False
 
 
-class _SafeDict(dict):
-    def __missing__(self, key):
-        return "{" + key + "}"
-
-
-def fill(template: str, **values: Any) -> str:
-    return template.format_map(_SafeDict({k: ("" if v is None else v) for k, v in values.items()}))
-
-
 class AnswerEnv(Env):
     """Base for single-answer tasks. Subclasses load tasks and define `question_text`, `gold`,
     `extract_answer` (optional) and `answers_equal` (optional)."""
 
     Config = AnswerEnvConfig
-    roles = ("single", "leader", "team", "generator", "verifier", "refiner")
+    roles = ("single",)
     joint_roles = ("single",)
 
     def __init__(self, cfg: AnswerEnvConfig, seed: int = 0):
@@ -251,11 +225,12 @@ class AnswerEnv(Env):
         return extract_final(text)
 
     def stop(self, role: str) -> list[str]:
-        """An answering role's reply ends at ``</answer>`` when the answer instruction asks for
-        that block (`env.stop_at_answer`, default on). Small models answer and then ramble on into
-        new numbers until the length cap: the ramble costs generation and training time, and what
-        it adds can only confuse the answer. The verifier is not stopped (it quotes solutions)."""
-        if self.cfg.stop_at_answer and role != "verifier" and "</answer>" in self.cfg.answer_instruction:
+        """An answer ends at ``</answer>`` when the answer instruction asks for that block
+        (`env.stop_at_answer`, default on). Small models answer and then ramble on into new
+        numbers until the length cap: the ramble costs generation and training time, and what it
+        adds can only confuse the answer. (A protocol's non-answering role, e.g. a critique that
+        quotes solutions, passes its own stop strings.)"""
+        if self.cfg.stop_at_answer and "</answer>" in self.cfg.answer_instruction:
             return ["</answer>"]
         return []
 
@@ -270,7 +245,8 @@ class AnswerEnv(Env):
         prompts = self.cfg.prompts or {}
         return prompts.get(key) or DEFAULT_PROMPTS[key]
 
-    def _messages(self, user: str) -> list[dict[str, str]]:
+    def messages(self, user: str) -> list[dict[str, str]]:
+        """Chat messages of one user turn: the env's system prompt (if any), then `user`."""
         msgs = []
         if self.cfg.system_prompt:
             msgs.append({"role": "system", "content": self.cfg.system_prompt})
@@ -279,44 +255,16 @@ class AnswerEnv(Env):
 
     def prompt(self, task, role: str = "single", **context) -> list[dict[str, str]]:
         if role not in self.roles:
-            raise ValueError(f"{type(self).__name__} has no role {role!r}; roles: {list(self.roles)}")
-        q = self.question_text(task)
-        vals = dict(question=q, answer_instruction=self.instruction(task))
-        if role == "leader":
-            team = [t for t in (context.get("team_answers") or []) if t is not None]
-            if team:
-                block = "\n\n".join(f"Solution {i + 1}:\n{str(t).strip()}" for i, t in enumerate(team))
-                user = fill(self._template("leader"), team=block, **vals)
-            else:
-                user = fill(self._template("single"), **vals)
-        elif role == "team" and (context.get("leader") or context.get("previous")) and not context.get("feedback"):
-            user = fill(self._template("team_revise"), previous=context.get("previous") or "(none)",
-                        leader=context.get("leader") or "(none)", **vals)
-        elif role == "verifier":
-            if context.get("answer") is None:
-                raise ValueError("role 'verifier' needs context answer=<the generator's output>")
-            user = fill(self._template("verifier"), answer=str(context["answer"]).strip(), **vals)
-        elif role == "refiner":
-            if context.get("answer") is None or context.get("critique") is None:
-                raise ValueError("role 'refiner' needs context answer=<generator output> and critique=<verifier output>")
-            user = fill(self._template("refiner"), answer=str(context["answer"]).strip(),
-                        critique=str(context["critique"]).strip(), **vals)
-        else:  # single, generator, team round 0
-            user = fill(self._template("single"), **vals)
+            raise ValueError(f"{type(self).__name__} has no role {role!r}; roles: {list(self.roles)} "
+                             "(a protocol's own roles build their prompts with Algorithm.answer_prompt)")
+        user = fill(self._template("single"), question=self.question_text(task),
+                    answer_instruction=self.instruction(task))
         if context.get("feedback"):
             user += fill(self._template("feedback"), previous=(context.get("previous") or "(none)"),
                          feedback=context["feedback"])
-        return self._messages(user)
+        return self.messages(user)
 
     # ---- scoring ------------------------------------------------------------------------------
-    def final_output(self, outputs: dict[str, str]) -> str:
-        for k in FINAL_KEYS:
-            if k in outputs:
-                return outputs[k] or ""
-        if not outputs:
-            return ""
-        return list(outputs.values())[-1] or ""
-
     def is_correct(self, task, text: str) -> bool:
         return self.answers_equal(self.extract_answer(text or ""), self.gold(task))
 
@@ -329,7 +277,10 @@ class AnswerEnv(Env):
         return Reward(total, {"correct": correct, "format": fmt}, info={"pred": pred, "gold": self.gold(task)})
 
     def reward(self, task, outputs: dict[str, str]) -> Reward:
-        return self.score(task, self.final_output(outputs))
+        if len(outputs) != 1:
+            raise ValueError(f"{type(self).__name__} scores one final answer; got outputs of {sorted(outputs)} "
+                             "(a protocol passes its final answer, e.g. {'single': text})")
+        return self.score(task, next(iter(outputs.values())) or "")
 
     def reference_answer_text(self, task) -> str:
         return f"<answer>{self.gold(task)}</answer>"

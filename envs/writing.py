@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from envs.base import DataConfig, Env, EnvConfig, Reward
-from envs.qa import fill, tag_contents
+from envs.base import DataConfig, Env, EnvConfig, Reward, fill
+from envs.qa import tag_contents
 from marl_llm.config import check, check_choice, check_positive
 from marl_llm.data import DataError, load_splits
 from marl_llm.registry import register_env
@@ -293,6 +293,7 @@ class ArxivConfig(WritingConfig):
     reward: WritingRewardConfig = field(default_factory=lambda: WritingRewardConfig(**ARXIV_REWARD))
     prompts: dict[str, str] = field(default_factory=lambda: dict(ARXIV_PROMPTS))
     offline_file: str = "arxiv_abstracts.jsonl"
+    strip_tldr_cue: bool = False  # abstracts carry no TL;DR cue
 
 
 def split_single(text: str) -> tuple[str, str]:

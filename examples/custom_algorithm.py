@@ -1,72 +1,128 @@
-"""A custom algorithm plugin in one file: RAFT (reward-ranked fine-tuning).
+"""A new multi-agent protocol in one file: propose, critique, revise (on any answer env).
 
-Per task, sample G answers, keep the best one if it beats the group mean, and fine-tune on the
-kept answers with the SFT loss. Run it with the plugin module and its config folder:
+    python -m marl_llm.train plugins=[examples.custom_algorithm] \\
+        'hydra.searchpath=[file://examples/conf]' algo=proposer_critic env=math model=tiny trainer.steps=2
 
-    python -m marl_llm.train plugins=[examples.custom_algorithm] \
-        'hydra.searchpath=[file://examples/conf]' algo=raft env=toy model=tiny trainer.steps=2
+This file and its config, examples/conf/algo/proposer_critic.yaml, are the whole protocol: nothing
+in envs/ or marl_llm/ knows about it. (From another package, expose the module through the
+entry-point group `marl_llm.algorithms` instead of `plugins=`; the YAML then ships in that
+package's Hydra search path.)
 
-From another package, expose the module through the entry-point group `marl_llm.algorithms`
-instead of `plugins=`; the config file then ships in that package's search path.
-
-It uses the shared scaffolding of algorithms/base.py: `self.requests` (seeded requests with the
-run's sampling settings), `group_episodes`, `reward_metrics`, `score_outcomes` and
-`self.eval_metrics` (evaluation numbers with 95% intervals), and the config-validation helpers of
-marl_llm/config.py.
+Protocol, per task: the proposer (trainable) answers G times, prompted by the env as a single
+solver; a critic (a frozen copy of the model; `algo.role_models.critic` may name another preset)
+critiques each answer; the proposer revises each answer after reading its critique. The critique
+and revision prompts are this protocol's own (CRITIQUE, REVISE), filled with the env's question
+and answer instruction by `self.answer_prompt`.
+Credit: the reward of the revision, group-relative over the G chains of a task: A_g = R_g - mean R;
+both proposer turns of chain g (its first answer and its revision) take A_g.
+Loss: policy gradient on the proposer (`PGConfig`: group size, clip, KL, aggregation).
+Evaluation (greedy, one chain per held-out task): the score after revision and the first answer's
+(`first/...`), and their paired differences (`diff/correct-first/correct`): what the critique adds.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
-from algorithms.base import AlgoConfig, Algorithm, group_episodes, reward_metrics, score_outcomes
-from marl_llm.config import check_min
-from marl_llm.losses import LossConfig
+from algorithms.base import Algorithm, PGConfig, group_episodes, reward_metrics, score_outcomes
+from marl_llm.advantages import group_advantages
 from marl_llm.metrics import mean
 from marl_llm.policy import PolicySpec
 from marl_llm.registry import register_algorithm
 from marl_llm.types import Episode, Sample, Turn
 
-ROLE = "single"
+SOLVER = "single"  # the env's own role: its task prompt and its answer stop strings
+PROPOSER, CRITIC = "proposer", "critic"
+CRITIQUE = ("{question}\n\nA student's solution:\n{answer}\n\nCheck this solution step by step and point out "
+            "any mistakes. Do not write a new solution.")
+REVISE = ("{question}\n\nYour solution:\n{answer}\n\nA reviewer's critique of it:\n{critique}\n\n"
+          "Using the critique where it is right, write your final solution. {answer_instruction}")
 
 
 @dataclass
-class RAFTConfig(AlgoConfig):
-    name: str = "raft"
-    group_size: int = 4
-
-    def __post_init__(self):  # checked at start-up, before any engine starts
-        check_min("algo.group_size", self.group_size, 2, "the best answer is ranked against the group's mean")
+class ProposerCriticConfig(PGConfig):
+    name: str = "proposer_critic"
+    # role (proposer, critic) -> model preset (conf/model/<name>.yaml); a role not listed uses model=
+    role_models: dict[str, Optional[str]] = field(default_factory=dict)
 
 
-@register_algorithm("raft")
-class RAFT(Algorithm):
-    Config = RAFTConfig
+@register_algorithm("proposer_critic")
+class ProposerCritic(Algorithm):
+    Config = ProposerCriticConfig
+    headline = ("reward", "correct")
+    env_hooks = ("question_text", "instruction", "messages")  # what `answer_prompt` reads
+
+    def required_roles(self):
+        return (SOLVER,)
 
     def policy_specs(self):
-        return [PolicySpec("policy", self.run.model)]
+        return [PolicySpec(PROPOSER, self.role_model(PROPOSER), reference=self.cfg.kl_coef > 0),
+                PolicySpec(CRITIC, self.role_model(CRITIC), trainable=False)]
+
+    def comparisons(self):
+        return [("reward", "first/reward"), ("correct", "first/correct")]
+
+    # ---- protocol ---------------------------------------------------------------------------------
+    def critique_prompt(self, task, answer):
+        return self.answer_prompt(CRITIQUE, task, answer=answer)
+
+    def revise_prompt(self, task, answer, critique):
+        return self.answer_prompt(REVISE, task, answer=answer, critique=critique)
+
+    def chains(self, tasks, n, seed, temperature=None):
+        """Per task, n chains (first answer, critique, revision) of Completions."""
+        proposer, critic = self.policies[PROPOSER], self.policies[CRITIC]
+        first = proposer.generate(self.requests(SOLVER, tasks, n, temperature, seed=(*seed, "first")))
+        answers = [c for group in first for c in group]
+        chain_tasks = [t for t, group in zip(tasks, first) for _ in group]
+        critiques = [c[0] for c in critic.generate(self.requests(
+            CRITIC, chain_tasks, 1, temperature, seed=(*seed, "critique"), prompt=self.critique_prompt,
+            contexts=[{"answer": a.text} for a in answers], stop=[]))]  # a critique is no answer: no stop
+        revisions = [c[0] for c in proposer.generate(self.requests(
+            SOLVER, chain_tasks, 1, temperature, seed=(*seed, "revise"), prompt=self.revise_prompt,
+            contexts=[{"answer": a.text, "critique": c.text} for a, c in zip(answers, critiques)]))]
+        flat = list(zip(answers, critiques, revisions))
+        return [flat[i * n:(i + 1) * n] for i in range(len(tasks))]
+
+    def scores(self, tasks, texts):
+        return self.env.reward_batch([(t, {SOLVER: x}) for t, x in zip(tasks, texts)])
 
     def collect(self, tasks, step):
-        # protocol: one agent, G samples per task (request i seeded from the run seed, step and i)
-        reqs = self.requests(ROLE, tasks, self.cfg.group_size, seed=("collect", step))
-        groups = self.policies["policy"].generate(reqs)
+        with self.timer("generate"):
+            chains = self.chains(tasks, self.cfg.group_size, seed=("collect", step))
         episodes = []
-        for task, comps in zip(tasks, groups):
-            for c in comps:
-                r = self.env.reward(task, {ROLE: c.text})
-                episodes.append(Episode(task=task, turns=[Turn.from_completion(c, ROLE, "policy")],
-                                        reward=r.total, components=r.components, group=str(task["id"]), step=step))
+        with self.timer("reward"):
+            for task, group in zip(tasks, chains):
+                before = self.scores([task] * len(group), [a.text for a, _, _ in group])
+                after = self.scores([task] * len(group), [r.text for _, _, r in group])
+                for (a, c, r), r0, r1 in zip(group, before, after):
+                    turns = [Turn.from_completion(a, PROPOSER, PROPOSER, round=0, reward=r0.total),
+                             Turn.from_completion(c, CRITIC, CRITIC, round=1),
+                             Turn.from_completion(r, PROPOSER, PROPOSER, round=2, reward=r1.total)]
+                    episodes.append(Episode(task=task, turns=turns, reward=r1.total, components=r1.components,
+                                            group=str(task["id"]), step=step, meta={"first_reward": r0.total}))
         return episodes
 
+    # ---- credit assignment and loss -------------------------------------------------------------
+    def credit(self, episodes):
+        """A = R(revision) - its group's mean, for both proposer turns of each chain."""
+        samples = []
+        for group in group_episodes(episodes).values():
+            advantages = group_advantages([e.reward for e in group], std_normalize=self.cfg.std_normalize)
+            for ep, adv in zip(group, advantages):
+                samples += [Sample(t.prompt_ids, t.completion_ids, advantage=adv)
+                            for t in ep.turns if t.policy == PROPOSER]
+        return samples
+
     def update(self, episodes, step):
-        # credit: the best sample of each group, if it is better than the group's mean
-        keep = [max(g, key=lambda e: e.reward) for g in group_episodes(episodes).values()
-                if max(e.reward for e in g) > mean(e.reward for e in g)]
-        metrics = {**reward_metrics(episodes), "raft/kept": len(keep)}
-        if keep:  # loss: SFT on the kept answers
-            samples = [Sample(e.turns[0].prompt_ids, e.turns[0].completion_ids) for e in keep]
-            metrics.update(self.policies["policy"].train(samples, LossConfig(kind="sft")))
+        metrics = {**reward_metrics(episodes), "reward/first": mean(e.meta["first_reward"] for e in episodes)}
+        with self.timer("train"):
+            metrics.update(self.policies[PROPOSER].train(self.credit(episodes), self.loss))
         return metrics
 
+    # ---- evaluation ------------------------------------------------------------------------------
     def evaluate(self, tasks):
-        outs = self.policies["policy"].generate(self.requests(ROLE, tasks, temperature=0.0))
-        return self.eval_metrics(score_outcomes([self.env.reward(t, {ROLE: o[0].text}) for t, o in zip(tasks, outs)]))
+        chains = [group[0] for group in self.chains(tasks, 1, seed=("eval",), temperature=0.0)]
+        first = self.scores(tasks, [a.text for a, _, _ in chains])
+        revised = self.scores(tasks, [r.text for _, _, r in chains])
+        return self.eval_metrics({**score_outcomes(revised), **score_outcomes(first, "first/")})

@@ -16,7 +16,7 @@ from marl_llm.config import ClusterConfig, LearnerConfig, RolloutConfig, RunConf
 from marl_llm.learner.lora import ADAPTER_DIR
 from marl_llm.models import base_model_key, resolve_model
 from marl_llm.deadlines import START_S
-from marl_llm.policy import ActorFailed, ActorHung, Policy, PolicySpec, actor_label, describe_failure
+from marl_llm.policy import ActorFailed, ActorHung, Policy, PolicySpec, TrainGate, actor_label, describe_failure
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,17 @@ def learner_gpus(learner: LearnerConfig, resources: dict) -> float:
     if learner.num_gpus is not None:
         return learner.num_gpus
     return 1.0 if resources.get("GPU", 0) > 0 else 0.0
+
+
+def engine_key(spec: PolicySpec, rollout: RolloutConfig) -> str:
+    """Which engine (set of rollout workers) serves a policy; policies with equal keys share one.
+    Frozen policies with the same base weights share (nothing ever changes them); LoRA policies of
+    one base share on vLLM (an adapter slot each); any other trainable policy has its own."""
+    if spec.model.lora is not None and rollout.backend == "vllm":
+        return f"lora:{base_model_key(spec.model)}"
+    if not spec.trainable:
+        return f"frozen:{base_model_key(spec.model)}"
+    return f"policy:{spec.name}"
 
 
 class Cluster:
@@ -86,30 +97,24 @@ class Cluster:
         The learner always starts from the base model, so its KL/DPO reference is the base model,
         and gets the trained weights and optimiser from the checkpoint's DeepSpeed state.
 
-        LoRA policies (`model.lora`) on the vLLM backend with the same base model share one set
-        of rollout workers (one engine, one adapter slot per policy); the rollout workers load a
-        checkpoint's `adapter/` folder instead of its merged weights."""
+        Policies with the same `engine_key` share one set of rollout workers: frozen policies
+        with the same base weights, whatever the algorithm calls them, and LoRA policies
+        (`model.lora`) of one base on the vLLM backend (one adapter slot each; the rollout workers
+        load a checkpoint's `adapter/` folder instead of its merged weights)."""
         init_paths = init_paths or {}
-        shared: dict[tuple, list[PolicySpec]] = {}
+        groups: dict[str, list[PolicySpec]] = {}
         for s in specs:
-            if s.model.lora is not None and run.rollout.backend == "vllm":
-                shared.setdefault(base_model_key(s.model), []).append(s)
-            elif s.model.lora is not None:
+            groups.setdefault(engine_key(s, run.rollout), []).append(s)
+            if s.model.lora is not None and run.rollout.backend != "vllm":
                 log.info("policy %r: rollout.backend=%s serves no LoRA adapters; the policy gets its own "
                          "engine and the learner pushes merged weights", s.name, run.rollout.backend)
         engines: dict[str, tuple[list, Optional[str]]] = {}
-        for group in shared.values():
-            lora = {"max_loras": len(group), "max_lora_rank": max(s.model.lora.r for s in group)}
-            workers = self._rollout_workers(group[0], run, None, lora, "+".join(s.name for s in group))
-            for s in group:
-                engines[s.name] = (workers, s.name)
-                saved = Path(init_paths[s.name]) / ADAPTER_DIR if init_paths.get(s.name) else None
-                if saved is not None and saved.is_dir():
-                    self.get([w.load_adapter_dir.remote(s.name, str(saved)) for w in workers], timeout=START_S)
-                    log.info("policy %r: serving the LoRA adapter saved in %s", s.name, saved)
+        gate = TrainGate(run.learner.concurrent)
         policies = {}
         for s in specs:
-            workers, adapter = engines.get(s.name) or (self._rollout_workers(s, run, init_paths.get(s.name)), None)
+            if s.name not in engines:  # in spec order: a shared engine starts with its first policy
+                engines.update(self._engine(groups[engine_key(s, run.rollout)], run, init_paths))
+            workers, adapter = engines[s.name]
             learner = None
             if s.trainable:
                 from marl_llm.learner.group import LearnerGroup
@@ -121,8 +126,29 @@ class Cluster:
                      f", LoRA adapter {adapter!r} on a shared engine" if adapter else "",
                      ", ".join(i.get("node", "?") for i in infos), "trainable" if learner else "frozen (rollout only)")
             policies[s.name] = Policy(s, workers, learner, get=self.get, adapter=adapter,
-                                      timeout_s=run.rollout.timeout_s, worker_nodes=[i.get("node", "?") for i in infos])
+                                      timeout_s=run.rollout.timeout_s, worker_nodes=[i.get("node", "?") for i in infos],
+                                      train_gate=gate)
         return policies
+
+    def _engine(self, group: list[PolicySpec], run: RunConfig,
+                init_paths: dict[str, Optional[str]]) -> dict[str, tuple[list, Optional[str]]]:
+        """Start the rollout workers of one engine; returns name -> (workers, adapter) for the
+        policies in `group` (those with one `engine_key`)."""
+        first = group[0]
+        if first.model.lora is not None and run.rollout.backend == "vllm":  # an adapter slot per policy
+            lora = {"max_loras": len(group), "max_lora_rank": max(g.model.lora.r for g in group)}
+            workers = self._rollout_workers(first, run, None, lora, "+".join(g.name for g in group))
+            for g in group:
+                saved = Path(init_paths[g.name]) / ADAPTER_DIR if init_paths.get(g.name) else None
+                if saved is not None and saved.is_dir():
+                    self.get([w.load_adapter_dir.remote(g.name, str(saved)) for w in workers], timeout=START_S)
+                    log.info("policy %r: serving the LoRA adapter saved in %s", g.name, saved)
+            return {g.name: (workers, g.name) for g in group}
+        if len(group) > 1:  # frozen, same weights
+            log.info("policies %s (frozen, same base weights) share one set of rollout workers",
+                     [g.name for g in group])
+        workers = self._rollout_workers(first, run, init_paths.get(first.name), name="+".join(g.name for g in group))
+        return {g.name: (workers, None) for g in group}
 
     def _ready(self, workers: list, policy: str) -> list[dict]:
         """The workers' info once their engines are up; one that does not come up within
@@ -147,9 +173,8 @@ class Cluster:
                              name or spec.name, lora) for i in range(run.rollout.num_workers)]
 
     def cpus_needed(self, specs: list[PolicySpec], run: RunConfig) -> float:
-        total = 0.0
+        total = run.rollout.num_cpus * run.rollout.num_workers * len({engine_key(s, run.rollout) for s in specs})
         for s in specs:
-            total += run.rollout.num_cpus * run.rollout.num_workers
             if s.trainable:
                 lc = s.learner or run.learner
                 total += lc.num_cpus * lc.num_ranks

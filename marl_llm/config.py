@@ -186,6 +186,9 @@ class LearnerConfig:
     # deadline (s) of each learner call (train step, scoring, each part of a weight push, a
     # checkpoint save) and timeout of every collective; null: sized from the work (marl_llm/deadlines.py)
     timeout_s: Optional[float] = None
+    # learner groups of different policies (MAGRPO's agents, MALT's roles) train at the same time;
+    # false: one policy's step waits for the others' (each group holds its activations only then)
+    concurrent: bool = False
 
     def __post_init__(self):
         check_positive("learner.num_ranks", self.num_ranks)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from marl_llm.jsonl import read_jsonl
+
 log = logging.getLogger(__name__)
 
 _EXT_BUILDER = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -97,7 +99,7 @@ def _local_splits(path: str, subset: Optional[str] = None) -> dict[str, Any]:
         raise DataError(f"env.data.path={path!r} is empty; give a file with at least one task")
     if builder == "json":
         for f in (f for fs in files.values() for f in fs if _suffix(f) == ".jsonl"):
-            _check_jsonl(f, path)
+            read_jsonl(f, f"env.data.path={path!r}", DataError)  # datasets' own error names no line
     data_files = {k: [str(f) for f in v] for k, v in files.items()}
     quiet = datasets.utils.logging.is_progress_bar_enabled()
     verbosity = datasets.utils.logging.get_verbosity()
@@ -114,22 +116,6 @@ def _local_splits(path: str, subset: Optional[str] = None) -> dict[str, Any]:
         if quiet:
             datasets.enable_progress_bars()
     return dict(dd)
-
-
-def _check_jsonl(f: Path, path: str) -> None:
-    """Every non-blank line of a .jsonl file is a JSON object (datasets' own error names no line)."""
-    with open(f, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"env.data.path={path!r}: {f.name} line {i} is not valid JSON ({e}); "
-                                "give one JSON object per line") from None
-            if not isinstance(row, dict):
-                raise DataError(f"env.data.path={path!r}: {f.name} line {i} is a {type(row).__name__}, not a "
-                                "JSON object; give one JSON object per line") from None
 
 
 def _root_cause(e: BaseException) -> str:

@@ -28,7 +28,7 @@ from typing import Optional
 
 from marl_llm.cluster import learner_gpus, rollout_gpus
 from marl_llm.config import ClusterConfig, LearnerConfig, LoraConfig, ModelConfig, RunConfig
-from marl_llm.models import TINY_DEFAULTS, base_model_key
+from marl_llm.models import TINY_DEFAULTS
 from marl_llm.policy import PolicySpec
 from marl_llm.preflight import DTYPE_BYTES, GB, LOGIT_COPIES, PreflightError, is_local_path
 
@@ -285,24 +285,26 @@ def learner_ranks(s: PolicySpec, run: RunConfig, cluster: GpuCluster) -> list[Ac
     return [Actor("learner", f"learner {s.name} rank {i}", gpus, parts, LEARNER_KNOBS) for i in range(lc.num_ranks)]
 
 
-def lora_engines(specs: list[PolicySpec], run: RunConfig) -> dict[str, list[PolicySpec]]:
-    """LoRA policies that share one engine, by base model (as `Cluster.build_policies` groups them)."""
+def engine_groups(specs: list[PolicySpec], run: RunConfig) -> dict[str, list[PolicySpec]]:
+    """The policies of each engine, as `Cluster.build_policies` groups them (`cluster.engine_key`):
+    LoRA adapters of one base and frozen copies of the same weights share one."""
+    from marl_llm.cluster import engine_key
     groups: dict[str, list[PolicySpec]] = {}
     for s in specs:
-        if s.model.lora is not None and run.rollout.backend == "vllm":
-            groups.setdefault(base_model_key(s.model), []).append(s)
+        groups.setdefault(engine_key(s, run.rollout), []).append(s)
     return groups
 
 
 def run_actors(specs: list[PolicySpec], run: RunConfig, cluster: GpuCluster, train: bool = True) -> list[Actor]:
-    """Every actor the run starts, in the order `Cluster.build_policies` creates them."""
-    groups = lora_engines(specs, run)
-    shared = {s.name for g in groups.values() for s in g}
-    actors = [a for g in groups.values()
-              for a in rollout_workers("+".join(s.name for s in g), g[0].model, run, cluster)]
+    """Every actor the run starts, in the order `Cluster.build_policies` creates them (spec
+    order; a shared engine with the first policy that uses it)."""
+    from marl_llm.cluster import engine_key
+    groups, started, actors = engine_groups(specs, run), set(), []
     for s in specs:
-        if s.name not in shared:
-            actors += rollout_workers(s.name, s.model, run, cluster)
+        key = engine_key(s, run.rollout)
+        if key not in started:
+            started.add(key)
+            actors += rollout_workers("+".join(g.name for g in groups[key]), s.model, run, cluster)
         if train and s.trainable:
             actors += learner_ranks(s, run, cluster)
     return actors

@@ -6,7 +6,7 @@ but holds tensors of its own. On every weight sync marl_llm sends the checkpoint
 only, so two layers always match: `RotaryEmbedding` (its cos/sin cache is computed, never
 loaded) and `ParallelLMHead` with tied embeddings (the shared weight arrives through the
 embedding; marl_llm then re-packs the head, `WeightUpdateExtension._marl_llm_refresh_lm_head`).
-vLLM puts their existing tensors back, and tests/test_weight_push.py shows that the pushed
+vLLM puts their existing tensors back, and tests/marl_llm/test_weight_push.py shows that the pushed
 weights are the ones served. The filter drops exactly those two lines; the same warning for
 any other layer still shows.
 """

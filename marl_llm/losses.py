@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 PG_AGGREGATIONS = ("token_sum", "token_sum_norm", "token_mean", "seq_mean_token_mean")
+OFF_POLICY_MODES = ("none", "tis", "decoupled")
 
 
 @dataclass
@@ -26,6 +27,9 @@ class LossConfig:
       seq_mean_token_mean  mean_t, then mean over samples (original GRPO)
       token_mean           mean over all tokens of all samples (DAPO)
     `clip_eps=None` drops the clipped surrogate: the gradient is then exactly A * grad log pi.
+    Off-policy correction (`off_policy`, PG only; needs the samples' behaviour log-probs, see
+    `pg_loss`): "none" (today's loss), "tis" (truncated importance sampling, weights capped at
+    `is_cap`), "decoupled" (decoupled PPO: tokens whose weight exceeds `is_cap` are masked out).
     """
 
     kind: str = "pg"
@@ -35,12 +39,20 @@ class LossConfig:
     agg: str = "token_sum_norm"
     norm_tokens: Optional[int] = None
     beta: float = 0.1
+    off_policy: str = "none"
+    is_cap: float = 2.0
 
     def __post_init__(self):
         if self.kind not in ("pg", "sft", "dpo"):
             raise ValueError(f"loss kind {self.kind!r} is not one of ['pg', 'sft', 'dpo']")
         if self.agg not in PG_AGGREGATIONS:
             raise ValueError(f"loss agg {self.agg!r} is not one of {list(PG_AGGREGATIONS)}")
+        if self.off_policy not in OFF_POLICY_MODES:
+            raise ValueError(f"loss off_policy {self.off_policy!r} is not one of {list(OFF_POLICY_MODES)}")
+        cap = self.is_cap
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap >= 1.0:
+            raise ValueError(f"loss is_cap={cap!r}: the importance-weight cap must be a number >= 1 "
+                             "(weights of on-policy tokens are 1)")
         # the aggregation only applies to PG: LossConfig(kind="sft") / ("dpo") need no norm_tokens
         if self.kind == "pg" and self.agg == "token_sum_norm" and not self.norm_tokens:
             raise ValueError("agg=token_sum_norm needs norm_tokens (e.g. the max new tokens)")
@@ -86,20 +98,58 @@ def _check_norm(name: str, n) -> None:
         raise ValueError(f"{name}={n!r}: the global normaliser must be a positive count")
 
 
+def _behaviour_weights(prox: torch.Tensor, behav_logp: torch.Tensor, mask: torch.Tensor, cfg: LossConfig,
+                       n_tok: torch.Tensor, metrics: dict[str, float]) -> torch.Tensor:
+    """Detached per-token importance weights exp(prox - behav), truncated ("tis") or masked
+    ("decoupled") above `cfg.is_cap`; 0 on padding. Adds is_weight and is_clip_frac to metrics."""
+    with torch.no_grad():
+        behav = torch.as_tensor(behav_logp, device=prox.device).to(prox.dtype)
+        if behav.shape != prox.shape:
+            raise ValueError(f"behav_logp has shape {tuple(behav.shape)}; expected {tuple(prox.shape)}")
+        # masked positions may hold garbage; keep exp() finite there
+        w = torch.exp(torch.where(mask > 0, prox - behav, torch.zeros_like(prox))) * mask
+        over = (w > cfg.is_cap) & (mask > 0)
+        metrics["is_weight"] = float(w.sum() / n_tok)
+        metrics["is_clip_frac"] = float(over.to(prox.dtype).sum() / n_tok)
+        if cfg.off_policy == "tis":
+            return torch.clamp(w, max=cfg.is_cap)
+        if cfg.off_policy == "decoupled":
+            return torch.where(over, torch.zeros_like(w), w)
+        raise ValueError(f"unknown off_policy {cfg.off_policy!r}")
+
+
 def pg_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
             old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor],
             weights: Optional[torch.Tensor], cfg: LossConfig, n_global_samples: int,
-            n_global_tokens: int) -> tuple[torch.Tensor, dict[str, float]]:
+            n_global_tokens: int, behav_logp: Optional[torch.Tensor] = None
+            ) -> tuple[torch.Tensor, dict[str, float]]:
     """Policy-gradient loss on per-token log-probs.
 
-    logp, mask, old_logp, ref_logp: [B, T] (padded positions masked out by `mask`);
+    logp, mask, old_logp, ref_logp, behav_logp: [B, T] (padded positions masked out by `mask`);
     advantages, weights: [B] (weights default to 1). old_logp=None means "on-policy": the ratio
     is exp(logp - logp.detach()) = 1 with gradient grad log pi. The per-token loss is
     -surrogate + kl_coef * k3(ref || pi), aggregated per `cfg.agg`, summed over this shard and
     divided by the global normaliser (`n_global_samples` or `n_global_tokens`).
 
+    Off-policy correction (`cfg.off_policy` != "none" and `behav_logp` given): `behav_logp` are
+    the log-probs of the policy that *generated* the tokens (the rollout engine's). Three policies
+    are involved, as in decoupled PPO: the behaviour policy (behav_logp), the proximal policy
+    (`old_logp`, by default logp.detach(): the weights at the start of this optimiser step) and
+    the policy being trained (logp). The PPO ratio r = exp(logp - prox) and its clipping are
+    unchanged; each token's surrogate is multiplied by the detached importance weight
+    w = exp(prox - behav_logp):
+      "tis"        truncated importance sampling: w <- min(w, is_cap). verl's TIS; Yao et al.
+                   2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training".
+      "decoupled"  decoupled PPO objective: tokens with w > is_cap get weight 0 (masked out of
+                   the surrogate; the normaliser is unchanged), the others keep w. Hilton et al.
+                   2022, "Batch size-invariance for policy optimization" (arXiv 2110.00641), as
+                   AReaL does it with `behav_imp_weight_cap` (arXiv 2505.24298).
+    The KL term is not weighted. With behav_logp=None or off_policy="none" the loss and its
+    gradients are exactly those without correction.
+
     Metrics (means over this shard's tokens): pg_loss, kl_loss (additive parts of the loss),
-    ratio, clip_frac, clip_low_frac, clip_high_frac, kl, adv.
+    ratio, clip_frac, clip_low_frac, clip_high_frac, kl, adv; with a correction also is_weight
+    (mean w before truncation) and is_clip_frac (share of tokens truncated or masked).
     """
     if cfg.agg == "token_mean":
         _check_norm("n_global_tokens", n_global_tokens)
@@ -127,6 +177,8 @@ def pg_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
             metrics["clip_low_frac"] = float(low.sum() / n_tok)
             metrics["clip_high_frac"] = float(high.sum() / n_tok)
             metrics["clip_frac"] = metrics["clip_low_frac"] + metrics["clip_high_frac"]
+    if behav_logp is not None and cfg.off_policy != "none":
+        surr = surr * _behaviour_weights(old.detach(), behav_logp, mask, cfg, n_tok, metrics)
     pg = _aggregate(-surr, mask, w, cfg, n_global_samples, n_global_tokens)
     loss = pg
     metrics["pg_loss"] = float(pg.detach())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
 from marl_llm.config import LearnerConfig, ModelConfig
 from marl_llm.deadlines import Deadline
@@ -92,10 +92,43 @@ class Pending:
         return out
 
 
+class TrainPending:
+    """An in-flight optimiser step; `result()` blocks and returns its metrics."""
+
+    def __init__(self, wait: Callable[[], dict[str, float]]):
+        self._wait: Optional[Callable[[], dict[str, float]]] = wait
+        self._out: Optional[dict[str, float]] = None
+
+    def result(self) -> dict[str, float]:
+        if self._wait is not None:
+            self._out, self._wait = self._wait(), None
+        return self._out
+
+
+class TrainGate:
+    """The engine's rule for the train steps of several policies (`learner.concurrent`): when
+    off, a step is dispatched only after every other policy's pending step has finished, so one
+    learner group computes at a time (memory); when on, they overlap."""
+
+    def __init__(self, concurrent: bool = False):
+        self.concurrent = concurrent
+        self._inflight: list[TrainPending] = []
+
+    def dispatch(self, start: Callable[[], Callable[[], dict[str, float]]]) -> TrainPending:
+        if not self.concurrent:
+            for p in self._inflight:
+                p.result()
+            self._inflight.clear()
+        pending = TrainPending(start())
+        if not self.concurrent:
+            self._inflight.append(pending)
+        return pending
+
+
 class Policy:
     def __init__(self, spec: PolicySpec, rollout_workers: list, learner=None, get=None,
                  adapter: Optional[str] = None, timeout_s: Optional[float] = None,
-                 worker_nodes: Optional[list[str]] = None):
+                 worker_nodes: Optional[list[str]] = None, train_gate: Optional[TrainGate] = None):
         self.spec = spec
         # LoRA policy on a shared engine: its requests name this adapter; syncs push only the adapter
         self.adapter = adapter
@@ -106,6 +139,7 @@ class Policy:
         self.deadline = Deadline("generate", "rollout.timeout_s", timeout_s)
         self.worker_nodes = worker_nodes or ["?"] * len(rollout_workers)
         self.dirty = False  # trained since the rollout workers last received weights
+        self.train_gate = train_gate or TrainGate()
 
     @property
     def trainable(self) -> bool:
@@ -129,6 +163,18 @@ class Policy:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
         return self.generate_async(requests).result()
 
+    @property
+    def engine(self) -> tuple:
+        """What identifies the engine this policy generates with: its rollout workers and adapter
+        (frozen policies with the same base weights share workers)."""
+        return tuple(id(w) for w in self.rollout_workers), self.adapter
+
+    def tokenize(self, messages: list[dict[str, str]], completion: str) -> tuple[list[int], list[int]]:
+        """(prompt ids, completion ids + EOS) of a chat prompt and its reply, templated exactly as
+        this policy's rollout workers template prompts (so SFT data matches what they generate)."""
+        ref = self.rollout_workers[0].tokenize.remote(messages, completion)
+        return tuple(self._get(ref, timeout=self.deadline.seconds()))
+
     # ---- learning ---------------------------------------------------------------------------
     def _require_learner(self, what: str):
         if self.learner is None:
@@ -137,9 +183,15 @@ class Policy:
 
     def train(self, samples: Sequence[Sample | PairSample], loss: LossConfig) -> dict[str, float]:
         """One optimiser step of `loss` over all samples (split over ranks and micro-batches)."""
-        metrics = self._require_learner("train").train_step(list(samples), loss)
+        return self.train_async(samples, loss).result()
+
+    def train_async(self, samples: Sequence[Sample | PairSample], loss: LossConfig) -> TrainPending:
+        """`train` dispatched; several policies' steps may then run at the same time (the
+        engine's `learner.concurrent` decides whether they do)."""
+        learner = self._require_learner("train")
+        pending = self.train_gate.dispatch(lambda: learner.train_step_async(list(samples), loss))
         self.dirty = True
-        return metrics
+        return pending
 
     def logprobs(self, samples: Sequence[Sample], reference: bool = False) -> list[list[float]]:
         """Per-token log-probs of each sample's completion under the current (or reference) model."""
@@ -162,3 +214,29 @@ class Policy:
             info = self.learner.push_weights(self.rollout_workers, names)
         self.dirty = False
         return info
+
+
+class AllPending:
+    """In-flight generations of several policies; `result()` returns key -> completions."""
+
+    def __init__(self, parts: list[tuple[Pending, list[tuple[Hashable, int, int]]]]):
+        self._parts = parts
+
+    def result(self) -> dict[Any, list[list[Completion]]]:
+        out: dict[Any, list[list[Completion]]] = {}
+        for pending, slices in self._parts:
+            res = pending.result()
+            for key, a, b in slices:
+                out[key] = res[a:b]
+        return out
+
+
+def generate_all(calls: Mapping[Hashable, tuple[Policy, Sequence[GenerationRequest]]]) -> AllPending:
+    """Dispatch every call at once; calls to policies sharing an engine go out as one generate
+    call (one batch, requests in the order of `calls`) and are split back per key."""
+    by_engine: dict[tuple, tuple[Policy, list[GenerationRequest], list[tuple[Hashable, int, int]]]] = {}
+    for key, (policy, requests) in calls.items():
+        first, reqs, slices = by_engine.setdefault(policy.engine, (policy, [], []))
+        slices.append((key, len(reqs), len(reqs) + len(requests)))
+        reqs.extend(requests)
+    return AllPending([(first.generate_async(reqs), slices) for first, reqs, slices in by_engine.values()])

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Optional
 
 from marl_llm.config import ConfigError, ModelConfig, RunConfig, validate
 from marl_llm.data import hub_offline
+from marl_llm.cluster import engine_key
 from marl_llm.models import base_model_key
 
 if TYPE_CHECKING:
@@ -188,10 +189,9 @@ def estimate_memory(specs: list, run: RunConfig, train: bool = True) -> dict[str
         if shape is None:
             continue
         w = shape["weights"] / GB
-        lora_engine = s.model.lora is not None and run.rollout.backend == "vllm"
-        engine_key = base_model_key(s.model) if lora_engine else s.name
-        if engine_key not in shared_engines:
-            shared_engines.add(engine_key)
+        key = engine_key(s, run.rollout)
+        if key not in shared_engines:
+            shared_engines.add(key)
             kv = run.rollout.kv_cache_gb if run.rollout.backend == "vllm" else 0.0
             out[f"engine {s.name}"] = run.rollout.num_workers * (w + kv + ENGINE_OVERHEAD_GB)
         if not (train and s.trainable):
@@ -280,13 +280,9 @@ def check_run(run: RunConfig, *, output_dir: Optional[str] = None, resume: Optio
               train: bool = True):
     """Check a validated run before the cluster starts; returns (env, algorithm) ready to use, the
     env's tasks already loaded and fitted to the models."""
-    from envs.base import make_env
-    from marl_llm.registry import ALGORITHMS
-
     if output_dir is not None:
         check_output(output_dir, run.trainer.resume if resume is None else resume)
-    env = make_env(run.env, seed=run.seed)
-    algo = ALGORITHMS.get(run.algo.name)(run.algo, env, run)
+    env, algo = check_plugins(run)
     specs = algo.policy_specs()
     for s in specs:
         check_model(s.model, "model" if s.model == run.model else f"model of policy {s.name!r}")
@@ -301,11 +297,20 @@ def check_run(run: RunConfig, *, output_dir: Optional[str] = None, resume: Optio
     return env, algo
 
 
-def policy_specs(run: RunConfig) -> list:
-    """The policies the run's algorithm builds (nothing loaded: no data, no model)."""
+def check_plugins(run: RunConfig):
+    """The run's env and algorithm, built and checked by the algorithm's `validate` hook (nothing
+    loaded: no data, no model); returns (env, algorithm)."""
     from envs.base import make_env
     from marl_llm.registry import ALGORITHMS
-    return ALGORITHMS.get(run.algo.name)(run.algo, make_env(run.env, seed=run.seed), run).policy_specs()
+    env = make_env(run.env, seed=run.seed)
+    algo = ALGORITHMS.get(run.algo.name)(run.algo, env, run)
+    algo.validate()
+    return env, algo
+
+
+def policy_specs(run: RunConfig) -> list:
+    """The policies the run's algorithm builds (nothing loaded: no data, no model)."""
+    return check_plugins(run)[1].policy_specs()
 
 
 def print_help(overrides: list[str]) -> None:

@@ -14,9 +14,9 @@ JavaScript, opens offline) and the PNG figures it shows, drawn with matplotlib's
   reward, value, correct or loss.
 - `eval.png`: `eval/<name>` per evaluation step with the interval `eval/<name>/ci_low|ci_high`
   when logged (the convention of `marl_llm.stats`), one panel per metric (a key's first segment:
-  `acc/final` and `acc/round0` share the panel `acc`); the algorithms' baselines
-  (`BASELINE_RULES`) are reference lines in the panel of the metric they compare with (dashed;
-  horizontal when constant). Cost keys (gens, tokens, latency_s) are left to the summary table.
+  `acc/final` and `acc/round0` share the panel `acc`); the algorithm's baselines (learnt from the
+  comparisons it declared: `baselines`) are reference lines in the panel of the metric they
+  compare with (dashed; horizontal when constant). Cost keys (gens, tokens, latency_s) are left to the summary table.
 - `time.png`: seconds per step stacked by phase (`time/<phase>`; "other" is `time/step` minus
   the phases); one-off phases (setup, prepare and what only happens with them) go to the caption.
 - `throughput.png`: logged `*tokens_per_s` and the learner's tokens/s derived as the step's
@@ -40,7 +40,7 @@ import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import yaml
 from matplotlib import colormaps
@@ -49,7 +49,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from marl_llm.stats import CI_HIGH, CI_LOW, CI_N, interval_from_metrics
+from marl_llm.stats import CI_HIGH, CI_LOW, CI_N, DIFF, interval_from_metrics
 
 WIDTH_IN, ROW_IN, DPI = 10.0, 3.2, 100      # every PNG is 1000 px wide, 320 px per row of panels
 MAX_PANELS = 12
@@ -61,30 +61,25 @@ PER_AGENT_METRIC = re.compile(r"(reward|value|correct|loss)$")
 LEARNER_TOKENS = "learner tokens/s"          # derived: n_tokens / time/train
 
 
-def _baseline(name: str) -> Optional[tuple[str, str]]:
-    """(the eval metric it is a baseline for, label) if `name` (after `eval/`) is an algorithm's
-    baseline, ("", "") to leave it out (an alias), None if it is not a baseline."""
-    for pattern, make in BASELINE_RULES:
-        m = re.fullmatch(pattern, name)
-        if m:
-            return make(m)
-    return None
-
-
-# The baselines the algorithms log next to their evaluation (see algorithms/*.py `evaluate`).
-BASELINE_RULES: list[tuple[str, Callable[[re.Match], tuple[str, str]]]] = [
-    # MALT: the untrained roles (`baseline=initial`); the names its comparisons use are aliases
-    # (single_mv: baseline/mv/g, the base model x chains + MV; gvr_mv: baseline/mv/gvr), as is
-    # single_acc (baseline/acc/generator) in runs from before it was dropped
-    (r"baseline/(single_mv|gvr_mv|single_acc)", lambda m: ("", "")),
-    (r"baseline/(.+)", lambda m: (m[1], f"untrained {m[1]}")),
-    # MAGRPO: baselines on the untrained weights, `<baseline>/<metric>`
-    (r"(naive|single|sequential|discussion)/(.+)", lambda m: (m[2], m[1])),
-    # MLPO: team majority vote, single agent, untrained leader (its final round)
-    (r"acc/(majority|single)", lambda m: (f"acc/{m[1]}", m[1])),
-    (r"acc/untrained_final", lambda m: ("acc/untrained", "untrained leader")),
-    (r"acc/untrained_round\d+", lambda m: ("", "")),
-]
+def baselines(keys) -> dict[str, tuple[str, str]]:
+    """Which eval metrics are baselines, learnt from the comparisons the algorithm declared
+    (`Algorithm.comparisons`, logged as `eval/diff/<a>-<b>`): b is a's baseline; when b is a under
+    a prefix (`base/reward` for `reward`), every metric under that prefix is the baseline of its
+    namesake without it (`base/correct` of `correct`). Returns name (after `eval/`) -> (the metric
+    it is a baseline for, label)."""
+    pairs = []
+    for key in keys:
+        name = key[len(f"eval/{DIFF}/"):] if key.startswith(f"eval/{DIFF}/") else None
+        if name and name.rsplit("/", 1)[-1] not in SUFFIXES and "-" in name:
+            pairs.append(tuple(name.split("-", 1)))
+    out = {b: (a, b) for a, b in pairs}
+    prefixes = {b[: -len(a) - 1] for a, b in pairs if b.endswith(f"/{a}")}
+    for key in keys:
+        name = key[len("eval/"):] if key.startswith("eval/") else ""
+        for p in prefixes:
+            if name.startswith(f"{p}/"):
+                out[name] = (name[len(p) + 1:], f"{p} {name[len(p) + 1:]}")
+    return out
 
 
 class ReportError(Exception):
@@ -412,15 +407,16 @@ def eval_groups(keys: list[str], components: set[str]) -> list[Group]:
         return "reward components" if name in components else name.split("/")[0]
 
     refs: list[tuple[str, str, str]] = []
+    known = baselines(keys)
     for key in keys:
         if not key.startswith("eval/") or key.rsplit("/", 1)[-1] in SUFFIXES or COST.search(key):
             continue
         name = key[5:]
-        base = _baseline(name)
+        base = known.get(name)
         if base is None:
             p = panel(name)
             panels.setdefault(p, Group(p, [])).lines.append((key, name.split("/", 1)[-1] if "/" in name else name))
-        elif base[0] and base[0] not in components:
+        elif base[0] not in components:
             refs.append((panel(base[0]), key, base[1]))
     for p, key, label in refs:
         panels.setdefault(p, Group(p, [])).refs.append((key, label))
@@ -440,8 +436,9 @@ def throughput_plot(runs: list[Run]) -> Optional[Plot]:
     keys = _union_keys(runs)
     lines = [(k, k) for k in keys if k == LEARNER_TOKENS or (k.endswith("tokens_per_s") and not k.startswith("eval/"))]
     ev = [(k, k[5:]) for k in keys if k.startswith("eval/") and k.endswith("tokens_per_s")]
-    ev_lines = [(k, lab) for k, lab in ev if _baseline(lab) is None]
-    ev_refs = [(k, _baseline(lab)[1] or lab) for k, lab in ev if _baseline(lab) is not None]
+    known = baselines(keys)
+    ev_lines = [(k, lab) for k, lab in ev if lab not in known]
+    ev_refs = [(k, known[lab][1]) for k, lab in ev if lab in known]
     return _panels_figure(runs, [Group("training", lines), Group("evaluation", ev_lines, ev_refs)],
                           "throughput.png", "Tokens per second",
                           f"'{LEARNER_TOKENS}': tokens trained in the step (n_tokens, summed over policies) / "

@@ -79,7 +79,7 @@ _fault_hits: dict[str, int] = {}
 def fault_point(point: str, rank: int = 0) -> None:
     """Where `$MARL_LLM_FAULT_STOP` is `<point>[@<rank>]:<n>`, the n-th call of `point` in this
     process (of rank `rank`) stops it with SIGSTOP: a hung actor, for the deadline tests
-    (tests/test_faults.py). Unset (always, outside those tests), it costs a dict lookup."""
+    (tests/marl_llm/test_faults.py). Unset (always, outside those tests), it costs a dict lookup."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return

@@ -55,10 +55,12 @@ def compose(overrides: list[str]) -> DictConfig:
 
 def precheck(overrides: list[str], output: bool = True) -> None:
     """What Hydra itself would trip on before `_main` runs, as a one-line error: the composition
-    (unknown group option or key), the values, and (`output`) the folder Hydra logs into."""
-    from marl_llm.preflight import check_output
+    (unknown group option or key), the values, the plugins' own checks (`Algorithm.validate`), and
+    (`output`) the folder Hydra logs into."""
+    from marl_llm.preflight import check_output, check_plugins
 
     run = validate(compose(overrides))
+    check_plugins(run)
     if output:
         check_output(run.trainer.output_dir, run.trainer.resume)
 

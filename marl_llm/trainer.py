@@ -21,6 +21,7 @@ from marl_llm.buffer import TrajectoryBuffer
 from marl_llm.checkpoint import CheckpointManager, TaskStream, TrainerState
 from marl_llm.cluster import Cluster
 from marl_llm.config import RunConfig
+from marl_llm.jsonl import read_jsonl, write_jsonl
 from marl_llm.metrics import MetricsLogger, PhaseTimer
 from marl_llm.preflight import check_run
 from marl_llm.stats import DIFF, comparison_lines, read_intervals
@@ -47,16 +48,6 @@ def _first_record(path: Path) -> dict[str, Any] | None:
     with open(path) as f:
         line = next((l for l in f if l.strip()), None)
     return json.loads(line) if line else None
-
-
-def _load_tasks(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-
-
-def _write_tasks(path: Path, tasks: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(t) + "\n" for t in tasks))
-    tmp.replace(path)
 
 
 class Trainer:
@@ -139,11 +130,11 @@ class Trainer:
             # ---- data: the algorithm's one-off preparation is stored so resume reuses it
             tasks_path = out / "train_tasks.jsonl"
             if ckpt is not None and tasks_path.exists():
-                tasks = _load_tasks(tasks_path)
+                tasks = read_jsonl(tasks_path, "the stored training tasks")
             else:
                 with self.timer("prepare"):
                     tasks = algo.prepare(env.train_tasks())
-                _write_tasks(tasks_path, tasks)
+                write_jsonl(tasks_path, tasks)
             stream = TaskStream(tasks, run.trainer.batch_size, run.seed)
             if state.data:
                 stream.load_state_dict(state.data)

@@ -102,16 +102,18 @@ class Episode:
 class Sample:
     """What a learner consumes for policy-gradient or SFT losses.
 
-    `advantage` drives PG losses; SFT ignores it. `old_logprobs` (per completion token) make the
-    PG ratio exact when several optimiser steps reuse one batch; `ref_logprobs` feed the KL term.
+    `advantage` drives PG losses; SFT ignores it; `weight` scales the sample's loss. Reference
+    log-probs (KL, DPO) are scored by the learner inside the step, never carried here.
+    `behavior_logprobs` (one per completion token) are the log-probs of the policy that generated
+    the sample (the rollout engine's, `Turn.logprobs`): the PG loss's off-policy correction
+    (`LossConfig.off_policy`) weights tokens by exp(logp_proximal - behavior_logprobs).
     """
 
     prompt_ids: list[int]
     completion_ids: list[int]
     advantage: float = 0.0
     weight: float = 1.0
-    old_logprobs: list[float] | None = None
-    ref_logprobs: list[float] | None = None
+    behavior_logprobs: list[float] | None = None
 
     def __post_init__(self):
         if not self.completion_ids:
@@ -120,13 +122,11 @@ class Sample:
 
 @dataclass
 class PairSample:
-    """A DPO preference pair under one prompt, with the reference model's sequence log-probs."""
+    """A DPO preference pair under one prompt (the learner scores the reference model itself)."""
 
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
-    ref_chosen_logp: float | None = None
-    ref_rejected_logp: float | None = None
 
     def __post_init__(self):
         if not self.chosen_ids or not self.rejected_ids:

@@ -6,6 +6,10 @@ project's command line in a subprocess (`python -m marl_llm.train`, ...) is mark
 `ray_session` fixture are marked here; everything else is marked in its file (`pytestmark =
 pytest.mark.engine` for a file of engine tests). A test NOT marked `engine` that starts one anyway
 fails (`_UnitGuard`), so the unit tier cannot slowly fill up with engines.
+
+The folders mirror the package: tests/algorithms, tests/envs, tests/marl_llm (the engine and the
+framework), tests/examples, tests/bench; `helpers.py` (fakes shared by the algorithm tests) and
+`data/` (small dataset files) sit here.
 """
 import os
 
@@ -23,6 +27,8 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from helpers import ...` in every folder
 
 ENGINE_FIXTURES = ("ray_session",)  # fixtures that start an engine: a test using one is an engine test
 HOW_TO_MARK = "mark it @pytest.mark.engine (or `pytestmark = pytest.mark.engine` for a file of engine tests)"

@@ -38,6 +38,11 @@ class FakePolicy:
         self.calls: list[list[GenerationRequest]] = []
         self.events: list[tuple[Any, ...]] = []
 
+    @property
+    def engine(self):
+        """One fake under several policy names stands for one shared engine."""
+        return id(self)
+
     def generate_async(self, requests):
         requests = list(requests)
         self.calls.append(requests)
@@ -56,6 +61,9 @@ class FakePolicy:
 
     def generate(self, requests):
         return self.generate_async(requests).result()
+
+    def train_async(self, samples, loss):
+        return Done(self.train(samples, loss))
 
     def train(self, samples, loss):
         if not self.trainable:

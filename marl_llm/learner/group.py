@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from marl_llm.config import LearnerConfig, ModelConfig
 from marl_llm.deadlines import COLLECTIVE_GRACE_S, SAVE_S, START_S, Deadline, collective_seconds
@@ -231,12 +231,21 @@ class LearnerGroup:
         return self._get_all(refs, what, timeout=timeout, deadline=deadline)
 
     def _timed(self, phase: str, tokens: int, method: str, args: list[tuple]):
-        """A call sized by the tokens it puts through the model; its rate feeds the next deadline."""
+        return self._timed_async(phase, tokens, method, args)()
+
+    def _timed_async(self, phase: str, tokens: int, method: str, args: list[tuple]) -> Callable[[], list]:
+        """Dispatch a call sized by the tokens it puts through the model; returns a function that
+        waits for it (its deadline counts from the dispatch) and feeds its rate to the next deadline."""
         deadline = self.deadlines[phase]
         t0 = time.time()
-        out = self._run(phase, method, args, timeout=self._call_s(deadline.seconds(tokens)), deadline=deadline)
-        deadline.observe(tokens, time.time() - t0)
-        return out
+        limit = self._call_s(deadline.seconds(tokens))
+        refs = [getattr(a, method).remote(*args[i]) for i, a in enumerate(self.actors)]
+
+        def wait() -> list:
+            out = self._get_all(refs, phase, timeout=max(0.0, t0 + limit - time.time()), deadline=deadline)
+            deadline.observe(tokens, time.time() - t0)
+            return out
+        return wait
 
     def _call_s(self, seconds: float) -> float:
         """With several ranks the driver outwaits the ranks' own collective timeout, so a rank left
@@ -259,6 +268,10 @@ class LearnerGroup:
     # ---- training and scoring -------------------------------------------------------------------
     def train_step(self, samples: Sequence[Sample | PairSample], loss: LossConfig) -> dict[str, float]:
         """One optimiser step of `loss` over all `samples`, data-parallel over the ranks."""
+        return self.train_step_async(samples, loss)()
+
+    def train_step_async(self, samples: Sequence[Sample | PairSample], loss: LossConfig) -> Callable[[], dict]:
+        """`train_step` dispatched: returns a function that waits for its metrics."""
         samples = list(samples)
         if not samples:
             raise ValueError(f"learner group {self.policy_name!r}: train_step got no samples")
@@ -274,10 +287,14 @@ class LearnerGroup:
         n_micro = self._micro_count(shards)
         args = [([samples[i] for i in sh], loss, n_samples, n_tokens, n_micro) for sh in shards]
         t0 = time.time()
-        out = _combine(self._timed("train_step", sum(_model_tokens(samples[i]) for i in range(len(samples))),
-                                   "train_step", args))
-        out.update(n_samples=n_samples, n_trained=len(samples), n_tokens=n_tokens, step_s=time.time() - t0)
-        return out
+        wait = self._timed_async("train_step", sum(_model_tokens(samples[i]) for i in range(len(samples))),
+                                 "train_step", args)
+
+        def result() -> dict[str, float]:
+            out = _combine(wait())
+            out.update(n_samples=n_samples, n_trained=len(samples), n_tokens=n_tokens, step_s=time.time() - t0)
+            return out
+        return result
 
     def logprobs(self, samples: Sequence[Sample], reference: bool = False) -> list[list[float]]:
         """Per completion token log-probs (fp32) of every sample, in the input order."""

@@ -87,13 +87,16 @@ def pack(seqs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int):
     return ids, attn, start, targets, mask, cols
 
 
-def scatter_tokens(values: Sequence[Optional[Sequence[float]]], cols: list[int], shape) -> "Any":
-    """Per-completion-token lists placed into the [B, T] layout of `pack` (zeros elsewhere)."""
+def scatter_tokens(values: Sequence[Sequence[float]], cols: Sequence[int], shape) -> "Any":
+    """Per-completion-token lists placed into the [B, T] layout of `forward_logp` / `pack`: row
+    b's values start at column cols[b]; zeros elsewhere (padding, which the loss masks out)."""
     import torch
 
-    out = torch.zeros(shape, dtype=torch.float32)
+    out = torch.zeros(tuple(shape), dtype=torch.float32)
     for b, (v, col) in enumerate(zip(values, cols)):
-        out[b, col: col + len(v)] = torch.tensor(v, dtype=torch.float32)
+        if col < 0 or col + len(v) > out.shape[1]:
+            raise ValueError(f"row {b}: {len(v)} values at column {col} do not fit in {out.shape[1]} columns")
+        out[b, col: col + len(v)] = torch.tensor(list(v), dtype=torch.float32)
     return out
 
 
@@ -233,15 +236,20 @@ def validate_samples(samples: Sequence, loss_cfg: LossConfig) -> None:
             raise ValueError(f"sample {i} has no prompt tokens (give at least a BOS token)")
     if loss_cfg.kind != "pg":
         return
-    has_old = [s.old_logprobs is not None for s in samples]
-    if any(has_old) and not all(has_old):
-        raise ValueError("some samples carry old_logprobs and some do not; give all or none")
+    has_behav = [s.behavior_logprobs is not None for s in samples]
+    if any(has_behav) and not all(has_behav):
+        i, j = has_behav.index(False), has_behav.index(True)
+        raise ValueError(f"sample {i} has no behavior_logprobs but sample {j} has: give them for all "
+                         "samples of a batch or none")
     for i, s in enumerate(samples):
-        for name in ("old_logprobs", "ref_logprobs"):
-            v = getattr(s, name)
-            if v is not None and len(v) != len(s.completion_ids):
-                raise ValueError(f"sample {i}: {name} has {len(v)} entries for "
-                                 f"{len(s.completion_ids)} completion tokens")
+        v = s.behavior_logprobs
+        if v is None:
+            continue
+        if len(v) != len(s.completion_ids):
+            raise ValueError(f"sample {i}: behavior_logprobs has {len(v)} entries for "
+                             f"{len(s.completion_ids)} completion tokens")
+        if any(x != x for x in v):
+            raise ValueError(f"sample {i}: behavior_logprobs contains NaN")
 
 
 class _Metrics:
@@ -480,9 +488,8 @@ class LearnerWorker:
         kind = loss_cfg.kind
         validate_samples(samples_shard, loss_cfg)
         local = micro_batches(samples_shard, max(1, self.cfg.micro_batch_size), self.cfg.micro_batch_tokens)
-        need_ref_local = self._needs_reference(samples_shard, loss_cfg)
-        n_micro, need_ref = self._agree(max(n_micro, len(local)), need_ref_local)
-        ref = self._reference_module() if need_ref else None
+        (n_micro,) = self._agree(max(n_micro, len(local)))
+        ref = self._reference_module() if self._needs_reference(loss_cfg) else None
         self.engine.train()
         metrics = _Metrics()
         with runtime.compute_phase(self.cfg.threads) as threads:
@@ -517,12 +524,10 @@ class LearnerWorker:
         return out
 
     @staticmethod
-    def _needs_reference(samples, loss_cfg: LossConfig) -> bool:
-        if loss_cfg.kind == "dpo":
-            return any(s.ref_chosen_logp is None or s.ref_rejected_logp is None for s in samples)
-        if loss_cfg.kind == "pg" and loss_cfg.kl_coef:
-            return any(s.ref_logprobs is None for s in samples)
-        return False
+    def _needs_reference(loss_cfg: LossConfig) -> bool:
+        """The reference model is scored here, in the step, for DPO and for a KL term: the one
+        place reference log-probs come from."""
+        return loss_cfg.kind == "dpo" or (loss_cfg.kind == "pg" and bool(loss_cfg.kl_coef))
 
     def _pg_micro(self, batch: list[Sample], loss_cfg: LossConfig, ref, n_samples: int, n_tokens: int):
         import torch
@@ -536,15 +541,12 @@ class LearnerWorker:
             w = torch.tensor([s.weight for s in batch], dtype=torch.float32, device=self.device)
             loss, m = sft_loss(logp, mask, n_tokens, w)
             return loss, m, float(mask.sum())
-        old = None
-        if batch[0].old_logprobs is not None:  # all or none: validate_samples checked
-            old = scatter_tokens([s.old_logprobs for s in batch], cols, logp.shape).to(self.device)
-        if loss_cfg.kl_coef and all(s.ref_logprobs is not None for s in batch):
-            ref_logp = scatter_tokens([s.ref_logprobs for s in batch], cols, logp.shape).to(self.device)
         adv = torch.tensor([s.advantage for s in batch], dtype=torch.float32, device=self.device)
         w = torch.tensor([s.weight for s in batch], dtype=torch.float32, device=self.device)
-        loss, m = pg_loss(logp, mask, adv, old, ref_logp if loss_cfg.kl_coef else None, w, loss_cfg,
-                          n_samples, n_tokens)
+        behav = None
+        if loss_cfg.off_policy != "none" and batch[0].behavior_logprobs is not None:  # all or none
+            behav = scatter_tokens([s.behavior_logprobs for s in batch], cols, logp.shape).to(self.device)
+        loss, m = pg_loss(logp, mask, adv, None, ref_logp, w, loss_cfg, n_samples, n_tokens, behav_logp=behav)
         return loss, m, float(mask.sum())
 
     def _dpo_micro(self, batch: list[PairSample], loss_cfg: LossConfig, ref, n_pairs: int):
@@ -552,16 +554,9 @@ class LearnerWorker:
 
         seqs = [(p.prompt_ids, p.chosen_ids) for p in batch] + [(p.prompt_ids, p.rejected_ids) for p in batch]
         P = len(batch)
-        if ref is not None:
-            rlogp, rmask, _ = self._forward_logp(ref, seqs, grad=False)
-            rsum = (rlogp * rmask).sum(-1)
-            rc = torch.tensor([p.ref_chosen_logp if p.ref_chosen_logp is not None else float(rsum[i])
-                               for i, p in enumerate(batch)], dtype=torch.float32, device=self.device)
-            rr = torch.tensor([p.ref_rejected_logp if p.ref_rejected_logp is not None else float(rsum[P + i])
-                               for i, p in enumerate(batch)], dtype=torch.float32, device=self.device)
-        else:
-            rc = torch.tensor([p.ref_chosen_logp for p in batch], dtype=torch.float32, device=self.device)
-            rr = torch.tensor([p.ref_rejected_logp for p in batch], dtype=torch.float32, device=self.device)
+        rlogp, rmask, _ = self._forward_logp(ref, seqs, grad=False)
+        rsum = (rlogp * rmask).sum(-1).float()
+        rc, rr = rsum[:P], rsum[P:]
         logp, mask, _ = self._forward_logp(self.engine, seqs, grad=True)
         seq = (logp * mask).sum(-1)
         loss, m = dpo_loss(seq[:P], seq[P:], rc, rr, loss_cfg.beta, n_pairs)

@@ -90,6 +90,15 @@ class RolloutWorker:
         with runtime.compute_phase(self.rollout_cfg.threads):
             return self.backend.generate(reqs, adapter=adapter if self.adapter_versions.get(adapter) else None)
 
+    def tokenize(self, messages: list[dict[str, str]], completion: str) -> tuple[list[int], list[int]]:
+        """A chat prompt's ids exactly as `generate` templates it, and a completion's ids + EOS
+        (a model trained on it learns to stop after it)."""
+        prompt_ids = prompt_ids_of(self.tokenizer, GenerationRequest(messages=messages))
+        completion_ids = list(self.tokenizer(completion, add_special_tokens=False)["input_ids"])
+        if self.tokenizer.eos_token_id is not None:
+            completion_ids.append(int(self.tokenizer.eos_token_id))
+        return prompt_ids, completion_ids
+
     # ---- LoRA adapters (shared engine) -----------------------------------------------------
     def load_adapter(self, name: str, tensors: dict, lora: LoraConfig) -> int:
         """Write a pushed adapter as a peft folder and serve it as `name` (the old one is dropped)."""
