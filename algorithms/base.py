@@ -252,8 +252,12 @@ class Algorithm:
         `rollout.max_new_tokens` for `token_sum_norm`)."""
         if not isinstance(self.cfg, PGConfig):
             raise NotImplementedError(f"{type(self).__name__}: Config is not a PGConfig; define its own loss")
+        trainer = self.run.trainer
         return LossConfig(kind="pg", clip_eps=self.cfg.clip_eps, kl_coef=self.cfg.kl_coef, agg=self.cfg.loss_agg,
-                          norm_tokens=self.run.rollout.max_new_tokens)
+                          norm_tokens=self.run.rollout.max_new_tokens,
+                          # samples of older weights (trainer.max_staleness >= 1) are reweighted
+                          off_policy=trainer.off_policy if trainer.max_staleness > 0 else "none",
+                          is_cap=trainer.is_cap, behavior_temperature=self.run.rollout.temperature)
 
 
 def seed_for(*parts: Any) -> int:
@@ -325,7 +329,7 @@ def group_samples(episodes: Iterable[Episode], std_normalize: bool = False) -> l
     for eps in group_episodes(episodes).values():
         for ep, a in zip(eps, group_advantages([e.reward for e in eps], std_normalize=std_normalize)):
             t = ep.turns[0]
-            samples.append(Sample(t.prompt_ids, t.completion_ids, advantage=a))
+            samples.append(Sample(t.prompt_ids, t.completion_ids, advantage=a, behavior_logprobs=t.logprobs or None))
     return samples
 
 

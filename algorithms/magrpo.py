@@ -205,7 +205,7 @@ class MAGRPO(Algorithm):
                     per_response.setdefault(t.id, (t, []))[1].append(adv)
                 for t, adv_list in per_response.values():
                     samples[agent].append(Sample(t.prompt_ids, t.completion_ids, advantage=mean(adv_list),
-                                                 weight=weight))
+                                                 weight=weight, behavior_logprobs=t.logprobs or None))
         return samples
 
     def update(self, episodes, step):

@@ -4,7 +4,9 @@ Every section compares against a baseline measured in the same run and reports r
 machines are shared and noisy; absolute seconds are informative only):
   vs_trl   one GRPO step of marl_llm (defaults: vLLM rollout, ZeRO-3 learner) vs TRL's
            GRPOTrainer with identical settings on the same tasks in the same order (TRL at each
-           thread count up to the machine's cores; the best one is the baseline)
+           thread count up to the machine's cores, and with its vLLM generation in colocate mode, or
+           a row saying why that cannot run; the best one is the baseline), and marl_llm at TRL's
+           work (the zero-advantage skip off)
   vs_vllm  raw `vllm.LLM` with the rollout worker's engine arguments vs the rollout worker as
            training uses it (a Ray actor behind Policy.generate): tokens/s on the same prompts
   learner  training tokens/s and model FLOP/s of the learner vs the machine's GEMM ceiling
@@ -19,6 +21,9 @@ machines are shared and noisy; absolute seconds are informative only):
   lora     a LoRA policy on a shared vLLM engine vs a full-weight policy: weight-sync seconds and
            bytes per step (adapter only vs the whole model), and generation tokens/s through an
            adapter vs the plain model
+  async    steps per second of the overlapped loop (trainer.max_staleness=K: the next rollout runs
+           while the learners train) vs today's synchronous loop, colocated and split placement,
+           GRPO and 2-agent MAGRPO
 """
 from __future__ import annotations
 
@@ -138,11 +143,20 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def _marl_run(overrides: list[str], steps: int, out: str) -> list[dict]:
-    """A `marl_llm.train` run without evaluation or checkpoints; its metrics.jsonl records."""
+# `marl_llm.train` with the learner's zero-advantage skip off (every sample computed, as TRL does):
+# `marl_llm.learner.group.gradient_carrying` has no config switch (the update is the same either
+# way, tests/marl_llm/test_learner.py), so the bench replaces it for that run only
+TRAIN_EVERY_SAMPLE = ("import marl_llm.learner.group as g; g.gradient_carrying = lambda samples, loss: list(samples); "
+                      "from marl_llm.train import main; main()")
+
+
+def _marl_run(overrides: list[str], steps: int, out: str, every_sample: bool = False) -> list[dict]:
+    """A `marl_llm.train` run without evaluation or checkpoints; its metrics.jsonl records.
+    `every_sample`: the learner computes the zero-advantage samples too (TRAIN_EVERY_SAMPLE)."""
     overrides = [*overrides, f"trainer.steps={steps}", "trainer.save_every=0", "trainer.eval_every=0",
                  "trainer.progress=false", "trainer.report=false", f"trainer.output_dir={out}"]
-    subprocess.run([sys.executable, "-m", "marl_llm.train", *overrides], check=True,
+    cmd = ["-c", TRAIN_EVERY_SAMPLE] if every_sample else ["-m", "marl_llm.train"]
+    subprocess.run([sys.executable, *cmd, *overrides], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=3600)
     return [json.loads(l) for l in Path(out, "metrics.jsonl").read_text().splitlines()]
 
@@ -160,37 +174,68 @@ def _tasks_by_step(run_dir: str) -> list[list[dict]]:
     return [list(steps[k].values()) for k in sorted(steps)]
 
 
+def _trl_run(spec: str, threads: int, out: str, vllm: bool) -> dict:
+    """bench.trl_step in a child process. With `vllm` (TRL's vLLM generation, colocate mode) a
+    failure is a result, {"error": the exception's first line}: the bench prints it as a row."""
+    cmd = [sys.executable, "-m", "bench.trl_step", "--spec", spec, "--threads", str(threads), "--out", out]
+    if not vllm:
+        subprocess.run(cmd, check=True, timeout=3600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return json.loads(Path(out).read_text())
+    try:
+        r = subprocess.run([*cmd, "--vllm"], timeout=3600, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, errors="replace")
+    except subprocess.TimeoutExpired as e:
+        return {"threads": threads, "vllm": True, "error": f"no result after {e.timeout:.0f} s"}
+    if Path(out).exists():
+        return json.loads(Path(out).read_text())
+    last = [l.strip() for l in r.stderr.splitlines() if l.strip()]  # died without a result (a signal, abort)
+    return {"threads": threads, "vllm": True,
+            "error": f"exit status {r.returncode}: {last[-1] if last else '(no output)'}"}
+
+
 def bench_vs_trl(quick: bool) -> None:
     model, steps = ("tiny", 2) if quick else ("smollm2-135m", 3)
-    threads = sorted({1, runtime.cpu_cores()})
+    cores = runtime.cpu_cores()
+    threads = sorted({1, cores})
     with tempfile.TemporaryDirectory() as tmp:
         recs = _marl_run(GRPO_SETTINGS + [f"model={model}"], steps, os.path.join(tmp, "marl"))[1:]  # 1: warm-up
         spec = {"overrides": GRPO_SETTINGS + [f"model={model}"], "role": "single", "group_size": 4,
                 "clip_eps": 0.2, "steps": _tasks_by_step(os.path.join(tmp, "marl"))}
         Path(tmp, "spec.json").write_text(json.dumps(spec))
-        trl = []
-        for n in threads:
-            out = os.path.join(tmp, f"trl{n}.json")
-            subprocess.run([sys.executable, "-m", "bench.trl_step", "--spec", os.path.join(tmp, "spec.json"),
-                            "--threads", str(n), "--out", out], check=True, timeout=3600,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            trl.append(json.loads(Path(out).read_text()))
+        # marl_llm at TRL's work: the same run with every sample computed
+        every = _marl_run(GRPO_SETTINGS + [f"model={model}"], steps, os.path.join(tmp, "every"), every_sample=True)[1:]
+        same_tasks = _tasks_by_step(os.path.join(tmp, "every")) == spec["steps"]
+        # TRL with model.generate at each thread count, and with its vLLM generation (colocate) at all cores
+        trl = [_trl_run(os.path.join(tmp, "spec.json"), n, os.path.join(tmp, f"trl{n}{'v' if v else ''}.json"), v)
+               for n, v in [*((n, False) for n in threads), (cores, True)]]
+    batch = len(spec["steps"][0]) * spec["group_size"]
+    ran = [t for t in trl if not t.get("error")]
+    for t in ran:  # TRL's step 1 holds its warm-up too; with vLLM its weight push runs inside generation
+        sync = _mean(t["sync"][1:]) if t.get("sync") else 0.0
+        t.update(gen=_mean(t["generate"][1:]) - sync, sync_s=sync, stepm=_mean(t["step"][1:]),
+                 tok=_mean(t["tokens"][1:]))
+    best = min(ran, key=lambda t: t["stepm"])
     rows = []
-    m = _phase_means(recs)
-    m_tokens = _mean([r["tokens/completion_mean"] * 16 for r in recs])
-    for t in trl:  # TRL's step 1 holds its warm-up too
-        gen, step = _mean(t["generate"][1:]), _mean(t["step"][1:])
-        t.update(gen=gen, stepm=step, tok=_mean(t["tokens"][1:]))
-    best = min(trl, key=lambda t: t["stepm"])
     for t in trl:
-        rows.append([f"TRL GRPOTrainer, {t['threads']} thread(s)" + (" (best)" if t is best else ""),
-                     t["gen"], t["stepm"] - t["gen"], 0.0, t["stepm"], t["tok"], best["stepm"] / t["stepm"]])
-    rows.append(["marl_llm (vLLM rollout, ZeRO-3 learner)", m["generate"], m["train"] + m["reward"], m["sync"],
-                 m["step"], m_tokens, best["stepm"] / m["step"]])
+        name = f"TRL GRPOTrainer{' + vLLM colocate' if t.get('vllm') else ''}, {t['threads']} thread(s)"
+        if t.get("error"):
+            rows.append([f"{name}: cannot run here: {t['error']}"] + ["-"] * 7)
+            continue
+        rows.append([name + (" (best)" if t is best else ""), t["gen"], t["stepm"] - t["gen"] - t["sync_s"],
+                     t["sync_s"], t["stepm"], t["tok"], float(batch), best["stepm"] / t["stepm"]])
+    skip_off = "marl_llm, zero-advantage skip off (TRL's work)" + ("" if same_tasks else "; other tasks!")
+    for name, rs in (("marl_llm (vLLM rollout, ZeRO-3 learner)", recs), (skip_off, every)):
+        m = _phase_means(rs)
+        rows.append([name, m["generate"], m["train"] + m["reward"], m["sync"], m["step"],
+                     _mean([r["tokens/completion_mean"] * batch for r in rs]), _mean([r["n_trained"] for r in rs]),
+                     best["stepm"] / m["step"]])
     table(f"vs_trl: one GRPO step on env=math, {model}, 4 tasks x G=4 x 64 new tokens, same tasks in the same "
-          f"order, mean of steps 2..{steps} (seconds; baseline: TRL at its best thread count, "
-          f"{best['threads']}; {runtime.cpu_cores()} cores)",
-          ["run", "generate", "train", "sync", "step", "tokens", "x_vs_trl_best"], rows)
+          f"order, mean of steps 2..{steps} (seconds; tokens: completion tokens generated; trained: samples the "
+          f"learner computed, of {batch}: marl_llm skips those with advantage 0, which change nothing "
+          f"(learner/group.py gradient_carrying), TRL computes all, so the skip-off row is the ratio at equal work; "
+          f"baseline: TRL at its best, {best['threads']} thread(s){' with vLLM' if best.get('vllm') else ''}; "
+          f"{cores} cores)",
+          ["run", "generate", "train", "sync", "step", "tokens", "trained", "x_vs_trl_best"], rows)
 
 
 # ---- MAGRPO vs GRPO ----------------------------------------------------------------------------
@@ -295,7 +340,41 @@ def bench_learner(quick: bool) -> None:
            "x_vs_default"], rows)
 
 
-SECTIONS = {"vs_trl": bench_vs_trl, "vs_vllm": bench_vs_vllm, "cores": bench_cores, "learner": bench_learner,
+# ---- async: rollout overlapped with training ------------------------------------------------------
+def _steps_per_s(recs: list[dict]) -> float:
+    """Steps per second between the first step's end and the last's (the first holds the warm-up)."""
+    return (len(recs) - 1) / (recs[-1]["time/wall"] - recs[0]["time/wall"])
+
+
+def bench_async(quick: bool) -> None:
+    """GRPO at the bench's settings and the 2-agent MAGRPO step: steps/s of the synchronous loop
+    (today, colocated) vs split placement (rollout and learners on disjoint cores) and the
+    overlapped loop at staleness bounds 1 and 2. Baseline: colocated sync of the same algorithm."""
+    model, steps = ("tiny", 4) if quick else ("smollm2-135m", 6)
+    grpo = GRPO_SETTINGS + [f"model={model}", "algo.eval_baselines=[]"]
+    magrpo = [f"model={model}", "algo=magrpo", "env=writing", "env.data.path=examples/data/tldr_posts.jsonl",
+              "trainer.batch_size=4", "algo.group_size=4", "rollout.max_new_tokens=64", "learner.micro_batch_size=4",
+              "algo.eval_baselines=[]"]
+    runs = [("grpo", "colocated", 0, grpo), ("grpo", "split", 0, grpo), ("grpo", "split", 1, grpo),
+            ("grpo", "split", 2, grpo), ("grpo", "colocated", 1, grpo),
+            ("magrpo", "colocated", 0, magrpo), ("magrpo", "colocated", 1, magrpo), ("magrpo", "split", 1, magrpo)]
+    rows, base = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (algo, placement, k, overrides) in enumerate(runs):
+            recs = _marl_run([*overrides, f"cluster.placement={placement}", f"trainer.max_staleness={k}"], steps,
+                             os.path.join(tmp, str(i)))
+            rate = _steps_per_s(recs)
+            base.setdefault(algo, rate)
+            lag = max(r.get(f"staleness/{p}/max", 0.0) for r in recs for p in ("policy", "agent1", "agent2"))
+            rows.append([f"{algo}, {placement}, " + ("sync" if k == 0 else f"async K={k}"), rate,
+                         _mean([r["time/generate"] for r in recs[1:]]), _mean([r["time/train"] for r in recs[1:]]),
+                         lag, rate / base[algo]])
+    table(f"async: steps/s over steps 2..{steps} ({model}; GRPO on env=math 4 tasks x G=4 x 64 tokens; MAGRPO on "
+          f"env=writing, 2 agents; {runtime.cpu_cores()} cores; baseline: the algorithm's colocated sync loop)",
+          ["run", "steps_per_s", "generate_s", "train_s", "max_lag", "x_vs_colocated_sync"], rows)
+
+
+SECTIONS = {"async": bench_async, "vs_trl": bench_vs_trl, "vs_vllm": bench_vs_vllm, "cores": bench_cores, "learner": bench_learner,
             "magrpo": bench_magrpo, "rollout": bench_rollout, "grpo": bench_grpo, "sandbox": bench_sandbox, "lora": bench_lora}
 
 

@@ -4,8 +4,7 @@ extraction, a correctness reward with an optional format component, and majority
 
 An answer env knows tasks, not protocols: it has one role, ``single`` (solve alone; with
 ``feedback`` and ``previous``: a multi-turn revision of the agent's own previous output).
-Multi-agent protocols (MLPO's leader and team, MALT's verifier and refiner) write their own prompts
-from the hooks `question_text`, `instruction` and `messages` (`Algorithm.answer_prompt`).
+Multi-agent protocols write their own role prompts (in their algorithm files) from the hooks `question_text`, `instruction` and `messages` (`Algorithm.answer_prompt`).
 
 `reward(task, outputs)` scores the one answer in `outputs` (the protocol passes its final answer).
 Components: ``correct`` (0/1) and ``format`` (0/1: exactly one non-empty ``<answer>...</answer>``
@@ -228,8 +227,8 @@ class AnswerEnv(Env):
         """An answer ends at ``</answer>`` when the answer instruction asks for that block
         (`env.stop_at_answer`, default on). Small models answer and then ramble on into new
         numbers until the length cap: the ramble costs generation and training time, and what it
-        adds can only confuse the answer. (A protocol's non-answering role, e.g. a critique that
-        quotes solutions, passes its own stop strings.)"""
+        adds can only confuse the answer. (A protocol's non-answering role, e.g. one that quotes
+        solutions, passes its own stop strings.)"""
         if self.cfg.stop_at_answer and "</answer>" in self.cfg.answer_instruction:
             return ["</answer>"]
         return []
@@ -269,7 +268,7 @@ class AnswerEnv(Env):
         return self.answers_equal(self.extract_answer(text or ""), self.gold(task))
 
     def score(self, task, text: str) -> Reward:
-        """The reward of one output text (e.g. a team answer or a MALT leaf)."""
+        """The reward of one output text (any role's final answer)."""
         pred = self.extract_answer(text or "")
         correct = float(self.answers_equal(pred, self.gold(task)))
         fmt = float(well_formed_answer(text or ""))

@@ -51,6 +51,7 @@ class Cluster:
     def __init__(self, cfg: ClusterConfig):
         self.cfg = cfg
         self._started_here = False
+        self.side_env: dict[str, dict[str, str]] = {"rollout": {}, "learner": {}}  # cluster.placement=split
 
     def start(self, cpus_needed: float = 0, engine_log: Optional[Path] = None) -> "Cluster":
         """Start or join Ray. With `engine_log` (and without --verbose) every actor's own output
@@ -61,6 +62,10 @@ class Cluster:
         import ray
 
         self.ray = ray
+        if self.cfg.placement == "split" and not runtime.has_gpu():
+            self.side_env = {side: runtime.split_env(side) for side in self.side_env}
+            log.info("cluster.placement=split: rollout workers on cores %s, learner ranks on cores %s",
+                     self.side_env["rollout"][runtime.CPUS_ENV], self.side_env["learner"][runtime.CPUS_ENV])
         if ray.is_initialized():
             return self
         runtime_env: dict[str, Any] = {"env_vars": runtime.actor_env()}
@@ -119,7 +124,7 @@ class Cluster:
             if s.trainable:
                 from marl_llm.learner.group import LearnerGroup
                 learner = LearnerGroup(s.name, resolve_model(s.model), s.model, s.learner or run.learner,
-                                       run.seed, s.reference, runtime.actor_env())
+                                       run.seed, s.reference, {**runtime.actor_env(), **self.side_env["learner"]})
             infos = self._ready(workers, s.name)
             log.info("policy %r: %d rollout worker(s) [%s%s] on nodes %s, %s", s.name, len(workers),
                      infos[0].get("engine", "?") if infos else "-",
@@ -128,6 +133,9 @@ class Cluster:
             policies[s.name] = Policy(s, workers, learner, get=self.get, adapter=adapter,
                                       timeout_s=run.rollout.timeout_s, worker_nodes=[i.get("node", "?") for i in infos],
                                       train_gate=gate)
+            if infos:  # a resumed LoRA adapter is already at version 1 on its engine
+                policies[s.name].version = (infos[0].get("adapter_versions", {}).get(adapter, 0) if adapter
+                                            else infos[0].get("weight_version", 0))
         return policies
 
     def _engine(self, group: list[PolicySpec], run: RunConfig,
@@ -168,7 +176,7 @@ class Cluster:
 
         actor = self.ray.remote(RolloutWorker).options(
             num_cpus=run.rollout.num_cpus, num_gpus=rollout_gpus(run.rollout, self.ray.cluster_resources()),
-            resources=run.rollout.resources, runtime_env={"env_vars": runtime.actor_env()})
+            resources=run.rollout.resources, runtime_env={"env_vars": {**runtime.actor_env(), **self.side_env["rollout"]}})
         return [actor.remote(init_path or resolve_model(spec.model), spec.model, run.rollout, run.seed + i,
                              name or spec.name, lora) for i in range(run.rollout.num_workers)]
 

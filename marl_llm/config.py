@@ -215,6 +215,10 @@ class ClusterConfig:
     num_cpus: Optional[int] = None
     address: Optional[str] = None  # cluster=ray: auto (under ray job submit), HEAD:6379 or ray://HEAD:10001
     namespace: str = "marl_llm"  # Ray namespace of the run's actors
+    # colocated: rollout workers and learners share the machine's cores (each phase takes its share);
+    # split: disjoint cores (CPU: half each, pinned) as on a cluster with separate rollout and training
+    # devices; on GPUs actors always get whole devices of their own unless num_gpus is a fraction
+    placement: str = "colocated"
     # the GPU cluster the run targets, for its GPU plan (python -m marl_llm.preflight, docs/GPU.md)
     num_nodes: int = 1  # nodes of the target cluster, each with cluster.gpus_per_node GPUs
     gpus_per_node: int = 0  # GPUs per node (0: this machine's; none: a CPU run, no GPU plan)
@@ -222,6 +226,7 @@ class ClusterConfig:
 
     def __post_init__(self):
         check_choice("cluster.name", self.name, ("local", "ray"))
+        check_choice("cluster.placement", self.placement, ("colocated", "split"))
         check_positive("cluster.num_nodes", self.num_nodes)
         check_positive("cluster.gpus_per_node", self.gpus_per_node, allow_zero=True)
         check_positive("cluster.gpu_memory_gb", self.gpu_memory_gb, allow_zero=True)
@@ -241,6 +246,13 @@ class TrainerConfig:
     progress: bool = True  # a progress bar on the terminal
     keep_checkpoints: int = 2  # newest checkpoints kept
     report: bool = True  # write <output_dir>/report/ at the end (python -m marl_llm.report)
+    # K >= 1: the next steps' rollout runs while the learners train, no sample more than K weight
+    # versions old when trained (marl_llm/pipeline.py); 0: the synchronous loop
+    max_staleness: int = 0
+    # off-policy correction of the PG loss for samples of older weights (max_staleness >= 1):
+    # tis (truncated importance weights, verl) | decoupled (AReaL's decoupled PPO) | none
+    off_policy: str = "tis"
+    is_cap: float = 2.0  # the importance weight's cap (tis truncates at it, decoupled drops tokens above it)
 
     def __post_init__(self):
         check_positive("trainer.steps", self.steps, allow_zero=True)
@@ -249,6 +261,11 @@ class TrainerConfig:
         check_positive("trainer.eval_every", self.eval_every, allow_zero=True)
         check_positive("trainer.keep_checkpoints", self.keep_checkpoints)
         check_entries("trainer.loggers", self.loggers, LOGGERS)
+        check(isinstance(self.max_staleness, int) and self.max_staleness >= 0, "trainer.max_staleness",
+              self.max_staleness, "must be an integer >= 0 (0: the synchronous loop)")
+        from marl_llm.losses import OFF_POLICY_MODES
+        check_choice("trainer.off_policy", self.off_policy, OFF_POLICY_MODES)
+        check(self.is_cap >= 1.0, "trainer.is_cap", self.is_cap, "must be >= 1 (a weight of 1 is on-policy)")
         check("wandb" not in self.loggers or importlib.util.find_spec("wandb") is not None, "trainer.loggers",
               self.loggers, "names wandb but the wandb package is not installed; pip install 'marl_llm[wandb]' "
               "or drop it from trainer.loggers")

@@ -41,6 +41,9 @@ class LossConfig:
     beta: float = 0.1
     off_policy: str = "none"
     is_cap: float = 2.0
+    # the rollout's sampling temperature: the engine's behaviour log-probs are of logits / T, so the
+    # learner's proximal log-probs for the importance weight are taken at T too
+    behavior_temperature: float = 1.0
 
     def __post_init__(self):
         if self.kind not in ("pg", "sft", "dpo"):
@@ -121,8 +124,8 @@ def _behaviour_weights(prox: torch.Tensor, behav_logp: torch.Tensor, mask: torch
 def pg_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
             old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor],
             weights: Optional[torch.Tensor], cfg: LossConfig, n_global_samples: int,
-            n_global_tokens: int, behav_logp: Optional[torch.Tensor] = None
-            ) -> tuple[torch.Tensor, dict[str, float]]:
+            n_global_tokens: int, behav_logp: Optional[torch.Tensor] = None,
+            prox_logp: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Policy-gradient loss on per-token log-probs.
 
     logp, mask, old_logp, ref_logp, behav_logp: [B, T] (padded positions masked out by `mask`);
@@ -144,6 +147,9 @@ def pg_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
                    the surrogate; the normaliser is unchanged), the others keep w. Hilton et al.
                    2022, "Batch size-invariance for policy optimization" (arXiv 2110.00641), as
                    AReaL does it with `behav_imp_weight_cap` (arXiv 2505.24298).
+    `prox_logp` (default: the proximal policy above) is the proximal policy's log-probs in the
+    behaviour's terms for w: the rollout engine samples from logits / T, so the learner passes
+    its log-probs at T (`LossConfig.behavior_temperature`; verl scales the logits the same way).
     The KL term is not weighted. With behav_logp=None or off_policy="none" the loss and its
     gradients are exactly those without correction.
 
@@ -178,7 +184,8 @@ def pg_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
             metrics["clip_high_frac"] = float(high.sum() / n_tok)
             metrics["clip_frac"] = metrics["clip_low_frac"] + metrics["clip_high_frac"]
     if behav_logp is not None and cfg.off_policy != "none":
-        surr = surr * _behaviour_weights(old.detach(), behav_logp, mask, cfg, n_tok, metrics)
+        prox = old.detach() if prox_logp is None else prox_logp.detach().to(logp.dtype)
+        surr = surr * _behaviour_weights(prox, behav_logp, mask, cfg, n_tok, metrics)
     pg = _aggregate(-surr, mask, w, cfg, n_global_samples, n_global_tokens)
     loss = pg
     metrics["pg_loss"] = float(pg.detach())

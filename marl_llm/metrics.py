@@ -5,11 +5,12 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import yaml
 
@@ -17,22 +18,39 @@ log = logging.getLogger(__name__)
 
 
 class PhaseTimer:
-    """Accumulates wall-clock seconds per named phase (`with timer("generate"): ...`)."""
+    """Accumulates wall-clock seconds per named phase (`with timer("generate"): ...`), per thread
+    (the trainer's rollout thread times its collect apart from the training thread). `pop` also
+    gives each phase's span, `span/<phase>/start|end` in seconds since `origin` (the run's start):
+    the timeline of which actor did what when."""
 
-    def __init__(self):
-        self.seconds: dict[str, float] = defaultdict(float)
+    def __init__(self, origin: Optional[float] = None):
+        self.origin = time.perf_counter() if origin is None else origin
+        self._local = threading.local()
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        if not hasattr(self._local, "seconds"):
+            self._local.seconds, self._local.spans = defaultdict(float), {}
+        return self._local.seconds
 
     @contextmanager
     def __call__(self, phase: str):
+        seconds = self.seconds
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self.seconds[phase] += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            seconds[phase] += t1 - t0
+            start, _ = self._local.spans.get(phase, (t0, t1))
+            self._local.spans[phase] = (start, t1)
 
     def pop(self) -> dict[str, float]:
         out = {f"time/{k}": round(v, 4) for k, v in self.seconds.items()}
+        for k, (a, b) in self._local.spans.items():
+            out[f"span/{k}/start"], out[f"span/{k}/end"] = round(a - self.origin, 3), round(b - self.origin, 3)
         self.seconds.clear()
+        self._local.spans.clear()
         return out
 
 

@@ -139,6 +139,8 @@ class Policy:
         self.deadline = Deadline("generate", "rollout.timeout_s", timeout_s)
         self.worker_nodes = worker_nodes or ["?"] * len(rollout_workers)
         self.dirty = False  # trained since the rollout workers last received weights
+        # weight version on the rollout workers (pushes so far); completions carry the one they came from
+        self.version = 0
         self.train_gate = train_gate or TrainGate()
 
     @property
@@ -213,6 +215,7 @@ class Policy:
         else:
             info = self.learner.push_weights(self.rollout_workers, names)
         self.dirty = False
+        self.version += 1
         return info
 
 

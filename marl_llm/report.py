@@ -5,12 +5,12 @@ JavaScript, opens offline) and the PNG figures it shows, drawn with matplotlib's
 
 - `reward.png`: training reward per step, raw (thin) and smoothed (thick: centred moving mean
   over about max(3, n/10) steps, drawn from 5 steps on). Panel "reward": `reward/mean` and every other
-  `reward/<x>` except `reward/max` (the algorithm's subsets: MLPO's with_team / solo, MAGRPO's
-  per-turn rewards); panel "reward components": the `reward/<c>` whose `c` is a component of the
+  `reward/<x>` except `reward/max` (the algorithm's subsets of its episodes, e.g. with / without a
+  team, per turn); panel "reward components": the `reward/<c>` whose `c` is a component of the
   episodes in buffer.jsonl (a sole component equal to the total is not repeated).
 - `agents.png`: one line per agent / role / policy: every metric family whose key holds an
-  agent, role or policy name seen in buffer.jsonl in one of its segments (MAGRPO's
-  `agent1/loss`, MALT's `tree/value/generator`, `verifier/dpo_loss`) and whose name ends in
+  agent, role or policy name seen in buffer.jsonl in one of its segments (e.g. `agent1/loss`,
+  `tree/value/generator`, `verifier/dpo_loss`) and whose name ends in
   reward, value, correct or loss.
 - `eval.png`: `eval/<name>` per evaluation step with the interval `eval/<name>/ci_low|ci_high`
   when logged (the convention of `marl_llm.stats`), one panel per metric (a key's first segment:
@@ -19,6 +19,9 @@ JavaScript, opens offline) and the PNG figures it shows, drawn with matplotlib's
   compare with (dashed; horizontal when constant). Cost keys (gens, tokens, latency_s) are left to the summary table.
 - `time.png`: seconds per step stacked by phase (`time/<phase>`; "other" is `time/step` minus
   the phases); one-off phases (setup, prepare and what only happens with them) go to the caption.
+- `timeline.png`: per run, one bar per step and phase from `span/<phase>/start|end` (rollout,
+  learner, push, evaluation/checkpoint lanes): where generation and training overlap
+  (`trainer.max_staleness >= 1`) and where a side is idle.
 - `throughput.png`: logged `*tokens_per_s` and the learner's tokens/s derived as the step's
   `n_tokens` (summed over policies) / `time/train`.
 
@@ -59,6 +62,7 @@ SUFFIXES = (CI_LOW, CI_HIGH, CI_N)           # marl_llm.stats: eval/<name>/ci_lo
 COST = re.compile(r"(^|/)(gens|tokens|latency_s|tokens_per_s|generations_per_question)(/|$)")
 PER_AGENT_METRIC = re.compile(r"(reward|value|correct|loss)$")
 LEARNER_TOKENS = "learner tokens/s"          # derived: n_tokens / time/train
+WALL = "time/wall"                           # seconds since the run began: not a phase
 
 
 def baselines(keys) -> dict[str, tuple[str, str]]:
@@ -450,7 +454,7 @@ def _phases(run: Run) -> tuple[list[str], dict[str, float]]:
     one_steps = {s for p in ONE_OFF_PHASES for s in run.table.get(f"time/{p}", {})}
     per_step, one_off = [], {}
     for k in run.keys():
-        if not k.startswith("time/") or k == "time/step":
+        if not k.startswith("time/") or k in ("time/step", WALL):
             continue
         steps = set(run.table[k])
         if k[5:] in ONE_OFF_PHASES or steps <= one_steps:
@@ -501,7 +505,38 @@ def time_plot(runs: list[Run]) -> Optional[Plot]:
     return Plot("time.png", "Time per step by phase", caption, fig)
 
 
-PLOTS = (reward_plot, agents_plot, eval_plot, time_plot, throughput_plot)
+# timeline lanes: the rollout side (collect: generate + reward), the learners, the weight push,
+# and what stops both (evaluation, checkpoints)
+LANES = (("rollout", ("collect",)), ("learner", ("train",)), ("push", ("sync",)), ("eval / save", ("eval", "save")))
+
+
+def timeline_plot(runs: list[Run]) -> Optional[Plot]:
+    """Per run, what each side did when: one bar per step and phase from `span/<phase>/start|end`
+    (seconds since the run began). Bars of one step's rollout under the previous step's training
+    are the overlap of trainer.max_staleness >= 1; gaps in a lane are that side idle."""
+    runs_t = [r for r in runs if "span/train/start" in r.table]
+    if not runs_t:
+        return None
+    fig, axes = _grid(len(runs_t), "Timeline")
+    colors = dict(zip([lane for lane, _ in LANES], _colors(len(LANES))))
+    for ax, run in zip(axes, runs_t):
+        for row, (lane, phases) in enumerate(LANES):
+            bars = [(a, run.table[f"span/{p}/end"][s] - a) for p in phases
+                    for s, a in run.table.get(f"span/{p}/start", {}).items() if s in run.table.get(f"span/{p}/end", {})]
+            if bars:
+                ax.broken_barh(bars, (row - 0.35, 0.7), color=colors[lane], edgecolor="white", lw=0.3)
+        ax.set_yticks(range(len(LANES)), [lane for lane, _ in LANES], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("seconds since the run began")
+        ax.set_title(_short(run.label) if len(runs) > 1 else "what each side did when", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    caption = ("One bar per step and phase (span/<phase>/start|end): the rollout (generate + reward), the learners' "
+               "train step, the weight push, evaluation and checkpoints. With trainer.max_staleness >= 1 a "
+               "step's rollout runs under the previous step's training; a gap in a lane is that side idle.")
+    return Plot("timeline.png", "Timeline", caption, fig)
+
+
+PLOTS = (reward_plot, agents_plot, eval_plot, time_plot, timeline_plot, throughput_plot)
 
 
 # ---- the folder ---------------------------------------------------------------------------------

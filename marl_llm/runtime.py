@@ -60,6 +60,35 @@ def _defaults() -> dict[str, str]:
 def apply_defaults() -> None:
     for k, v in _defaults().items():
         os.environ.setdefault(k, v)
+    pin_cpus()
+
+
+# ---- cluster.placement=split on CPU: rollout workers and learner ranks on disjoint cores ------------
+CPUS_ENV = "MARL_LLM_CPUS"  # the cores an actor may run on, e.g. "0" or "2,3"
+
+
+def pin_cpus() -> None:
+    """Keep this process on the cores `MARL_LLM_CPUS` names (set for each side of a split placement)."""
+    cpus = os.environ.get(CPUS_ENV)
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+
+
+def split_env(side: str, rollout_share: float = 0.5) -> dict[str, str]:
+    """Environment of one side ("rollout" | "learner") of a split placement on this machine's
+    cores: the first `rollout_share` of the cores (at least one) generate, the others train, each
+    side sharing its own cores among its processes (its own `compute_phase` directory). A
+    disaggregated cluster, scaled down to one machine."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if len(cores) < 2:
+        raise RuntimeError(f"cluster.placement=split needs at least 2 cores for disjoint rollout and learner "
+                           f"cores; this process may run on {len(cores)}: use cluster.placement=colocated")
+    n = min(len(cores) - 1, max(1, round(len(cores) * rollout_share)))
+    mine = cores[:n] if side == "rollout" else cores[n:]
+    env = {CPUS_ENV: ",".join(map(str, mine)), CORES_DIR_ENV: str(_cores_dir() / side)}
+    if side == "rollout":
+        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, mine))  # vLLM binds its threads there
+    return env
 
 
 def node_label() -> str:

@@ -23,6 +23,7 @@ from marl_llm.cluster import Cluster
 from marl_llm.config import RunConfig
 from marl_llm.jsonl import read_jsonl, write_jsonl
 from marl_llm.metrics import MetricsLogger, PhaseTimer
+from marl_llm.pipeline import RolloutProducer, staleness
 from marl_llm.preflight import check_run
 from marl_llm.stats import DIFF, comparison_lines, read_intervals
 
@@ -55,8 +56,8 @@ class Trainer:
         self.run = run
         self.out = Path(run.trainer.output_dir).resolve()
         self.ckpts = CheckpointManager(self.out, keep=run.trainer.keep_checkpoints)
-        self.timer = PhaseTimer()
         self.started = time.perf_counter()  # the summary's wall clock
+        self.timer = PhaseTimer(origin=self.started)
 
     def _resume_point(self):
         if not self.run.trainer.resume:  # a folder with checkpoints was refused by the pre-flight check
@@ -102,6 +103,7 @@ class Trainer:
         cluster = Cluster(run.cluster)
         policies: dict[str, Any] = {}
         metrics = MetricsLogger(out, run.trainer.loggers)
+        rollouts = None
         try:
             cluster.start(cluster.cpus_needed(specs, run), engine_log=out / "engines.log")
             cli.reclaim_signals()
@@ -147,18 +149,26 @@ class Trainer:
             last = None
             bar = _progress(run.trainer.steps, state.step, run.trainer.progress)
             setup_times = self.timer.pop()
+            rollouts = RolloutProducer(algo, stream, state.step, run.trainer.steps, run.trainer.max_staleness,
+                                       self.timer, self.started)
+            trainable = [p for p in policies.values() if p.trainable]
             for step in range(state.step, run.trainer.steps):
                 t0 = time.perf_counter()
-                # ---- rollout: the algorithm drives its agents through its protocol
-                episodes = algo.collect(stream.next_batch(), step)
+                # ---- rollout: the algorithm drives its agents through its protocol (max_staleness
+                # >= 1: collected in the background while the previous step trained)
+                rollout = rollouts.next()
+                episodes, fresh = staleness(rollout.episodes, {p.name: p.version for p in trainable},
+                                            run.trainer.max_staleness)
                 buffer.add(episodes)
                 # ---- learn: credit assignment and one optimiser step per trainable policy
-                record = algo.update(episodes, step)
-                # ---- sync: updated weights to the rollout workers before the next collect
+                record = {**algo.update(episodes, step), **fresh}
+                # ---- sync: updated weights to the rollout workers (a rollout in flight finishes on
+                # the weights it started with: the workers load the new ones between calls)
                 with self.timer("sync"):
                     for name, p in policies.items():  # where a push's time goes: gather, broadcast, load
                         record.update({f"sync/{name}/{k}": v for k, v in p.sync_weights().items()
                                        if isinstance(v, (int, float))})
+                rollouts.synced_through(step)
                 # ---- evaluate every k steps (and after the last)
                 done = step + 1
                 if run.trainer.eval_every and (done % run.trainer.eval_every == 0 or done == run.trainer.steps):
@@ -167,9 +177,10 @@ class Trainer:
                 # ---- checkpoint every k steps (and after the last)
                 if run.trainer.save_every and (done % run.trainer.save_every == 0 or done == run.trainer.steps):
                     with self.timer("save"):
-                        self._save(done, policies, stream, buffer, algo)
-                record = {"step": done, **record, **self.timer.pop(), **(setup_times if step == state.step else {}),
-                          "time/step": round(time.perf_counter() - t0, 4)}
+                        self._save(done, policies, rollouts.data_state(done), buffer, algo)
+                record = {"step": done, **record, **rollout.phases, **rollout.spans, **self.timer.pop(),
+                          **(setup_times if step == state.step else {}), "time/step": round(time.perf_counter() - t0, 4),
+                          "time/wall": round(time.perf_counter() - self.started, 3)}
                 metrics.log(record)
                 first = first or record
                 last = record
@@ -177,11 +188,14 @@ class Trainer:
                                  if k in ("reward/mean", "loss") and isinstance(v, float)})
                 bar.update(1)
             bar.close()
+            rollouts.close()
             summary = self._summary(first, last)
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
             self._report()
             return summary
         finally:
+            if rollouts is not None:
+                rollouts.close()
             metrics.close()
             cluster.shutdown(policies)
 
@@ -197,14 +211,14 @@ class Trainer:
             log.exception("writing the report failed; the run's outputs are complete, retry with "
                           "python -m marl_llm.report run_dir=%s", self.out)
 
-    def _save(self, step: int, policies, stream: TaskStream, buffer: TrajectoryBuffer, algo) -> None:
+    def _save(self, step: int, policies, data_state: dict[str, int], buffer: TrajectoryBuffer, algo) -> None:
         tmp = self.ckpts.staging(step)
         try:
             for name, p in policies.items():
                 if p.learner is not None:
                     p.learner.save_hf(str(tmp / name))
                     p.learner.save_state(str(tmp / "_deepspeed" / name))
-            state = TrainerState(step=step, data=stream.state_dict(), buffer_total=buffer.total,
+            state = TrainerState(step=step, data=data_state, buffer_total=buffer.total,
                                  algo=algo.state_dict())
             state.capture_rng()
             self.ckpts.commit(tmp, step, state)

@@ -49,6 +49,7 @@ class Completion:
     logprobs: list[float]
     text: str
     finish_reason: str = "stop"
+    version: int = 0  # the weights that generated it: the rollout worker's count of loaded weights
 
 
 @dataclass
@@ -67,12 +68,13 @@ class Turn:
     reward: float | None = None
     value: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    version: int = 0  # weight version of `policy` that generated it (marl_llm/pipeline.py)
 
     @classmethod
     def from_completion(cls, c: Completion, agent: str, policy: str, **kw) -> "Turn":
         return cls(agent=agent, policy=policy, prompt_ids=list(c.prompt_ids),
                    completion_ids=list(c.completion_ids), text=c.text,
-                   logprobs=list(c.logprobs), **kw)
+                   logprobs=list(c.logprobs), version=c.version, **kw)
 
 
 @dataclass

@@ -94,3 +94,18 @@ class FakePolicy:
     def snapshots(self) -> int:
         return sum(e[0] == "snapshot" for e in self.events)
 
+
+def tagged_pids(tag: str) -> list[int]:
+    """Processes started for a run whose driver got `MARL_LLM_FAULT_TAG=tag` in its environment:
+    Ray's own processes (GCS, raylet) and every actor inherit it."""
+    from pathlib import Path
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            if f"MARL_LLM_FAULT_TAG={tag}".encode() in (p / "environ").read_bytes():
+                pids.append(int(p.name))
+        except OSError:
+            continue
+    return pids

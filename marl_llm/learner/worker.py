@@ -160,18 +160,32 @@ def shares_prompts(seqs, mode: str = "auto") -> bool:
     return mode == "true" or len({tuple(p) for p, _ in seqs}) < len(seqs)
 
 
-def forward_logp(module, seqs, pad_id: int, device, grad: bool, share: str = "auto"):
+def forward_logp(module, seqs, pad_id: int, device, grad: bool, share: str = "auto",
+                 temperature: Optional[float] = None):
     """Per-token log-probs (fp32) of the completions of (prompt_ids, completion_ids) pairs under
     an HF causal LM (or a DeepSpeed engine around one): (logp [B, T], mask [B, T], cols), row b's
     completion starting at column cols[b]. With repeated prompts (`shares_prompts`) each distinct
     prompt runs through the model once and the completions run on its KV cache: the same
-    function, (G-1)/G fewer prompt FLOPs for G samples per prompt."""
+    function, (G-1)/G fewer prompt FLOPs for G samples per prompt. With `temperature`, a fourth
+    value: the detached log-probs of the logits divided by it (the distribution a rollout engine
+    sampled from at that temperature), from the same forward."""
     if shares_prompts(seqs, share) and max(len(c) for _, c in seqs) > 0:
-        return _logp_shared(module, seqs, pad_id, device, grad)
-    return _logp_flat(module, seqs, pad_id, device, grad)
+        return _logp_shared(module, seqs, pad_id, device, grad, temperature)
+    return _logp_flat(module, seqs, pad_id, device, grad, temperature)
 
 
-def _logp_flat(module, seqs, pad_id: int, device, grad: bool):
+def _with_scaled(out: tuple, logits_targets: list, temperature: Optional[float]) -> tuple:
+    """`out`, plus the log-probs at `temperature` of (logits, targets) parts, concatenated."""
+    import torch
+
+    if temperature is None:
+        return out
+    with torch.no_grad():
+        scaled = torch.cat([token_logprobs(lg.detach() / temperature, t) for lg, t in logits_targets], dim=1)
+    return (*out, scaled)
+
+
+def _logp_flat(module, seqs, pad_id: int, device, grad: bool, temperature: Optional[float] = None):
     """One right-padded batch of prompt + completion per sample (layout of `pack`)."""
     import torch
 
@@ -180,10 +194,10 @@ def _logp_flat(module, seqs, pad_id: int, device, grad: bool):
     with torch.enable_grad() if grad else torch.no_grad():
         out = module(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=ids.shape[1] - start)
         logp = token_logprobs(out.logits[:, :-1], targets)
-    return logp, mask.to(device), cols
+    return _with_scaled((logp, mask.to(device), cols), [(out.logits[:, :-1], targets)], temperature)
 
 
-def _logp_shared(module, seqs, pad_id: int, device, grad: bool):
+def _logp_shared(module, seqs, pad_id: int, device, grad: bool, temperature: Optional[float] = None):
     """Distinct prompts (right-padded) in one forward that keeps its KV cache; the cache rows are
     repeated per sample (gradients flow back through the gather) and the completions run on it
     with explicit positions. Layout: column j is completion token j (cols all 0)."""
@@ -221,7 +235,8 @@ def _logp_shared(module, seqs, pad_id: int, device, grad: bool):
                      past_key_values=cache, use_cache=True)
         logp = torch.cat([token_logprobs(first[own], c_ids[:, 0]).unsqueeze(1),
                           token_logprobs(out.logits[:, :-1], c_ids[:, 1:])], dim=1)
-    return logp, c_mask.to(device), [0] * B
+    return _with_scaled((logp, c_mask.to(device), [0] * B),
+                        [(first[own].unsqueeze(1), c_ids[:, :1]), (out.logits[:, :-1], c_ids[:, 1:])], temperature)
 
 
 def validate_samples(samples: Sequence, loss_cfg: LossConfig) -> None:
@@ -452,13 +467,13 @@ class LearnerWorker:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return [int(x) for x in t.tolist()]
 
-    def _forward_logp(self, module, seqs, grad: bool):
+    def _forward_logp(self, module, seqs, grad: bool, temperature: Optional[float] = None):
         """Per-token log-probs (fp32) of the completions in `seqs`: (logp [B, T], mask [B, T], cols)
         where row b's completion starts at column cols[b]."""
         share = self.cfg.share_prompts
         if self.cfg.gradient_checkpointing:  # checkpointed blocks keep no KV cache
             share = "false"
-        return forward_logp(module, seqs, self.pad_id, self.device, grad, share)
+        return forward_logp(module, seqs, self.pad_id, self.device, grad, share, temperature)
 
     def _dummy_forward(self, module, grad: bool):
         """A forward that keeps ZeRO-3's gathers in step on a rank with nothing left to do."""
@@ -536,17 +551,19 @@ class LearnerWorker:
         ref_logp = None
         if ref is not None:
             ref_logp, _, _ = self._forward_logp(ref, seqs, grad=False)
-        logp, mask, cols = self._forward_logp(self.engine, seqs, grad=True)
+        # samples of older weights: weighed by the sampling distribution's (logits / T) ratio
+        correct = loss_cfg.off_policy != "none" and batch[0].behavior_logprobs is not None  # all or none
+        temperature = loss_cfg.behavior_temperature if correct and loss_cfg.behavior_temperature > 0 else None
+        logp, mask, cols, *prox = self._forward_logp(self.engine, seqs, grad=True, temperature=temperature)
         if loss_cfg.kind == "sft":
             w = torch.tensor([s.weight for s in batch], dtype=torch.float32, device=self.device)
             loss, m = sft_loss(logp, mask, n_tokens, w)
             return loss, m, float(mask.sum())
         adv = torch.tensor([s.advantage for s in batch], dtype=torch.float32, device=self.device)
         w = torch.tensor([s.weight for s in batch], dtype=torch.float32, device=self.device)
-        behav = None
-        if loss_cfg.off_policy != "none" and batch[0].behavior_logprobs is not None:  # all or none
-            behav = scatter_tokens([s.behavior_logprobs for s in batch], cols, logp.shape).to(self.device)
-        loss, m = pg_loss(logp, mask, adv, None, ref_logp, w, loss_cfg, n_samples, n_tokens, behav_logp=behav)
+        behav = scatter_tokens([s.behavior_logprobs for s in batch], cols, logp.shape).to(self.device) if correct else None
+        loss, m = pg_loss(logp, mask, adv, None, ref_logp, w, loss_cfg, n_samples, n_tokens, behav_logp=behav,
+                          prox_logp=prox[0] if prox else None)
         return loss, m, float(mask.sum())
 
     def _dpo_micro(self, batch: list[PairSample], loss_cfg: LossConfig, ref, n_pairs: int):

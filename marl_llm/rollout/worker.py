@@ -78,6 +78,7 @@ class RolloutWorker:
     def ready(self) -> dict:
         return {**self.backend.info(), "policy": self.policy_name, "model_path": self.model_path,
                 "start_s": round(self.start_s, 2), "pid": os.getpid(), "weight_version": self.weight_version,
+                "adapter_versions": dict(self.adapter_versions),
                 "node": runtime.node_label()}
 
     def generate(self, requests: Sequence[GenerationRequest], adapter: Optional[str] = None) -> list[list[Completion]]:
@@ -88,7 +89,12 @@ class RolloutWorker:
                 for r in requests]
         # an adapter with no weights yet is still B = 0: the base model serves it
         with runtime.compute_phase(self.rollout_cfg.threads):
-            return self.backend.generate(reqs, adapter=adapter if self.adapter_versions.get(adapter) else None)
+            out = self.backend.generate(reqs, adapter=adapter if self.adapter_versions.get(adapter) else None)
+        version = self.adapter_versions.get(adapter, 0) if adapter else self.weight_version
+        for comps in out:  # the weights these came from: the trainer bounds their staleness
+            for c in comps:
+                c.version = version
+        return out
 
     def tokenize(self, messages: list[dict[str, str]], completion: str) -> tuple[list[int], list[int]]:
         """A chat prompt's ids exactly as `generate` templates it, and a completion's ids + EOS

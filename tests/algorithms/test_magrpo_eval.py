@@ -65,6 +65,18 @@ def make_algo(env=None, **kw):
     return MAGRPO(cfg, env, run), env
 
 
+def evaluated(n_tasks=3):
+    """The default pair evaluated on `n_tasks` writing tasks: trained agents, and one fake for
+    base-agent1 and base-agent2 (the same weights: one engine). Returns (algo, env, tasks, out,
+    trained fakes, base fake)."""
+    algo, env = make_algo()
+    trained = {a: FakePolicy(a, TRAINED_TEXT) for a in ("agent1", "agent2")}
+    base = FakePolicy("base", BASE_TEXT)
+    algo.setup({**trained, "base-agent1": base, "base-agent2": base}, TrajectoryBuffer())
+    tasks = env.eval_tasks()[:n_tasks]
+    return algo, env, tasks, algo.evaluate(tasks), trained, base
+
+
 def test_policy_specs_add_one_frozen_base_per_agent_with_its_model():
     # the engine, not the algorithm, runs frozen policies with the same base weights on one engine
     algo, _ = make_algo()
@@ -89,13 +101,7 @@ def test_bad_baseline_names_are_rejected():
 
 
 def test_evaluate_scores_trained_and_every_baseline_with_the_right_outputs():
-    algo, env = make_algo()
-    trained = {a: FakePolicy(a, TRAINED_TEXT) for a in ("agent1", "agent2")}
-    # base-agent1 and base-agent2 have the same weights, so one engine: one fake stands for it
-    base = FakePolicy("base", BASE_TEXT)
-    algo.setup({**trained, "base-agent1": base, "base-agent2": base}, TrajectoryBuffer())
-    tasks = env.eval_tasks()[:3]
-    out = algo.evaluate(tasks)
+    algo, env, tasks, out, trained, base = evaluated()
 
     def expected(outputs):
         return sum(env.reward(t, outputs).total for t in tasks) / len(tasks)
@@ -143,12 +149,7 @@ def test_coding_reports_pass_rate_on_unit_tests():
 
 
 def test_evaluate_reports_intervals_and_paired_differences_against_each_baseline():
-    algo, env = make_algo()
-    trained = {a: FakePolicy(a, TRAINED_TEXT) for a in ("agent1", "agent2")}
-    base = FakePolicy("base", BASE_TEXT)
-    algo.setup({**trained, "base-agent1": base, "base-agent2": base}, TrajectoryBuffer())
-    tasks = env.eval_tasks()[:3]
-    out = algo.evaluate(tasks)
+    algo, env, tasks, out, trained, base = evaluated()
     for prefix in ("", "single/", "naive/", "sequential/", "discussion/"):
         assert out[f"{prefix}reward/n"] == 3 and out[f"{prefix}solved/n"] == 3
         assert out[f"{prefix}reward/ci_low"] <= out[f"{prefix}reward"] <= out[f"{prefix}reward/ci_high"]

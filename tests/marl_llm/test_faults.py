@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers import tagged_pids
 
 pytestmark = pytest.mark.engine  # training runs and Ray clusters
 
@@ -26,21 +27,6 @@ TRAIN = [sys.executable, "-m", "marl_llm.train", "algo=grpo", "env=toy", "model=
          "trainer.save_every=1", "trainer.eval_every=0", "trainer.progress=false",
          "algo.eval_baselines=[]",  # one rollout worker, the one training uses: the one a kill -9 hits
          f"learner.timeout_s={TIMEOUT_S}", f"rollout.timeout_s={TIMEOUT_S}"]
-
-
-def tagged_pids(tag: str) -> list[int]:
-    """Processes started for this run: the driver's environment (MARL_LLM_FAULT_TAG) is inherited
-    by Ray's own processes (GCS, raylet) and by every actor."""
-    pids = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            if f"MARL_LLM_FAULT_TAG={tag}".encode() in (p / "environ").read_bytes():
-                pids.append(int(p.name))
-        except OSError:
-            continue
-    return pids
 
 
 def cmdline(pid: int) -> str:
@@ -127,6 +113,22 @@ def test_fault_stops_cleanly_and_resumes(tmp_path, fault, needles, rc):
     else:
         kill_actor(tag, fault)
     assert_clean_stop(proc, tag, out, time.time(), *needles, rc=rc)
+    assert_resumes(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, needles", [
+    ("RolloutWorker", ["rollout worker", "ActorDiedError", "(actor "]),           # dies while the producer generates
+    ("LearnerWorker", ["learner group 'policy'", "on rank", "ActorDiedError"]),  # dies while a rollout is in flight
+])
+def test_fault_during_overlap_stops_as_fast_and_resumes(tmp_path, fault, needles):
+    """trainer.max_staleness=1: the rollout runs in the trainer's second thread; a dead actor on
+    either side stops the run with the same one line, nothing written is lost."""
+    out = tmp_path / "run"
+    proc, tag = start(out, 40, "trainer.max_staleness=1")
+    wait_for_checkpoint(proc, out, 1)
+    kill_actor(tag, fault)
+    assert_clean_stop(proc, tag, out, time.time(), *needles, rc=1)
     assert_resumes(out)
 
 

@@ -137,14 +137,16 @@ def test_pg_micro_passes_behaviour_logprobs():
     from marl_llm.learner.worker import LearnerWorker, forward_logp
 
     worker = SimpleNamespace(engine=_Uniform(), device=torch.device("cpu"),
-                             _forward_logp=lambda m, seqs, grad: forward_logp(m, seqs, 0, "cpu", grad, "false"))
+                             _forward_logp=lambda m, seqs, grad, temperature=None: forward_logp(
+                                 m, seqs, 0, "cpu", grad, "false", temperature))
     u = -math.log(16.0)
     # different prompt lengths: the completions start at different columns
     batch = [Sample([1, 5, 6], [7, 8], advantage=1.0, behavior_logprobs=[u - math.log(0.5), u - math.log(3.0)]),
              Sample([1, 9], [10, 11, 12], advantage=-2.0, behavior_logprobs=[u, u - math.log(4.0), u])]
 
-    def run(mode):
-        cfg = LossConfig(kind="pg", clip_eps=0.2, agg="token_sum", off_policy=mode, is_cap=2.0)
+    def run(mode, temperature=1.0):  # a uniform model has the same log-probs at every temperature
+        cfg = LossConfig(kind="pg", clip_eps=0.2, agg="token_sum", off_policy=mode, is_cap=2.0,
+                         behavior_temperature=temperature)
         loss, m, n_tok = LearnerWorker._pg_micro(worker, batch, cfg, None, 2, 5)
         assert n_tok == 5.0
         return loss.item(), m
@@ -156,6 +158,7 @@ def test_pg_micro_passes_behaviour_logprobs():
     assert m["is_weight"] == pytest.approx((0.5 + 3 + 1 + 4 + 1) / 5)
     loss, m = run("decoupled")  # [0.5, 0], [1, 0, 1]
     assert loss == pytest.approx(-(0.5 - 2.0 * 2) / 2) and m["is_clip_frac"] == pytest.approx(2 / 5)
+    assert run("tis", temperature=0.7)[0] == pytest.approx(run("tis")[0])
     for s in batch:
         s.behavior_logprobs = None
     assert run("tis") == run("none")

@@ -83,3 +83,18 @@ def test_micro_batches_respect_a_token_budget():
         assert tokens <= 17 or len(m) == 1
     assert sorted(i for m in mbs for i in m) == list(range(len(samples)))
     assert micro_batches(samples, 16, max_tokens=1) == [[0], [2], [3], [1], [4], [5]]  # one sample each at least
+
+
+@pytest.mark.parametrize("share", ["false", "true"])
+def test_logprobs_at_the_sampling_temperature_come_from_the_same_forward(tiny_model, share):
+    """What a rollout engine sampled from at temperature T: log_softmax(logits / T), detached."""
+    seqs = _seqs()
+    logp, mask, cols, scaled = forward_logp(tiny_model, seqs, 0, torch.device("cpu"), grad=True, share=share,
+                                            temperature=0.5)
+    assert not scaled.requires_grad and scaled.shape == logp.shape
+    for b, ((p, c), col) in enumerate(zip(seqs, cols)):
+        with torch.no_grad():
+            logits = tiny_model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1: len(p) + len(c) - 1]
+        want = torch.log_softmax(logits.float() / 0.5, -1).gather(-1, torch.tensor(c).unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(scaled[b, col: col + len(c)], want, rtol=1e-4, atol=1e-4)
+    assert len(forward_logp(tiny_model, seqs, 0, torch.device("cpu"), grad=False, share=share)) == 3

@@ -355,3 +355,18 @@ def test_real_run_wandb_offline_same_scalars(real_run):
     out, wb = real_run
     assert_same_scalars(out, wb)
     assert {"reward/mean", "loss", "time/train", "eval/reward"} <= set(jsonl_scalars(out))
+
+
+def test_timeline_shows_each_side_per_step_and_wall_time_is_no_phase(tmp_path):
+    # an overlapped run: step 2's rollout [1.0, 2.0] under step 1's training [1.1, 2.1]
+    recs = [{"step": s, "reward/mean": 0.5, "time/train": 1.0, "time/step": 1.2, "time/wall": 2.2 * s,
+             "span/collect/start": s - 1.0, "span/collect/end": s, "span/train/start": s + 0.1,
+             "span/train/end": s + 1.1, "span/sync/start": s + 1.1, "span/sync/end": s + 1.2} for s in (1, 2, 3)]
+    run = make_run(tmp_path / "a", recs)
+    index = report.write_report([run])
+    assert "timeline.png" in check_report(index)
+    plot = report.timeline_plot([report.load_run(run)])
+    labels = [t.get_text() for t in plot.fig.axes[0].get_yticklabels()]
+    assert labels == ["rollout", "learner", "push", "eval / save"]
+    assert len(plot.fig.axes[0].collections) == 3  # rollout, learner and push bars; nothing evaluated
+    assert "wall" not in report._phases(report.load_run(run))[0]
