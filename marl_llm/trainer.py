@@ -188,7 +188,6 @@ class Trainer:
                                  if k in ("reward/mean", "loss") and isinstance(v, float)})
                 bar.update(1)
             bar.close()
-            rollouts.close()
             summary = self._summary(first, last)
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
             self._report()

@@ -37,7 +37,6 @@ def test_synchronous_collects_inline_in_step_order():
     got = [p.next() for _ in range(3)]
     assert [r.step for r in got] == [0, 1, 2] and all(c[2] == "MainThread" for c in algo.calls)
     assert "time/generate" in got[0].phases and got[0].spans["span/collect/end"] >= got[0].spans["span/collect/start"]
-    assert [t["id"] for t in got[1].episodes[0].task.values() if False] == []  # plain tasks
     p.close()
 
 
