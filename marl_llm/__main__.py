@@ -8,6 +8,7 @@ COMMANDS = {
     "train": ("marl_llm.train", "train a run: python -m marl_llm train experiment=smoke"),
     "evaluate": ("marl_llm.evaluate", "score a run's checkpoint on held-out tasks (baseline=init: vs the initial model)"),
     "report": ("marl_llm.report", "figures and an HTML page of one or more runs"),
+    "compare": ("marl_llm.eval_store", "pair two runs' evaluations task by task: A - B with 95% intervals"),
     "envcheck": ("marl_llm.envcheck", "check a dataset against an env: columns, prompts, reference answers scored"),
     "preflight": ("marl_llm.preflight", "the GPU plan of a run: each actor's GPUs and each GPU's memory (starts nothing)"),
     "list": ("marl_llm.catalog", "algorithms, envs (with their dataset columns), model presets, experiments"),
