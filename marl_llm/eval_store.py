@@ -39,6 +39,11 @@ def save_outcomes(folder: Path, task_ids: Sequence[str], outcomes: Mapping[str, 
     return path
 
 
+def save_evaluation(folder: Path, tasks: Sequence[Mapping], algo) -> Path:
+    """What `algo.evaluate(tasks)` just scored, saved in `folder` (see the module docstring)."""
+    return save_outcomes(folder, [t["id"] for t in tasks], algo.eval_outcomes)
+
+
 def _step_of(path: Path) -> int:
     m = re.search(r"(\d+)$", path.name)
     return int(m.group(1)) if m else -1

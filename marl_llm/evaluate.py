@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 
 from marl_llm import cli, runtime
 from marl_llm.config import ConfigError, conf_dir, validate
-from marl_llm.eval_store import save_outcomes
+from marl_llm.eval_store import save_evaluation
 from marl_llm.preflight import check_run, writable_dir
 from marl_llm.stats import (CI_HIGH, CI_LOW, CI_N, DIFF, diff_key, differences, interval_metrics, paired_difference,
                             read_intervals)
@@ -123,7 +123,9 @@ def _out_path(special: dict, ckpt: Path | None) -> Path:
     return out
 
 
-def evaluate(run, ckpt: Path | None, baseline: str | None = None, engine_log: Path | None = None) -> dict:
+def evaluate(run, ckpt: Path | None, folder: Path, baseline: str | None = None, engine_log: Path | None = None) -> dict:
+    """Score the policies (`ckpt`'s weights) on the held-out tasks; each evaluation's per-task
+    outcomes go to `folder` (with baseline=init, the initial model's to `<folder>_init`)."""
     from marl_llm.buffer import TrajectoryBuffer
     from marl_llm.cluster import Cluster
 
@@ -140,7 +142,7 @@ def evaluate(run, ckpt: Path | None, baseline: str | None = None, engine_log: Pa
         tasks = env.eval_tasks()[: run.trainer.eval_size]
         result = {"algo": run.algo.name, "env": run.env.name, "checkpoint": str(ckpt) if ckpt else None,
                   "n": len(tasks), **algo.evaluate(tasks)}
-        outcomes = dict(algo.eval_outcomes)
+        save_evaluation(folder, tasks, algo)
         if baseline == "init":
             after = algo.eval_outcomes
             trained = [s for s in specs if inits[s.name]]
@@ -150,11 +152,11 @@ def evaluate(run, ckpt: Path | None, baseline: str | None = None, engine_log: Pa
             algo.setup(policies, TrajectoryBuffer())
             result.update({f"init/{k}": v for k, v in algo.evaluate(tasks).items()})
             before = algo.eval_outcomes
-            outcomes.update({f"init/{k}": v for k, v in before.items()})
+            save_evaluation(folder.parent / f"{folder.name}_init", tasks, algo)
             for m in algo.headline:
                 if m in after and m in before:
                     result.update(interval_metrics(diff_key(m, f"init/{m}"), paired_difference(after[m], before[m])))
-        return {**result, "task_ids": [t["id"] for t in tasks], "outcomes": outcomes}
+        return result
     finally:
         cluster.shutdown(policies)
 
@@ -184,9 +186,8 @@ def evaluate_run(special: dict, overrides: list[str]) -> tuple[dict, Path]:
     run = validate(_compose(special, overrides))
     ckpt = _checkpoint(special)
     out = _out_path(special, ckpt)
-    result = evaluate(run, ckpt, special.get("baseline"), engine_log=out.parent / "engines.log")
-    # per-task outcomes next to the metrics: `python -m marl_llm compare` pairs them with another run's
-    save_outcomes(out.with_suffix(""), result.pop("task_ids"), result.pop("outcomes"))
+    # per-task outcomes (and replies) next to the metrics: `python -m marl_llm compare` pairs them with another run's
+    result = evaluate(run, ckpt, out.with_suffix(""), special.get("baseline"), engine_log=out.parent / "engines.log")
     out.write_text(json.dumps(result, indent=2))
     return result, out
 

@@ -21,7 +21,7 @@ from marl_llm.buffer import TrajectoryBuffer
 from marl_llm.checkpoint import CheckpointManager, TaskStream, TrainerState
 from marl_llm.cluster import Cluster
 from marl_llm.config import RunConfig
-from marl_llm.eval_store import save_outcomes
+from marl_llm.eval_store import save_evaluation
 from marl_llm.jsonl import read_jsonl, write_jsonl
 from marl_llm.metrics import MetricsLogger, PhaseTimer
 from marl_llm.pipeline import RolloutProducer, staleness
@@ -176,7 +176,7 @@ class Trainer:
                     with self.timer("eval"):
                         record.update({f"eval/{k}": v for k, v in algo.evaluate(eval_tasks).items()})
                         # per-task outcomes: the run can be paired with another (python -m marl_llm compare)
-                        save_outcomes(out / "eval" / f"step_{done}", [t["id"] for t in eval_tasks], algo.eval_outcomes)
+                        save_evaluation(out / "eval" / f"step_{done}", eval_tasks, algo)
                 # ---- checkpoint every k steps (and after the last)
                 if run.trainer.save_every and (done % run.trainer.save_every == 0 or done == run.trainer.steps):
                     with self.timer("save"):
