@@ -3,7 +3,9 @@ error within a bounded time instead of stalling the run forever.
 
 Every remote call the driver waits on has one: a generate call (`rollout.timeout_s`), a train
 step, a scoring call, each part of a weight push and a checkpoint save (`learner.timeout_s`, which
-is also the collectives' timeout inside the learner group and the weight-sync group). A number
+is also the collectives' timeout inside the learner group and the weight-sync group; a push first
+waits for the generate calls in flight on its rollout workers, each within its own deadline, since
+a worker loads weights only between calls: `policy.wait_for_generations`). A number
 pins a deadline. `null` (the default) sizes it from the work so a healthy slow machine never
 trips it:
 

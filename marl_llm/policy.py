@@ -7,7 +7,9 @@ never see Ray, DeepSpeed or vLLM: they call the methods below with marl_llm.type
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
@@ -63,17 +65,31 @@ class Pending:
     """An in-flight generation; `result()` blocks. Lets algorithms dispatch many policies at once.
 
     Each worker's call has a deadline (`Deadline`, sized from its tokens when not set): a worker
-    that does not answer in time (stopped, stuck, its node gone) raises `ActorHung` naming it."""
+    that does not answer in time (stopped, stuck, its node gone) raises `ActorHung` naming it.
+    `result()` may be called again (and from another thread: a weight push waiting for the call,
+    `wait_for_generations`); the completions are fetched once."""
 
     def __init__(self, refs: list, splits: list[list[int]], n_requests: int, get, names: Optional[list[str]] = None,
-                 tokens: Optional[list[int]] = None, deadline: Optional[Deadline] = None):
+                 tokens: Optional[list[int]] = None, deadline: Optional[Deadline] = None, workers: Sequence = ()):
         self._refs, self._splits, self._n, self._get = refs, splits, n_requests, get
         self._names = names or [f"rollout worker {i}" for i in range(len(refs))]
         self._tokens = tokens or [0] * len(refs)
         self._deadline = deadline
         self._started = time.monotonic()
+        self._lock = threading.Lock()
+        self._out: Optional[list[list[Completion]]] = None
+        self.workers = {id(w) for w in workers}
+        if self.workers:
+            _IN_FLIGHT.add(self)
 
     def result(self) -> list[list[Completion]]:
+        with self._lock:
+            if self._out is None:
+                self._out = self._fetch()
+                _IN_FLIGHT.discard(self)
+            return self._out
+
+    def _fetch(self) -> list[list[Completion]]:
         out: list[Any] = [None] * self._n
         for ref, idx, name, tokens in zip(self._refs, self._splits, self._names, self._tokens):
             limit = self._deadline.seconds(tokens) if self._deadline else None
@@ -90,6 +106,20 @@ class Pending:
             for i, comps_i in zip(idx, comps):
                 out[i] = comps_i
         return out
+
+
+# generate calls dispatched and not yet collected (weak: a call nobody collects is forgotten with its handle)
+_IN_FLIGHT: "weakref.WeakSet[Pending]" = weakref.WeakSet()
+
+
+def wait_for_generations(workers: Sequence) -> None:
+    """Wait for the generate calls in flight on `workers` (each within its own generate deadline;
+    a hung or dead worker raises the error its caller would get). A rollout worker loads new
+    weights only after the call it is running, so a push waits for those calls first and its own
+    deadline (learner.timeout_s) then covers the push alone, however long the generation was."""
+    ids = {id(w) for w in workers}
+    for pending in [p for p in list(_IN_FLIGHT) if p.workers & ids]:
+        pending.result()
 
 
 class TrainPending:
@@ -160,7 +190,7 @@ class Policy:
                 names.append(f"rollout worker {j} of policy {self.name!r} "
                              f"(actor {actor_label(w)}, node {self.worker_nodes[j]})")
                 tokens.append(request_tokens(requests[a:b]))
-        return Pending(refs, splits, n, self._get, names, tokens, self.deadline)
+        return Pending(refs, splits, n, self._get, names, tokens, self.deadline, workers=self.rollout_workers)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
         return self.generate_async(requests).result()
@@ -210,6 +240,7 @@ class Policy:
             return {}
         names = [f"rollout worker {i} of policy {self.name!r} (actor {actor_label(w)}, node {node})"
                  for i, (w, node) in enumerate(zip(self.rollout_workers, self.worker_nodes))]
+        wait_for_generations(self.rollout_workers)  # trainer.max_staleness >= 1: the next rollout may be running
         if self.adapter is not None:
             info = self.learner.push_adapter(self.rollout_workers, self.adapter, names)
         else:

@@ -60,3 +60,74 @@ def test_a_finished_call_teaches_the_deadline_its_rate():
     time.sleep(0.01)
     assert p.result() == [[comp]]
     assert d.slowest is not None and d.slowest > 0
+
+
+# ---- a weight push waits for the generate calls in flight on its workers --------------------------
+class _Remote:
+    def __init__(self, fn):
+        self.remote = fn
+
+
+class _Worker:
+    def __init__(self):
+        self.generate = _Remote(lambda requests, adapter: f"ref{id(self)}")
+
+
+def _slow_get(release, fetched):
+    def get(ref, timeout=None):
+        assert release.wait(timeout=5), "the call was never released"
+        fetched.append(ref)
+        return [[Completion(prompt_ids=[1], completion_ids=[2], logprobs=[-1.0], text="x")]]
+    return get
+
+
+def _policy(workers, get, learner=None):
+    from marl_llm.policy import Policy, PolicySpec
+    return Policy(PolicySpec("p", model=None), workers, learner=learner, get=get)
+
+
+def test_a_push_waits_for_the_generation_in_flight_then_runs_on_its_own_deadline():
+    import threading
+
+    release, fetched, order = threading.Event(), [], []
+
+    class Learner:
+        def push_weights(self, workers, names):
+            order.append(("push", len(fetched)))
+            return {}
+
+    worker = _Worker()
+    policy = _policy([worker], _slow_get(release, fetched), Learner())
+    pending = policy.generate_async([GenerationRequest(prompt_ids=[1])])  # the next rollout, in flight
+    policy.dirty = True
+    pusher = threading.Thread(target=policy.sync_weights)
+    pusher.start()
+    time.sleep(0.2)
+    assert order == []  # the push has not started while the generation runs
+    release.set()
+    pusher.join(timeout=5)
+    assert order == [("push", 1)] and policy.version == 1
+    assert pending.result()[0][0].text == "x" and len(fetched) == 1  # fetched once, by the push's wait
+
+
+def test_a_push_does_not_wait_for_other_workers_and_a_hung_call_names_its_worker():
+    from marl_llm.policy import wait_for_generations
+
+    release, fetched = __import__("threading").Event(), []
+    busy, idle = _Worker(), _Worker()
+    pending = _policy([busy], _slow_get(release, fetched)).generate_async([GenerationRequest(prompt_ids=[1])])
+    t0 = time.monotonic()
+    wait_for_generations([idle])
+    assert time.monotonic() - t0 < 0.5 and fetched == []
+
+    def never(ref, timeout=None):
+        raise GetTimeoutError()
+
+    stuck = _Worker()
+    hung = _policy([stuck], never)
+    hung.deadline = Deadline("generate", "rollout.timeout_s", 0.1)
+    held = hung.generate_async([GenerationRequest(prompt_ids=[1])])  # noqa: F841 (its caller holds it)
+    with pytest.raises(ActorHung, match=r"rollout worker 0 of policy 'p' .* hung in generate"):
+        wait_for_generations([stuck])
+    release.set()
+    assert pending.result()[0][0].text == "x"
