@@ -28,7 +28,10 @@ The shared scaffolding (one way each, used by the built-in plugins and the examp
   `Algorithm.validate`            the one config check needing the run or env (pre-flight calls
                                   it): `required_roles`, `env_hooks`, `role_models` keys, plus
                                   whatever the plugin adds
-  `Algorithm.frozen_baseline`     a frozen greedy baseline computed once per eval task set, then reused
+  `Algorithm.frozen_baseline`     a baseline on frozen weights computed once per eval task set, then
+                                  reused (its kept replies too)
+  `Algorithm.keep_replies`        keep the replies behind an evaluation metric (saved and re-scorable)
+  `Algorithm.eval_decoding`       how each kept reply set was decoded: "greedy" or "temperature T, seed S"
   `PGConfig` + `Algorithm.loss`   group size and policy-gradient loss settings, validated
 
 Evaluation: `evaluate(tasks)` collects one outcome per task for every metric it reports (0/1
@@ -39,6 +42,18 @@ difference `diff/<a>-<b>` of two policies scored on the same tasks. The outcomes
 `eval_outcomes` (what `python -m marl_llm.evaluate baseline=init` pairs across two evaluations).
 In a pair (a, b), b is a's baseline: that is how the run report knows what to draw side by side.
 Costs (generations, tokens, latency) are reported without intervals.
+
+Replies: an evaluation keeps the replies behind each metric it compares (`keep_replies(name, ...)`,
+name = the metric, e.g. GRPO's `correct` and `base/correct`): one row per task with the task, the
+prompt, the reply, the temperature and seed it was sampled with, what was scored and the score
+(exactly the outcome logged for that metric and task). `eval_metrics` publishes them in
+`eval_replies` and marl_llm/eval_store.py saves them as `replies/<name>.jsonl` next to
+`outcomes.json`, where `rescore` re-scores them with the env. On an answer env (envs/qa.py) a row
+also holds the strict and the lenient reading of the reply (`answer`, `lenient_answer`), and every
+metric scored by correctness gets two more outcomes: `noanswer/<metric>` (1: the strict reading
+found no answer) and `lenient/<metric>` (the correctness of the lenient reading), and each compared
+pair (a, b) also `diff/lenient/<a>-lenient/<b>`. `eval_decoding` labels each reply set "greedy"
+(temperature 0) or "temperature T, seed S" (S: the run seed every request seed derives from).
 
 Reference log-probs have one path: an algorithm sets `PolicySpec(reference=True)` (a KL term with
 `kl_coef > 0`, DPO) and the learner scores the reference inside each train step; algorithms never
@@ -53,6 +68,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from envs.base import Env, Reward, fill, majority_index  # noqa: F401  (fill, majority_index: part of this API)
+from envs.qa import reads_answers
 from marl_llm.advantages import group_advantages
 from marl_llm.buffer import TrajectoryBuffer
 from marl_llm.config import (ConfigError, ModelConfig, RolloutConfig, RunConfig, check, check_choice, check_min,
@@ -62,6 +78,9 @@ from marl_llm.metrics import PhaseTimer, mean
 from marl_llm.policy import Policy, PolicySpec
 from marl_llm.stats import diff_key, interval_metrics, mean_interval, paired_difference, wilson_interval
 from marl_llm.types import Episode, GenerationRequest, PairSample, Sample, SamplingConfig, chunks
+
+#: the outcome-name prefixes of the two readings of an answer env's replies (`reading_outcomes`)
+LENIENT, NOANSWER = "lenient", "noanswer"
 
 
 @dataclass
@@ -103,7 +122,9 @@ class Algorithm:
         self.policies: dict[str, Policy] = {}
         self.buffer: TrajectoryBuffer | None = None
         self.eval_outcomes: dict[str, list[float]] = {}  # per-task outcomes of the last evaluation
-        self._baselines: dict[str, tuple[tuple, Any]] = {}  # name -> (eval task ids, result)
+        self.eval_replies: dict[str, list[dict[str, Any]]] = {}  # name -> one reply row per task (keep_replies)
+        self._replies: dict[str, list[dict[str, Any]]] = {}  # kept by the evaluation under way
+        self._baselines: dict[str, tuple[tuple, Any, dict]] = {}  # name -> (eval task ids, result, replies)
         # phase timer: `with self.timer("generate"): ...` splits step time by phase (the trainer's
         # own timer once `setup` has run)
         self.timer = PhaseTimer()
@@ -166,8 +187,9 @@ class Algorithm:
         raise NotImplementedError
 
     def evaluate(self, tasks: list[dict[str, Any]]) -> dict[str, float]:
-        """Metrics of the current policies on held-out tasks (greedy unless stated), with
-        intervals: build them with `self.eval_metrics`."""
+        """Metrics of the current policies on held-out tasks, with intervals: build them with
+        `self.eval_metrics`, after keeping the replies behind each compared metric
+        (`keep_replies`). How each was decoded is `eval_decoding`."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -233,17 +255,44 @@ class Algorithm:
         return []
 
     def eval_metrics(self, outcomes: Mapping[str, Sequence[float]]) -> dict[str, float]:
-        """`outcome_metrics(outcomes, self.comparisons())`, keeping the outcomes in `eval_outcomes`."""
+        """The end of an evaluation: publishes the replies kept since the last one in
+        `eval_replies`, adds their `lenient/` and `noanswer/` outcomes (`reading_outcomes`), keeps
+        all outcomes in `eval_outcomes` and returns `outcome_metrics(outcomes, self.comparisons())`."""
+        self.eval_replies, self._replies = self._replies, {}
+        outcomes = {**outcomes, **reading_outcomes(self.eval_replies, outcomes)}
         self.eval_outcomes = {k: [float(x) for x in v] for k, v in outcomes.items()}
         return outcome_metrics(self.eval_outcomes, self.comparisons())
 
+    def keep_replies(self, name: str, tasks: Sequence[dict[str, Any]],
+                     replies: Mapping[str, tuple[Sequence[GenerationRequest], Sequence[str]]],
+                     scores: Sequence[float], scored: str,
+                     candidates: Optional[Sequence[Sequence[str]]] = None) -> None:
+        """Keep the replies behind metric `name` of the evaluation under way (`reply_rows`; saved
+        as `replies/<name>.jsonl` by marl_llm/eval_store.py). `replies`: role -> (its requests,
+        its reply texts), one of each per task; several roles are one joint output scored together
+        (MAGRPO's agents). `scores`: the outcome logged for `name`, per task. `scored`: what a
+        score is, so that `eval_store.rescore` can recompute it: "reward" (the env reward's total)
+        or a reward component ("correct": `correct_of`). `candidates`: for a majority vote, per
+        task the replies voted over (the kept reply is the one the vote picked)."""
+        self._replies[name] = reply_rows(self.env, tasks, replies, scores, scored, candidates)
+
+    def eval_decoding(self) -> dict[str, str]:
+        """How each reply set of the last evaluation was decoded: name -> "greedy" (temperature
+        0) or "temperature T, seed S" (S: the run seed every request seed is derived from)."""
+        return {name: decoding_label(reply_temperatures(rows), self.run.seed)
+                for name, rows in self.eval_replies.items()}
+
     def frozen_baseline(self, name: str, tasks: Sequence[dict[str, Any]], compute: Callable[[], Any]) -> Any:
-        """The result of a baseline on frozen weights with greedy decoding (it cannot change
+        """The result of a baseline on frozen weights and seeded requests (it cannot change
         between evaluations): `compute()` runs at the first evaluation of a task set, and later
-        evaluations of the same tasks (by id) reuse its result."""
+        evaluations of the same tasks (by id) reuse its result and the replies it kept."""
         key = tuple(t["id"] for t in tasks)
         if name not in self._baselines or self._baselines[name][0] != key:
-            self._baselines[name] = (key, compute())
+            before = dict(self._replies)
+            result = compute()
+            kept = {k: rows for k, rows in self._replies.items() if before.get(k) is not rows}
+            self._baselines[name] = (key, result, kept)
+        self._replies.update(self._baselines[name][2])
         return self._baselines[name][1]
 
     @property
@@ -270,6 +319,92 @@ def correct_of(reward: Reward, max_reward: float) -> float:
     """Whether a scored answer is right: its `correct` component, else 1.0 iff the reward is at
     its maximum (e.g. a unit-test pass rate of 1)."""
     return float(reward.components.get("correct", float(reward.total >= max_reward - 1e-9)))
+
+
+def score_of(reward: Reward, scored: str, max_reward: float) -> float:
+    """The score an evaluation logs from `reward` (`Algorithm.keep_replies`' `scored`): the total
+    for "reward", `correct_of` for "correct", else that component (the total where it is absent,
+    as MALT's leaf values read `algo.reward_key`)."""
+    if scored == "reward":
+        return float(reward.total)
+    if scored == "correct":
+        return correct_of(reward, max_reward)
+    return float(reward.components.get(scored, reward.total))
+
+
+# ---- kept replies (Algorithm.keep_replies; saved by marl_llm/eval_store.py) -------------------------
+def reply_rows(env: Env, tasks: Sequence[dict[str, Any]],
+               replies: Mapping[str, tuple[Sequence[GenerationRequest], Sequence[str]]],
+               scores: Sequence[float], scored: str,
+               candidates: Optional[Sequence[Sequence[str]]] = None) -> list[dict[str, Any]]:
+    """One JSON row per task: `task_id`, `task` (the task dict: a file re-scores without the
+    dataset), `role`, `prompt` (the request's chat messages), `reply` (the text), `temperature`
+    and `seed` (the request's sampling), `scored` and `score` (see `Algorithm.keep_replies`).
+    One role: `role` is its name and the other fields its own; several roles (a joint output):
+    `role` is the list of roles and `prompt`, `reply`, `temperature`, `seed` map each role to its
+    own. On an answer env (envs/qa.py, one role) also `answer` (the strict reading the reward
+    scores; None: no readable answer) and `lenient_answer` (the lenient reading), and for a
+    correctness score `lenient_score`: the score where the strict reading found an answer, else
+    the env's grade of the lenient answer (so lenient and strict differ only on unread answers).
+    With `candidates` (a majority vote), also `candidates`: the task's replies voted over."""
+    n = len(tasks)
+    wrong = {role: (len(reqs), len(texts)) for role, (reqs, texts) in replies.items()
+             if len(reqs) != n or len(texts) != n}
+    if not replies or wrong or len(scores) != n or (candidates is not None and len(candidates) != n):
+        raise ValueError(f"keep_replies needs one request, reply and score (and candidate list) per task "
+                         f"({n} tasks); got (requests, replies) per role {wrong or 'none'}, {len(scores)} "
+                         f"scores and {'no' if candidates is None else len(candidates)} candidate lists")
+    roles = list(replies)
+    answers = len(roles) == 1 and reads_answers(env)
+    rows = []
+    for i, task in enumerate(tasks):
+        per_role = {role: (reqs[i], texts[i]) for role, (reqs, texts) in replies.items()}
+
+        def field(get: Callable[[GenerationRequest, str], Any]) -> Any:
+            values = {role: get(req, text) for role, (req, text) in per_role.items()}
+            return values[roles[0]] if len(roles) == 1 else values
+
+        row = {"task_id": task["id"], "task": task, "role": roles[0] if len(roles) == 1 else roles,
+               "prompt": field(lambda req, text: req.messages), "reply": field(lambda req, text: text),
+               "temperature": field(lambda req, text: req.sampling.temperature),
+               "seed": field(lambda req, text: req.sampling.seed), "scored": scored, "score": float(scores[i])}
+        if answers:
+            row["answer"] = env.extract_for(task, row["reply"])
+            row["lenient_answer"] = env.lenient_for(task, row["reply"])
+            if scored == "correct":
+                row["lenient_score"] = (row["score"] if row["answer"] is not None
+                                        else float(env.grade(task, row["lenient_answer"])))
+        if candidates is not None:
+            row["candidates"] = list(candidates[i])
+        rows.append(row)
+    return rows
+
+
+def reading_outcomes(replies: Mapping[str, Sequence[Mapping[str, Any]]],
+                     outcomes: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
+    """For every metric of `outcomes` whose kept replies carry a lenient score (correctness on an
+    answer env): `lenient/<metric>` (the lenient reading's correctness) and `noanswer/<metric>`
+    (1.0 where the strict reading found no answer), one per task."""
+    out: dict[str, list[float]] = {}
+    for name, rows in replies.items():
+        if name in outcomes and rows and all("lenient_score" in r for r in rows):
+            out[f"{LENIENT}/{name}"] = [float(r["lenient_score"]) for r in rows]
+            out[f"{NOANSWER}/{name}"] = [float(r["answer"] is None) for r in rows]
+    return out
+
+
+def reply_temperatures(rows: Iterable[Mapping[str, Any]]) -> set[float]:
+    """The temperatures the rows' replies were sampled at (a joint row's per role)."""
+    temps = [r["temperature"] for r in rows]
+    return {float(t) for x in temps for t in (x.values() if isinstance(x, Mapping) else [x])}
+
+
+def decoding_label(temperatures: Iterable[float], seed: int) -> str:
+    """A decoding's label: "greedy" for temperature 0, else "temperature T, seed S" (several
+    temperatures: each, joined by "and")."""
+    temps = sorted(set(temperatures))
+    labels = ["greedy" if t == 0 else f"temperature {t:g}" for t in temps]
+    return " and ".join(labels) + (f", seed {seed}" if any(t > 0 for t in temps) else "")
 
 
 @dataclass
@@ -380,7 +515,8 @@ def outcome_metrics(outcomes: Mapping[str, Sequence[float]],
     a Wilson interval when every outcome is 0 or 1 (a success rate), else a Student t interval.
     `diffs`: (a, b) pairs of metrics scored on the same tasks; each pair whose metrics are both
     in `outcomes` gives the paired difference `diff/<a>-<b>` (mean of a[i] - b[i]) with its
-    paired t interval. Metrics with no outcomes are left out."""
+    paired t interval; where both also have lenient versions (`lenient/<a>`, `lenient/<b>`:
+    `reading_outcomes`), their difference too. Metrics with no outcomes are left out."""
     out: dict[str, float] = {}
     for key, values in outcomes.items():
         xs = [float(v) for v in values]
@@ -388,8 +524,9 @@ def outcome_metrics(outcomes: Mapping[str, Sequence[float]],
             iv = wilson_interval(int(sum(xs)), len(xs)) if is_binary(xs) else mean_interval(xs)
             out.update(interval_metrics(key, iv))
     for a, b in diffs:
-        if outcomes.get(a) and outcomes.get(b):
-            out.update(interval_metrics(diff_key(a, b), paired_difference(outcomes[a], outcomes[b])))
+        for x, y in ((a, b), (f"{LENIENT}/{a}", f"{LENIENT}/{b}")):
+            if outcomes.get(x) and outcomes.get(y):
+                out.update(interval_metrics(diff_key(x, y), paired_difference(outcomes[x], outcomes[y])))
     return out
 
 

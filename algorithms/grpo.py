@@ -13,7 +13,10 @@ Evaluation: the policy's greedy reward and components per held-out task, with 95
 with `eval_baselines: [base]` (default) also the untrained model (`base/...`: a frozen copy of
 `model=`, rollout workers only, greedy, computed at the first evaluation of a task set and reused)
 and the paired differences trained - base (`diff/reward-base/reward`, and `diff/correct-base/correct`
-where the env scores correctness: `comparisons`).
+where the env scores correctness: `comparisons`). The replies are kept under `correct` and
+`base/correct` on an answer env (with the `lenient/` and `noanswer/` outcomes and
+`diff/lenient/correct-lenient/base/correct`), else under `reward` and `base/reward`
+(algorithms/base.py "Replies").
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import logging
 from dataclasses import dataclass, field
 
 from algorithms.base import Algorithm, PGConfig, group_samples, reward_metrics, score_outcomes
+from envs.qa import reads_answers
 from marl_llm.config import check_entries
 from marl_llm.metrics import mean
 from marl_llm.policy import PolicySpec
@@ -87,19 +91,26 @@ class GRPO(Algorithm):
         model's (`frozen_baseline`: computed at the first evaluation, reused) and the paired differences."""
         if not tasks:
             return {}
-        pending = self.policies["policy"].generate_async(self.requests(ROLE, tasks, temperature=0.0))
+        reqs = self.requests(ROLE, tasks, temperature=0.0)
+        pending = self.policies["policy"].generate_async(reqs)
         # the base model generates while the policy's batch is in flight
         base = self.frozen_baseline(BASE, tasks, lambda: self._base_outcomes(tasks)) \
             if BASE in self.cfg.eval_baselines else {}
-        outcomes = {**self._score(tasks, pending.result()), **base}
+        outcomes = {**self._score(tasks, reqs, pending.result()), **base}
         return self.eval_metrics(outcomes)
 
-    def _score(self, tasks, outs, prefix: str = "") -> dict[str, list[float]]:
-        return score_outcomes(self.env.reward_batch([(t, {ROLE: o[0].text}) for t, o in zip(tasks, outs)]), prefix)
+    def _score(self, tasks, reqs, outs, prefix: str = "") -> dict[str, list[float]]:
+        """The outcomes of one reply per task, keeping the replies under `<prefix>correct` on an
+        answer env (whose reward has its `correct` component), else under `<prefix>reward`."""
+        texts = [o[0].text for o in outs]
+        outcomes = score_outcomes(self.env.reward_batch([(t, {ROLE: x}) for t, x in zip(tasks, texts)]), prefix)
+        scored = "correct" if reads_answers(self.env) and f"{prefix}correct" in outcomes else "reward"
+        self.keep_replies(f"{prefix}{scored}", tasks, {ROLE: (reqs, texts)}, outcomes[f"{prefix}{scored}"], scored)
+        return outcomes
 
     def _base_outcomes(self, tasks) -> dict[str, list[float]]:
-        base = self._score(tasks, self.policies[BASE].generate(self.requests(ROLE, tasks, temperature=0.0)),
-                           f"{BASE}/")
+        reqs = self.requests(ROLE, tasks, temperature=0.0)
+        base = self._score(tasks, reqs, self.policies[BASE].generate(reqs), f"{BASE}/")
         log.info("GRPO baseline: the untrained model (greedy) scores reward %.3f on %d eval tasks "
                  "(computed once, reused at later evaluations of these tasks)", mean(base[f"{BASE}/reward"]), len(tasks))
         return base

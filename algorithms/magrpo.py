@@ -29,6 +29,9 @@ agent sees the earlier agents' outputs (`sequential`), and one round of discussi
 agent revises after reading the others' first answers (`discussion`).
 Every score comes with its 95% interval over the tasks, and the trained pair's reward is compared
 with each baseline's by the paired difference `diff/reward-<baseline>/reward` (`comparisons`).
+Each method's final outputs are kept as one joint reply per task under `reward` and
+`<baseline>/reward` (every agent's prompt and reply; the score is the joint reward: algorithms/base.py
+"Replies").
 Each agent's model: `algo.role_models.<agent>` (a conf/model preset), else `model=`. The agents'
 learner groups train one after the other or at the same time as the engine decides
 (`learner.concurrent`).
@@ -52,6 +55,8 @@ from marl_llm.registry import register_algorithm
 from marl_llm.types import Completion, Episode, GenerationRequest, Sample, Turn
 
 log = logging.getLogger(__name__)
+#: one generation stage of an evaluated method: role -> (its requests, its completions), one per task
+Stage = dict[str, tuple[list[GenerationRequest], list[Completion]]]
 EVAL_BASELINES = ("single", "naive", "sequential", "discussion")
 DISCUSSION_FEEDBACK = ("Your teammates answered:\n{others}\n\n"
                        "Revise your own part so that it fits with theirs without repeating them.")
@@ -221,34 +226,34 @@ class MAGRPO(Algorithm):
         return metrics
 
     # ---- evaluation -------------------------------------------------------------------------------
-    def _answer(self, tasks, who: dict[str, str], contexts=None) -> dict[str, list[Completion]]:
+    def _answer(self, tasks, who: dict[str, str], contexts=None) -> Stage:
         """Every role in `who` (role -> policy name) answers every task once, greedily; all
         requests are dispatched before any result is awaited (agents run in parallel). One
         generate call per role, also when two roles' base policies share an engine: the batches
-        the baselines were measured with."""
+        the baselines were measured with. Returns role -> (its requests, its completions)."""
         contexts = contexts or [{} for _ in tasks]
-        pending = {role: self.policies[pol].generate_async(
-            self.requests(role, tasks, temperature=0.0, seed=("eval",),
-                          contexts=[ctx.get(role, {}) for ctx in contexts]))
-            for role, pol in who.items()}
-        return {role: [c[0] for c in p.result()] for role, p in pending.items()}
+        reqs = {role: self.requests(role, tasks, temperature=0.0, seed=("eval",),
+                                    contexts=[ctx.get(role, {}) for ctx in contexts]) for role in who}
+        pending = {role: self.policies[pol].generate_async(reqs[role]) for role, pol in who.items()}
+        return {role: (reqs[role], [c[0] for c in p.result()]) for role, p in pending.items()}
 
-    def _method(self, name: str, tasks, who: dict[str, str]) -> list[dict[str, list[Completion]]]:
+    def _method(self, name: str, tasks, who: dict[str, str]) -> list[Stage]:
         """The generation stages of one evaluated method; each stage's roles answer in parallel."""
         agents = list(who)
         if name in ("trained", "naive", "single"):
             return [self._answer(tasks, who)]
         if name == "sequential":  # agent k sees the outputs of agents 1..k-1 (by name)
-            stages: list[dict[str, list[Completion]]] = []
+            stages: list[Stage] = []
             for k, a in enumerate(agents):
-                ctx = [{a: {b: st[b][i].text for st, b in zip(stages, agents[:k])}} for i in range(len(tasks))]
+                ctx = [{a: {b: st[b][1][i].text for st, b in zip(stages, agents[:k])}} for i in range(len(tasks))]
                 stages.append(self._answer(tasks, {a: who[a]}, ctx))
             return stages
         if name == "discussion":  # parallel first answers, then one revision after reading the others'
             first = self._answer(tasks, who)
-            ctx = [{a: {"previous": first[a][i].text,
+            text = {role: [c.text for c in comps] for role, (_, comps) in first.items()}
+            ctx = [{a: {"previous": text[a][i],
                         "feedback": DISCUSSION_FEEDBACK.format(others="\n\n".join(
-                            f"[{b}]\n{first[b][i].text.strip()}" for b in agents if b != a))} for a in agents}
+                            f"[{b}]\n{text[b][i].strip()}" for b in agents if b != a))} for a in agents}
                    for i in range(len(tasks))]
             return [first, self._answer(tasks, who, ctx)]
         raise ValueError(f"unknown evaluation method {name!r}")
@@ -260,18 +265,22 @@ class MAGRPO(Algorithm):
         `tests` component). Costs:
         generations and tokens per task, and wall-clock generation cost: latency_s = seconds from
         sending the batch's prompts to the last final output (all tasks batched together),
-        tokens_per_s = generated tokens / latency_s."""
+        tokens_per_s = generated tokens / latency_s. The final outputs are kept as `<prefix>reward`'s
+        replies (`keep_replies`: one joint reply per task, scored by the reward)."""
         agents = self.cfg.agents
         who = {"trained": {a: a for a in agents},
                "single": {"single": base(agents[0])}}.get(name, {a: base(a) for a in agents})
         t0 = time.perf_counter()
         stages = self._method(name, tasks, who)
         seconds = time.perf_counter() - t0
-        final = {role: comps for st in stages for role, comps in st.items()}  # later stages overwrite
-        scores = self.env.reward_batch([(t, {r: final[r][i].text for r in who}) for i, t in enumerate(tasks)])
+        final = {role: answers for st in stages for role, answers in st.items()}  # later stages overwrite
+        scores = self.env.reward_batch([(t, {r: final[r][1][i].text for r in who}) for i, t in enumerate(tasks)])
         top = self.env.max_reward_for(list(who))
-        tokens = sum(len(c.completion_ids) for st in stages for comps in st.values() for c in comps)
+        tokens = sum(len(c.completion_ids) for st in stages for _, comps in st.values() for c in comps)
         outcomes = score_outcomes(scores, prefix)
+        self.keep_replies(f"{prefix}reward", tasks, {role: (reqs, [c.text for c in comps])
+                                                     for role, (reqs, comps) in final.items()},
+                          outcomes[f"{prefix}reward"], "reward")
         if math.isfinite(top):  # an env.reward_fn without a declared max_reward leaves "solved" undefined
             outcomes[f"{prefix}solved"] = [float(s.total >= top - 1e-9) for s in scores]
         if "tests" in scores[0].components:

@@ -79,7 +79,7 @@ score), `mv/gvr` (MALT's number), and ablations with the same models:
 own answer using the critique, through the env's `previous`/`feedback` prompt context; no
 refiner), `mv/gr` (G+R: the refiner improves the answer without a critique, `critique` =
 `no_critique`). Baselines at equal compute (`baselines`): `initial` (default) evaluates the
-untrained roles once before training (in `prepare`, only when `trainer.eval_every` > 0) and reports
+untrained roles once before training (in `prepare`, on the dev and/or test tasks the run evaluates) and reports
 them with every evaluation under `baseline/`: `baseline/mv/g` is the base model (the initial
 generator) sampled `chains` times + MV, `baseline/mv/gvr` the untrained G-V-R + MV; `frozen` adds a
 frozen `base` policy (rollout workers only) that runs the untrained G-V-R chains at the first
@@ -87,7 +87,10 @@ evaluation of a task set (frozen weights and seeded requests: later evaluations 
 under `python -m marl_llm.evaluate`); `none` skips them. Every score comes with its 95% interval
 over the questions (per-chain scores are averaged per question first, so n counts questions), and
 the paired differences of `comparisons()` (trained G-V-R + MV against the baselines and against G
-only).
+only). Every vote's replies are kept (`mv/<variant>`, `baseline/mv/<variant>`: the picked chain's
+final reply and the chains' final replies voted over; algorithms/base.py "Replies"). The chains
+are sampled at `eval_temperature` (0.3 by default, seeded: not greedy, so that the chains differ),
+and the decoding label says so: "temperature 0.3, seed <run seed>".
 
 LoRA roles (`model.lora` set, e.g. `+model.lora.r=16`; the paper's set-up, malt_paper): each role's
 checkpoint is the merged model plus its adapter in `adapter/` (marl_llm/learner/lora.py says how
@@ -119,6 +122,9 @@ log = logging.getLogger(__name__)
 ROLES = ("generator", "verifier", "refiner")  # the tree's levels, in order
 LEVEL = {r: i for i, r in enumerate(ROLES)}
 CONTEXT_KEY = {"generator": "answer", "verifier": "critique"}  # how a node's text enters its descendants' prompts
+# the untrained roles' metrics: `baseline/mv/gvr` is the untrained G -> V -> R + MV, `baseline/mv/g`
+# the base model (the untrained generator) x chains + MV
+BASELINE = "baseline/"
 # the verifier's and refiner's prompts ({question} and {answer_instruction} come from the env; the
 # generator answers with the env's own answering prompt)
 PROMPTS: dict[str, str] = {
@@ -158,7 +164,7 @@ class MALTConfig(AlgoConfig):
     export_path: Optional[str] = None     # folder for iter_<k>.jsonl; default <output_dir>/malt_dataset
     # ---- evaluation
     chains: int = 3                       # G -> V -> R chains per question, majority vote (MV@3)
-    eval_temperature: float = 0.3
+    eval_temperature: float = 0.3         # chains are sampled (seeded), not greedy: MV needs different chains
     eval_ablations: bool = True           # also G+V (generator revises) and G+R (no critique)
     baselines: str = "initial"            # initial | frozen | none
     no_critique: str = "(no critique available)"
@@ -372,7 +378,7 @@ class MALT(Algorithm):
         self.iteration = 0
         self.last_train_step = -1
         self.baselines: dict[str, float] = {}      # `initial`: the untrained roles' metrics
-        self.initial_outcomes: dict[str, Any] = {}  # `initial`: {"ids": eval task ids, "outcomes": per task}
+        self.initial_outcomes: dict[str, Any] = {}  # `initial`: {"ids": task ids, "outcomes": per task}
         self.history: list[dict[str, Any]] = []
         self._pending: list[Episode] = []
 
@@ -450,7 +456,8 @@ class MALT(Algorithm):
         """One tree per question, grown level by level (generator, verifier, refiner): one batched
         generate call per level for the whole batch."""
         cfg, n = self.cfg, self.cfg.branching
-        thr = cfg.threshold(self.iteration)
+        k = self.iteration_of(step)  # from the step, not self.iteration: collection may run ahead of training
+        thr = cfg.threshold(k)
         trees: list[list[Turn]] = [[] for _ in tasks]
         # the open nodes: (task index, the node to branch from, role -> text along its path)
         frontier: list[tuple[int, Optional[Turn], dict[str, str]]] = [(i, None, {}) for i in range(len(tasks))]
@@ -485,11 +492,15 @@ class MALT(Algorithm):
             episodes.append(Episode(
                 task=task, turns=turns, reward=mean(t.reward for t in leaves) if leaves else None,
                 components=comps, group=str(task.get("id", i)), step=step,
-                meta={"malt": True, "iteration": self.iteration, "threshold": thr, "branching": n,
+                meta={"malt": True, "iteration": k, "threshold": thr, "branching": n,
                       "value": mean(g.value for g in gens) if gens else None}))
         return episodes
 
     # ---- update -----------------------------------------------------------------------------------
+    def iteration_of(self, step: int) -> int:
+        """The iteration whose block contains `step` (the trees of a block train together)."""
+        return step // self.steps_per_iteration
+
     def is_train_step(self, step: int) -> bool:
         total = int(self.run.trainer.steps)
         return (step + 1) % self.steps_per_iteration == 0 or (total > 0 and step + 1 >= total)
@@ -606,27 +617,39 @@ class MALT(Algorithm):
 
     # ---- evaluation -------------------------------------------------------------------------------
     def prepare(self, tasks):
-        """Nothing heavy: the trees are collected step by step. With `baselines=initial` and
-        evaluation on, the untrained roles are scored once here (reported under baseline/)."""
-        if self.cfg.baselines == "initial" and self.run.trainer.eval_every and not self.baselines:
-            eval_tasks = self.env.eval_tasks()[: self.run.trainer.eval_size]
+        """Nothing heavy: the trees are collected step by step. With `baselines=initial`, the
+        untrained roles are scored once here on every task the run will evaluate (dev with
+        trainer.eval_every, test with trainer.test; in one pass), reported under baseline/."""
+        if self.cfg.baselines == "initial" and not self.baselines:
+            eval_tasks = [t for split in self.run.trainer.eval_splits()
+                          for t in self.env.tasks(split)[: self.run.trainer.eval_size]]
             if eval_tasks:
                 with self.timer("baseline"):
-                    outcomes = self.baseline_outcomes(self.chain_outcomes(eval_tasks, self.policies))
-                self.initial_outcomes = {"ids": [t["id"] for t in eval_tasks], "outcomes": outcomes}
+                    outcomes = self.chain_outcomes(eval_tasks, self.policies, prefix=BASELINE)
+                # their replies are saved with every evaluation that reports them (`initial_replies_of`)
+                replies, self._replies = self._replies, {}
+                self.initial_outcomes = {"ids": [t["id"] for t in eval_tasks], "outcomes": outcomes,
+                                         "replies": replies}
                 self.baselines = outcome_metrics(outcomes)
         return tasks
 
-    @staticmethod
-    def baseline_outcomes(res: dict[str, list[float]]) -> dict[str, list[float]]:
-        """The untrained roles' scores under `baseline/`: `baseline/mv/gvr` is the untrained
-        G -> V -> R + MV, `baseline/mv/g` the base model (the untrained generator) x chains + MV."""
-        return {f"baseline/{k}": v for k, v in res.items()}
+    def initial_outcomes_of(self, tasks) -> dict[str, list[float]]:
+        """The untrained roles' outcomes on `tasks`, in their order, if `prepare` scored them all; else {}."""
+        position = {tid: i for i, tid in enumerate(self.initial_outcomes.get("ids", []))}
+        if not all(t["id"] in position for t in tasks):
+            return {}
+        return {k: [v[position[t["id"]]] for t in tasks] for k, v in self.initial_outcomes["outcomes"].items()}
+
+    def initial_replies_of(self, tasks) -> dict[str, list[dict[str, Any]]]:
+        """The untrained roles' kept replies on `tasks` (scored by `prepare`), in their order."""
+        kept = self.initial_outcomes.get("replies", {})
+        by_id = {name: {row["task_id"]: row for row in rows} for name, rows in kept.items()}
+        return {name: [rows[t["id"]] for t in tasks] for name, rows in by_id.items()}
 
     def evaluate(self, tasks):
         """The chains of the trained roles and the baselines, with 95% intervals over the
         questions and the paired differences of `comparisons()` (where the baseline was scored on the
-        same questions: always with `frozen`, with `initial` when the eval set is the one scored
+        same questions: always with `frozen`, with `initial` when these questions were scored
         before training)."""
         if not tasks:
             return {}
@@ -634,10 +657,11 @@ class MALT(Algorithm):
         initial = {}
         if self.cfg.baselines == "frozen" and "base" in self.policies:
             base = {r: self.policies["base"] for r in ROLES}
-            outcomes.update(self.frozen_baseline("base", tasks, lambda: self.baseline_outcomes(
-                self.chain_outcomes(tasks, base, ablations=False))))
-        elif self.initial_outcomes.get("ids") == [t["id"] for t in tasks]:
-            outcomes.update(self.initial_outcomes["outcomes"])
+            outcomes.update(self.frozen_baseline("base", tasks, lambda: self.chain_outcomes(
+                tasks, base, ablations=False, prefix=BASELINE)))
+        elif initial_outcomes := self.initial_outcomes_of(tasks):
+            outcomes.update(initial_outcomes)
+            self._replies.update(self.initial_replies_of(tasks))
         else:
             initial = self.baselines  # scored on other questions: reported, not paired
         return {**self.eval_metrics(outcomes), **initial, "generations_per_question": float(3 * self.cfg.chains)}
@@ -650,32 +674,35 @@ class MALT(Algorithm):
     def _correct(self, items: list[tuple[dict, dict[str, str]]]) -> list[float]:
         return self._leaf_values(items)[0]
 
-    def _vote(self, task_texts: list[str], task_correct: list[float]) -> float:
-        idx = vote(self.env, task_texts)
-        return 0.0 if idx is None else float(task_correct[idx])
-
-    def chain_outcomes(self, tasks, pols: dict, ablations: Optional[bool] = None) -> dict[str, list[float]]:
+    def chain_outcomes(self, tasks, pols: dict, ablations: Optional[bool] = None,
+                       prefix: str = "") -> dict[str, list[float]]:
         """`chains` G -> V -> R chains per question (one generate call per stage for all questions)
         and majority votes; ablations G only, G+V (generator revises with the critique), G+R.
-        Returns one outcome per question for every metric: a vote's correctness, or the mean
-        over the question's chains of a per-chain score."""
+        Returns one outcome per question for every metric (named `<prefix><metric>`; BASELINE for
+        the untrained roles): a vote's correctness, or the mean over the question's chains of a
+        per-chain score. Every vote keeps its replies (`keep_replies`, `<prefix>mv/<variant>`): per
+        question the final reply of the chain the vote picked, with the chains' final replies it
+        voted over (`candidates`)."""
         cfg, C = self.cfg, self.cfg.chains
         ablations = cfg.eval_ablations if ablations is None else ablations
         if not tasks:
             return {}
         flat = [(i, c) for i in range(len(tasks)) for c in range(C)]  # (question, chain)
         chain_tasks = [tasks[i] for i, _ in flat]
+        sent: dict[str, list[GenerationRequest]] = {}  # stage -> its requests, one per chain
 
         def ask(role: str, stage: str, contexts: list[dict[str, str]]):
             """One request per chain, all of a stage dispatched at once."""
-            return pols[role].generate_async(self.role_requests(role, chain_tasks, 1, cfg.eval_temperature,
-                                                                seed=("eval", stage), contexts=contexts))
+            sent[stage] = self.role_requests(role, chain_tasks, 1, cfg.eval_temperature, seed=("eval", stage),
+                                             contexts=contexts)
+            return pols[role].generate_async(sent[stage])
 
         def chain_texts(results) -> dict[tuple[int, int], str]:
             return {k: (r[0].text if r else "") for k, r in zip(flat, results)}
 
-        G = pols["generator"].generate(self.role_requests("generator", tasks, C, cfg.eval_temperature,
-                                                          seed=("eval", "g")))
+        g_reqs = self.role_requests("generator", tasks, C, cfg.eval_temperature, seed=("eval", "g"))
+        sent["g"] = [g_reqs[i] for i, _ in flat]  # one request per question samples all its chains
+        G = pols["generator"].generate(g_reqs)
         g_text = {(i, c): (G[i][c].text if c < len(G[i]) else "") for i, c in flat}
         v_pending = ask("verifier", "v", [{"answer": g_text[k]} for k in flat])
         gr_pending = ask("refiner", "gr", [{"answer": g_text[k], "critique": cfg.no_critique} for k in flat]) \
@@ -694,18 +721,26 @@ class MALT(Algorithm):
         final = self.env.reward_batch([(tasks[i], {"refiner": r_text[i, c]}) for i, c in flat])
         questions = range(len(tasks))
 
-        def mv(name) -> list[float]:
-            _, texts = stages[name]
-            return [self._vote([texts[i, c] for c in range(C)], [correct[name][i, c] for c in range(C)])
-                    for i in questions]
+        def mv(name: str, metric: str) -> list[float]:
+            """The majority vote over stage `name`'s chains: its correctness per question, its
+            replies kept under `<prefix><metric>` (no vote: the first chain's, which has no answer)."""
+            role, texts = stages[name]
+            votes = [vote(self.env, [texts[i, c] for c in range(C)]) for i in questions]
+            scores = [0.0 if v is None else float(correct[name][i, v]) for i, v in zip(questions, votes)]
+            picked = [(i, v or 0) for i, v in zip(questions, votes)]
+            reqs = sent[{"generator": "g", "refiner": "r"}.get(name, name)]
+            self.keep_replies(prefix + metric, tasks, {role: ([reqs[i * C + c] for i, c in picked],
+                                                              [texts[k] for k in picked])},
+                              scores, cfg.reward_key, candidates=[[texts[i, c] for c in range(C)] for i in questions])
+            return scores
 
         def per_question(chain_values: dict[tuple[int, int], float]) -> list[float]:
             return [mean(chain_values[i, c] for c in range(C)) for i in questions]
 
         verdicts = {k: verdict(v_text[k]) for k in flat}
         res = {
-            "mv/gvr": mv("refiner"),
-            "mv/g": mv("generator"),
+            "mv/gvr": mv("refiner", "mv/gvr"),
+            "mv/g": mv("generator", "mv/g"),
             "acc/generator": per_question(correct["generator"]),
             "acc/refiner": per_question(correct["refiner"]),
             "acc/verifier_verdict": per_question({k: float(v is not None and v == (correct["generator"][k] > 0))
@@ -713,6 +748,6 @@ class MALT(Algorithm):
             **{k: per_question(dict(zip(flat, v))) for k, v in score_outcomes(final).items()},
         }
         if ablations:
-            res.update({"mv/gv": mv("gv"), "mv/gr": mv("gr"), "acc/gv": per_question(correct["gv"]),
+            res.update({"mv/gv": mv("gv", "mv/gv"), "mv/gr": mv("gr", "mv/gr"), "acc/gv": per_question(correct["gv"]),
                         "acc/gr": per_question(correct["gr"])})
-        return res
+        return {prefix + k: v for k, v in res.items()}

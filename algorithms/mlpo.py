@@ -17,7 +17,8 @@ Where the paper is silent, we chose:
     SmolLM2 it is where the skill grows first; docs/RESULTS.md);
   - G (`group_size`) is 8, KL is off (`kl_coef=0`; the reference is the post-SFT leader), and the
     loss divides token sums by `rollout.max_new_tokens`;
-  - `rounds=1` by default (CPU evaluation time); greedy leader and single-agent baselines.
+  - `rounds=1` by default (CPU evaluation time); the leader and the single-agent baseline answer at
+    `eval_temperature` (0: greedy), the team samples at `team_temperature` (seeded) in evaluation too.
 
 Agents: one trainable `leader` policy (rollout workers + a ZeRO-3 learner group), K frozen team
 agents `team0 .. team{K-1}` (`model=`, or per agent a conf/model preset in `algo.role_models`) and,
@@ -46,7 +47,12 @@ evaluate(tasks) — the T-round protocol: round 0 the team answers alone, the le
   K+1 generations per round, and the baselines: leader alone, single agent (team0's model), team
   majority vote and the untrained leader (`untrained_leader`, the leader's base weights) with the
   same team; every accuracy with its 95% interval over the tasks, and the paired differences in
-  COMPARISONS.
+  COMPARISONS. Replies kept (algorithms/base.py "Replies"): the leaders' final answers
+  (`acc/final`, `acc/untrained_final`), the leader alone and the single agent (`acc/leader_alone`,
+  `acc/single`), the team answer the majority vote picked, with the K voted over (`acc/majority`),
+  and every team agent's answers per round (`team_round<t>/<agent>`). Decoding labels
+  (`eval_decoding`): the leaders' answers over the team name both decodings, e.g. "leader greedy;
+  team temperature 0.3, seed 0".
 """
 from __future__ import annotations
 
@@ -55,8 +61,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from algorithms.base import (Algorithm, PGConfig, TrainJob, correct_of, group_samples, reward_metrics, train_epochs,
-                             vote)
+from algorithms.base import (Algorithm, PGConfig, TrainJob, correct_of, decoding_label, group_samples, reward_metrics,
+                             train_epochs, vote)
 from marl_llm.config import ConfigError, check, check_choice, check_entries, check_positive, check_range
 from marl_llm.jsonl import read_jsonl
 from marl_llm.losses import LossConfig
@@ -83,6 +89,8 @@ PROMPTS: dict[str, str] = {
 TEAM_KEY = "mlpo_team"  # task field holding the stored team answers {"answers": [[str]], "correct": [[float]]}
 SFT_MODES = ("none", "rejection", "file")
 EVAL_BASELINES = ("single", "majority", "untrained")
+# the leaders' answers over the team's (their decoding labels name the team's decoding too)
+OVER_TEAM = ("acc/final", "acc/untrained_final")
 # the paired differences every evaluation reports (those whose metrics it has): the trained leader
 # + team against the untrained leader with the same team and against the team's majority vote,
 # and the trained leader alone against the single agent (the base model)
@@ -120,7 +128,7 @@ class MLPOConfig(PGConfig):
     shuffle_team: bool = True               # shuffle the order of the drawn team answers in the prompt
     # ---- evaluation -----------------------------------------------------------------------------
     rounds: int = 1                         # T rounds of team + leader at inference (paper 5; 1 keeps CPU evals short)
-    eval_temperature: float = 0.0           # leader and single-agent baseline (greedy)
+    eval_temperature: float = 0.0           # leader and single-agent baseline (0: greedy; the team: team_temperature)
     eval_leader_alone: bool = True
     eval_baselines: list[str] = field(default_factory=lambda: list(EVAL_BASELINES))
     # ---- prompts ------------------------------------------------------------------------------
@@ -215,8 +223,10 @@ def _strip(task: dict[str, Any]) -> dict[str, Any]:
 class Round:
     """One round of the inference protocol for one leader variant."""
 
-    team: list[list[Completion]]  # [agent][task]: the team's answers of this round
-    leader: list[Completion]      # [task]: the leader's synthesis of them
+    team: list[list[Completion]]                   # [agent][task]: the team's answers of this round
+    leader: list[Completion]                       # [task]: the leader's synthesis of them
+    team_requests: list[list[GenerationRequest]]   # [agent][task]: the prompts of `team`
+    leader_requests: list[GenerationRequest]       # [task]: the prompts of `leader`
 
     def answers(self, i: int) -> list[str]:
         """The K team answers to task i."""
@@ -494,18 +504,23 @@ class MLPO(Algorithm):
                 prev = traces[v][-1]
                 return [{"previous": a.text, "leader": lead.text} for a, lead in zip(prev.team[k], prev.leader)]
 
-            results = self.team_generate([[r for v in askers for r in self.requests(
+            team_reqs = [[r for v in askers for r in self.requests(
                 "team", tasks, 1, self.cfg.team_temperature, seed=("eval", t, k), contexts=context(v, k),
-                prompt=self.team_prompt)] for k in range(len(self.team))])
-            # results[k]: agent k's answers for each asker in turn (n each)
-            asked = {v: [[c[0] for c in res[j * n:(j + 1) * n]] for res in results] for j, v in enumerate(askers)}
-            team = {v: asked[v if t else askers[0]] for v in variants}
-            pending = {v: self.policies[leaders[v]].generate_async(self.requests(
+                prompt=self.team_prompt)] for k in range(len(self.team))]
+            results = self.team_generate(team_reqs)
+            # results[k] (and team_reqs[k]): agent k's answers for each asker in turn (n each)
+            asker = {v: j for j, v in enumerate(askers)}
+            j_of = {v: asker[v if t else askers[0]] for v in variants}
+            team = {v: [[c[0] for c in res[j_of[v] * n:(j_of[v] + 1) * n]] for res in results] for v in variants}
+            leader_reqs = {v: self.requests(
                 LEADER, tasks, 1, self.cfg.eval_temperature, seed=("eval", t, LEADER),
                 contexts=[{"team_answers": [agent[i].text for agent in team[v]]} for i in range(n)],
-                prompt=self.leader_prompt)) for v in variants}
+                prompt=self.leader_prompt) for v in variants}
+            pending = {v: self.policies[leaders[v]].generate_async(leader_reqs[v]) for v in variants}
             for v, p in pending.items():
-                traces[v].append(Round(team=team[v], leader=[c[0] for c in p.result()]))
+                traces[v].append(Round(team=team[v], leader=[c[0] for c in p.result()],
+                                       team_requests=[r[j_of[v] * n:(j_of[v] + 1) * n] for r in team_reqs],
+                                       leader_requests=leader_reqs[v]))
         return traces
 
     def evaluate(self, tasks):
@@ -522,9 +537,11 @@ class MLPO(Algorithm):
         # one-generation baselines go out first; they run while the team answers round 0
         pending = {}
         if self.cfg.eval_leader_alone:
-            pending["leader_alone"] = self.policies[LEADER].generate_async(alone(LEADER, self.leader_prompt))
+            reqs = alone(LEADER, self.leader_prompt)
+            pending["leader_alone"] = (LEADER, reqs, self.policies[LEADER].generate_async(reqs))
         if "single" in self.cfg.eval_baselines:  # the env's single agent on team0's model
-            pending["single"] = self.policies[self.team[0]].generate_async(alone("single"))
+            reqs = alone("single")
+            pending["single"] = ("single", reqs, self.policies[self.team[0]].generate_async(reqs))
         traces = self.run_rounds(tasks, leaders)
         outcomes: dict[str, list[float]] = {}  # metric -> one outcome per task
         costs: dict[str, float] = {}
@@ -539,10 +556,18 @@ class MLPO(Algorithm):
                 tokens += sum(len(c.completion_ids) for c in [*rd.leader, *(c for agent in rd.team for c in agent)])
                 outcomes[f"acc/{prefix}round{t}"] = correct(LEADER, rd.leader)
                 if not prefix:  # per task: the share of team agents that are right
-                    outcomes[f"acc/team_round{t}"] = [mean(c) for c in zip(*(correct("team", a) for a in rd.team))]
+                    agents = [correct("team", a) for a in rd.team]
+                    outcomes[f"acc/team_round{t}"] = [mean(c) for c in zip(*agents)]
+                    for agent, reqs, comps, scores in zip(self.team, rd.team_requests, rd.team, agents):
+                        self.keep_replies(f"team_round{t}/{agent}", tasks, {"team": (reqs, [c.text for c in comps])},
+                                          scores, "correct")
                     costs[f"gens/round{t}"] = float(gens)
                     costs[f"tokens/round{t}"] = tokens / n
-            outcomes[f"acc/{prefix}final"] = outcomes[f"acc/{prefix}round{len(rounds) - 1}"]
+            name = f"acc/{prefix}final"
+            outcomes[name] = outcomes[f"acc/{prefix}round{len(rounds) - 1}"]
+            last = rounds[-1]
+            self.keep_replies(name, tasks, {LEADER: (last.leader_requests, [c.text for c in last.leader])},
+                              outcomes[name], "correct")
         final = traces[""][-1].leader
         outcomes["reward"] = [self.env.reward(t, {LEADER: c.text}).total for t, c in zip(tasks, final)]
         # does the leader stay right when no team answer of round 0 is?
@@ -555,15 +580,28 @@ class MLPO(Algorithm):
             picks = [(t, r0.answers(i), vote(self.env, r0.answers(i))) for i, t in enumerate(tasks)]
             outcomes["acc/majority"] = [0.0 if v is None else self._correct(t, "team", answers[v])
                                         for t, answers, v in picks]
+            # the kept reply: the answer the vote picked (no vote: the first agent's, which has no answer)
+            k_of = [v or 0 for _, _, v in picks]
+            self.keep_replies("acc/majority", tasks, {"team": ([r0.team_requests[k][i] for i, k in enumerate(k_of)],
+                                                               [r0.answers(i)[k] for i, k in enumerate(k_of)])},
+                              outcomes["acc/majority"], "correct", candidates=[answers for _, answers, _ in picks])
             costs["gens/majority"] = float(K)
             costs["tokens/majority"] = sum(len(c.completion_ids) for agent in r0.team for c in agent) / n
-        for key, role in (("leader_alone", LEADER), ("single", "single")):
-            if key in pending:
-                comps = [c[0] for c in pending[key].result()]
-                outcomes[f"acc/{key}"] = correct(role, comps)
-                costs[f"gens/{key}"] = 1.0
-                costs[f"tokens/{key}"] = sum(len(c.completion_ids) for c in comps) / n
+        for key, (role, reqs, result) in pending.items():
+            comps = [c[0] for c in result.result()]
+            outcomes[f"acc/{key}"] = correct(role, comps)
+            self.keep_replies(f"acc/{key}", tasks, {role: (reqs, [c.text for c in comps])}, outcomes[f"acc/{key}"],
+                              "correct")
+            costs[f"gens/{key}"] = 1.0
+            costs[f"tokens/{key}"] = sum(len(c.completion_ids) for c in comps) / n
         return {**self.eval_metrics(outcomes), **costs}
+
+    def eval_decoding(self) -> dict[str, str]:
+        """`Algorithm.eval_decoding`; the leaders' answers over the team's (OVER_TEAM) also name
+        the team's decoding: "leader greedy; team temperature 0.3, seed 0"."""
+        team = decoding_label([self.cfg.team_temperature], self.run.seed)
+        return {name: f"leader {label}; team {team}" if name in OVER_TEAM else label
+                for name, label in super().eval_decoding().items()}
 
     def comparisons(self) -> list[tuple[str, str]]:
         return list(COMPARISONS)

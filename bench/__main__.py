@@ -154,7 +154,7 @@ def _marl_run(overrides: list[str], steps: int, out: str, every_sample: bool = F
     """A `marl_llm.train` run without evaluation or checkpoints; its metrics.jsonl records.
     `every_sample`: the learner computes the zero-advantage samples too (TRAIN_EVERY_SAMPLE)."""
     overrides = [*overrides, f"trainer.steps={steps}", "trainer.save_every=0", "trainer.eval_every=0",
-                 "trainer.progress=false", "trainer.report=false", f"trainer.output_dir={out}"]
+                 "trainer.test=false", "trainer.progress=false", "trainer.report=false", f"trainer.output_dir={out}"]
     cmd = ["-c", TRAIN_EVERY_SAMPLE] if every_sample else ["-m", "marl_llm.train"]
     subprocess.run([sys.executable, *cmd, *overrides], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=3600)

@@ -1,13 +1,21 @@
 """The environment interface every task family implements.
 
-An Env owns a task dataset (train and eval splits, never overlapping), per-role prompt builders,
-answer extraction, and a joint reward over all agents' outputs with named components. Tasks are
-plain dicts (JSON-serialisable) with at least `id`; algorithms never look inside them except
-through the Env's methods.
+An Env owns a task dataset (train, dev and test splits, never overlapping), per-role prompt
+builders, answer extraction, and a joint reward over all agents' outputs with named components.
+Tasks are plain dicts (JSON-serialisable) with at least `id`; algorithms never look inside them
+except through the Env's methods.
+
+Splits (`Env.tasks(split)`, docs/DATA.md): an env's `_load` gives its train tasks and its held-out
+tasks, the **test** split. The base class carves the **dev** split out of the train tasks
+(`env.dev_size`, a seeded shuffle of the env seed, at most a fifth of them) and drops every train
+task that is the same task (`Env.task_key`) as a dev or test task, so no evaluation task is ever
+trained on. Dev is what settings are chosen on (the trainer's periodic evaluation); test is
+evaluated once, after the last step, and is the number to report.
 """
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -15,6 +23,7 @@ log = logging.getLogger(__name__)
 
 
 LONG_PROMPTS = ("drop", "truncate")
+SPLITS = ("train", "dev", "test")
 
 
 @dataclass
@@ -26,7 +35,8 @@ class DataConfig:
     hub_config: Optional[str] = None
     split: str = "train"
     eval_split: Optional[str] = None
-    # when there is no separate eval split, this many tasks are held out of the train split
+    # when there is no separate eval split, this many tasks are held out of the train split (the
+    # env's test split; its dev split comes out of the train split too: env.dev_size)
     eval_size: int = 200
     # task field -> dataset column (e.g. {question: problem, answer: solution}); merged over the
     # env's defaults. Loading rules: marl_llm/data.py
@@ -51,9 +61,15 @@ class EnvConfig:
     reward_fn: Any = None
     #: one weight per env.reward_fn entry (default all 1.0): the reward is sum_i w_i * r_i
     reward_weights: Optional[list[float]] = None
+    #: tasks held out of the train split as the dev split, chosen by a seeded shuffle of the env
+    #: seed, never trained on (at most a fifth of the train split); 0: none
+    dev_size: int = 100
 
     def __post_init__(self):
         from envs.reward_fn import load_parts, reward_specs
+        from marl_llm.config import check_positive  # marl_llm.config imports the env registry
+
+        check_positive("env.dev_size", self.dev_size, allow_zero=True)
 
         self.reward_fn = reward_specs(self.reward_fn) or None
         load_parts(self.reward_fn, self.reward_weights)  # imports the functions: a bad entry stops the run here
@@ -123,24 +139,59 @@ class Env:
     def __init__(self, cfg: EnvConfig, seed: int = 0):
         self.cfg = cfg
         self.seed = seed
-        self._splits: Optional[tuple[list, list]] = None
+        self._splits: Optional[dict[str, list]] = None
 
     # ---- data -----------------------------------------------------------------------------
     def _load(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """(train tasks, eval tasks), loaded once on first use; subclasses implement this or
-        override train_tasks/eval_tasks."""
+        """(train tasks, test tasks), loaded once on first use; the dev split is carved out of the
+        train tasks afterwards (`_split`)."""
         raise NotImplementedError
 
-    def _ensure(self) -> tuple[list, list]:
+    def task_key(self, task: dict[str, Any]) -> Any:
+        """What makes two tasks the same task: a train task with the key of a dev or test task is
+        dropped. Default: the id; envs whose data repeat a problem under other ids (math,
+        reasoning_gym: the question text) override it."""
+        return task["id"]
+
+    def _ensure(self) -> dict[str, list]:
         if self._splits is None:
-            self._splits = self._load()
+            self._splits = self._split(*self._load())
         return self._splits
 
-    def train_tasks(self) -> list[dict[str, Any]]:
-        return self._ensure()[0]
+    def _split(self, train: list, test: list) -> dict[str, list]:
+        """train/dev/test from `_load`'s (train, test): dev is a seeded pick of the train tasks
+        that are not a test task; train is the rest, without the dev tasks' repeats."""
+        train = self._unseen(train, test, "test")
+        k = min(self.cfg.dev_size, len(train) // 5)
+        if k < self.cfg.dev_size:
+            log.info("env %r: env.dev_size=%d is more than a fifth of the %d train tasks; holding out %d as the "
+                     "dev split", self.cfg.name, self.cfg.dev_size, len(train), k)
+        order = list(range(len(train)))
+        random.Random(f"marl_llm-dev-{self.seed}").shuffle(order)
+        held = set(order[:k])
+        dev = [t for i, t in enumerate(train) if i in held]
+        rest = [t for i, t in enumerate(train) if i not in held]
+        return {"train": self._unseen(rest, dev, "dev"), "dev": dev, "test": list(test)}
 
-    def eval_tasks(self) -> list[dict[str, Any]]:
-        return self._ensure()[1]
+    def _unseen(self, train: list, held: list, split: str) -> list:
+        """The train tasks that are not the same task (`task_key`) as one of `held` (the `split` split)."""
+        keys = {self.task_key(t) for t in held}
+        kept = [t for t in train if self.task_key(t) not in keys]
+        if len(kept) < len(train):
+            log.info("env %r: dropped %d train task(s) that are the same task as a %s task", self.cfg.name,
+                     len(train) - len(kept), split)
+        return kept
+
+    def tasks(self, split: str) -> list[dict[str, Any]]:
+        """The tasks of `split`: "train" (trained on), "dev" (the periodic evaluation; settings
+        are chosen on it) or "test" (evaluated once, the number to report)."""
+        if split not in SPLITS:
+            from marl_llm.config import ConfigError
+            raise ConfigError(f"split={split!r} is not a split; choose one of {list(SPLITS)}")
+        return self._ensure()[split]
+
+    def train_tasks(self) -> list[dict[str, Any]]:
+        return self.tasks("train")
 
     def stop(self, role: str) -> list[str]:
         """Strings that end a reply in `role` (generation stops there; the text keeps them).
@@ -154,14 +205,13 @@ class Env:
 
         data = getattr(self.cfg, "data", None)
         mode = getattr(data, "long_prompts", "drop")
-        train, ev = self._ensure()
 
         def prompts(task):
             return [self.prompt(task, role) for role in self.joint_roles]
 
         name = self.cfg.name
-        self._splits = (fit_prompts(train, prompts, tokenizer, limit, mode, f"env {name!r} train split"),
-                        fit_prompts(ev, prompts, tokenizer, limit, mode, f"env {name!r} eval split"))
+        self._splits = {split: fit_prompts(tasks, prompts, tokenizer, limit, mode, f"env {name!r} {split} split")
+                        for split, tasks in self._ensure().items()}
         self._limit_context(tokenizer, limit)
 
     # ---- contexts that outgrow the model (multi-turn feedback, other agents' outputs) ---------------
@@ -239,6 +289,12 @@ class Env:
     # ---- scoring --------------------------------------------------------------------------
     def extract_answer(self, text: str) -> Optional[str]:
         return text
+
+    def lenient_answer(self, text: str) -> Optional[str]:
+        """A forgiving reading of a reply's final answer, for evaluation diagnostics only (never a
+        reward): what a lenient grader would take as the answer where `extract_answer` finds none
+        (envs/qa.py "Readings of a reply"). Default: `extract_answer`."""
+        return self.extract_answer(text)
 
     def answers_equal(self, a: Optional[str], b: Optional[str]) -> bool:
         """Whether two extracted answers are the same answer (majority votes group by this);

@@ -6,6 +6,8 @@ problem, solution, level, type). ``EleutherAI/hendrycks_math`` works too with on
 ``env.data.hub_config`` (algebra, counting_and_probability, geometry, intermediate_algebra,
 number_theory, prealgebra, precalculus). The gold answer is the last ``\\boxed{}`` of the
 solution; equivalence via math-verify. No package ships MATH: offline, pass ``env.data.path``.
+Answer readings are math's (envs/math.py), including the lenient one evaluations report: where
+no answer block, ``\\boxed{}`` or cue is found, what math-verify reads in the reply (LaTeX too).
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 Sources (`env.source`):
 - ``generator`` — built-in, offline, seeded grade-school arithmetic word problems (+, -, x) with
   integer answers. ``env.difficulty`` d gives d-digit operands (1: 2..9, 2: 10..99, ...);
-  ``env.train_size`` / ``env.eval_size`` set the split sizes. Eval problems are drawn first, from
+  ``env.train_size`` (train and dev) / ``env.eval_size`` (test) set the split sizes. Eval (test)
+  problems are drawn first, from
   their own seeded stream, and train problems (another stream) never reuse an eval problem's
   (template, operands) nor its question text, so the splits never overlap.
 - ``dataset`` — GSM8K format (``question``, ``answer`` ending in ``#### N``) from
@@ -11,9 +12,11 @@ Sources (`env.source`):
   or a ``\\boxed{}`` solution works too (see ``env.answer_format``).
 - ``auto`` (default) — ``dataset`` when ``env.data.path`` or ``env.data.hub_id`` is set, else ``generator``.
 
-With either source, a training task whose question text (case and spacing aside) is also an eval
-question is dropped (logged): the eval split is never trained on, even where a dataset repeats a
-problem across its splits.
+With either source, a training task whose question text (case and spacing aside) is also a dev or
+test question is dropped (logged; `task_key`, envs/base.py): the held-out splits are never trained
+on, even where a dataset repeats a problem across its splits. The dev
+split is carved out of the train tasks (``env.dev_size``; envs/base.py), so ``env.train_size``
+counts both.
 
 Reward: ``correct`` (math-verify equivalence, exact fast path for plain numbers) plus
 ``format_weight`` x ``format`` (a well-formed final ``<answer>`` block; default weight 0.0, the
@@ -33,22 +36,28 @@ SmolLM2-135M does) would be scored on whatever number the length cap happens to 
 accuracy would depend on `rollout.max_new_tokens` (the untrained model's greedy accuracy fell
 when the cap went from 96 to 128 tokens). With the rules above a longer cap can only
 add an answer that was not reached yet, never change one that was given.
+
+Lenient reading (`MathEnv.lenient_answer`; evaluation diagnostics only, never the reward: the
+`lenient/<metric>` outcomes, envs/qa.py "Readings of a reply"): the strict reading above; where it
+finds nothing, what math-verify reads in the whole reply (the last number or LaTeX expression it
+can parse, as lenient graders do: "3 + 5 = 8" reads 8); where math-verify reads nothing (broken
+LaTeX, "#7"), the last number. The last-number dependence on the length cap described above is
+exactly why this is a diagnostic and not the score.
 """
 from __future__ import annotations
 
-import logging
 import random
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from envs.base import DataConfig
-from envs.qa import AnswerEnv, AnswerEnvConfig, cued_number, extract_final, last_boxed, math_equal
+from envs.qa import (AnswerEnv, AnswerEnvConfig, cued_number, extract_final, last_boxed, last_number, math_equal,
+                      verify_reading)
 from marl_llm.config import ConfigError, check_choice, check_positive, check_range
 from marl_llm.data import load_splits
 from marl_llm.registry import register_env
 
-log = logging.getLogger(__name__)
 
 def _gsm8k_data() -> DataConfig:
     return DataConfig(hub_config="main", split="train", eval_split="test",
@@ -156,15 +165,6 @@ def question_key(task: dict[str, Any]) -> str:
     return " ".join(str(task["question"]).lower().split())
 
 
-def without_eval_questions(train: list[dict[str, Any]], ev: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The training tasks whose question is not also an eval question."""
-    held_out = {question_key(t) for t in ev}
-    kept = [t for t in train if question_key(t) not in held_out]
-    if len(kept) < len(train):
-        log.info("math: dropped %d training task(s) whose question is also in the eval split", len(train) - len(kept))
-    return kept
-
-
 # ---- the env --------------------------------------------------------------------------------------
 def gsm8k_gold(answer: str) -> str:
     return answer.split("####")[-1].strip().replace(",", "").rstrip(".")
@@ -183,7 +183,10 @@ class MathEnv(AnswerEnv):
             splits = load_splits(c.data, default_fields={k: k for k in self.columns},
                                  required=self.columns, seed=self.seed, id_prefix=c.name)
             train, ev = [self._normalise(t) for t in splits.train], [self._normalise(t) for t in splits.eval]
-        return without_eval_questions(train, ev), ev
+        return train, ev
+
+    def task_key(self, task: dict[str, Any]) -> str:
+        return question_key(task)
 
     def _normalise(self, t: dict[str, Any]) -> dict[str, Any]:
         raw = "" if t.get("answer") is None else str(t["answer"])
@@ -212,6 +215,16 @@ class MathEnv(AnswerEnv):
         text = self._without_placeholder(text or "")
         a = extract_final(text)
         return a if a is not None else cued_number(text)
+
+    def lenient_answer(self, text: str) -> Optional[str]:
+        """The strict reading (`extract_answer`), else math-verify's reading of the whole reply,
+        else its last number (see "Lenient reading" in the module docstring)."""
+        strict = self.extract_answer(text)
+        if strict is not None:
+            return strict
+        text = self._without_placeholder(text or "")
+        found = verify_reading(text)
+        return found if found is not None else last_number(text)
 
     def _without_placeholder(self, text: str) -> str:
         """`text` without copies of the answer instruction's example block (e.g. "The final number in

@@ -8,6 +8,9 @@ are inside the question, as in BBH) and ``answer``: a letter for option tasks, e
 
 Letter extraction, first match wins: the last ``<answer>`` block (a letter, "(B)", "B)" or an
 option's text), "answer is (B)" / "Answer: B", the last "(B)" or "B)", a reply that is only a letter.
+Lenient reading (evaluation diagnostics only, envs/qa.py "Readings of a reply"): the letter above,
+else the last standalone option label of the task ("I'd go with B since ..." reads B); a free-text
+answer's reading already falls back to the reply's last line, so there the lenient reading is the strict one.
 """
 from __future__ import annotations
 
@@ -158,6 +161,12 @@ def extract_letter(text: str, labels: str = "ABCDE", choices: Optional[list[list
     return None
 
 
+def last_label(text: str, labels: str) -> Optional[str]:
+    """The last of `labels` standing alone in `text` (an upper-case letter not inside a word), else None."""
+    hits = re.findall(rf"(?<![A-Za-z])([{re.escape(labels)}])(?![A-Za-z])", text or "") if labels else []
+    return hits[-1] if hits else None
+
+
 def extract_text_answer(text: str) -> Optional[str]:
     text = text or ""
     blocks = tag_contents(text, "answer")
@@ -211,22 +220,17 @@ class MultipleChoiceEnv(AnswerEnv):
         """Task-free extraction (for voting): a letter if one is found, else the final text."""
         return extract_letter(text, LETTERS) or extract_text_answer(text)
 
+    def lenient_for(self, task, text: str) -> Optional[str]:
+        """The strict reading, else (option tasks) the last standalone option label of the task."""
+        strict = self.extract_for(task, text)
+        if strict is not None or task.get("mode", "letter") != "letter":
+            return strict
+        return last_label(text, self._labels(task))
+
     def answers_equal(self, a, b) -> bool:
         if a is None or b is None:
             return False
         return norm_text(a) == norm_text(b)
-
-    def is_correct(self, task, text: str) -> bool:
-        return self.answers_equal(self.extract_for(task, text or ""), self.gold(task))
-
-    def score(self, task, text: str):
-        r = super().score(task, text)
-        pred = self.extract_for(task, text or "")
-        correct = float(self.answers_equal(pred, self.gold(task)))
-        r.components["correct"] = correct
-        r.total = correct + float(self.cfg.format_weight) * r.components["format"]
-        r.info["pred"] = pred
-        return r
 
     def reference_answer_text(self, task) -> str:
         if task.get("mode") == "letter" and task.get("choices"):

@@ -7,8 +7,17 @@ An answer env knows tasks, not protocols: it has one role, ``single`` (solve alo
 Multi-agent protocols write their own role prompts (in their algorithm files) from the hooks `question_text`, `instruction` and `messages` (`Algorithm.answer_prompt`).
 
 `reward(task, outputs)` scores the one answer in `outputs` (the protocol passes its final answer).
-Components: ``correct`` (0/1) and ``format`` (0/1: exactly one non-empty ``<answer>...</answer>``
-block at the end of the text); total = correct + format_weight * format.
+Components: ``correct`` (`grade` of the answer `extract_for` reads: 0/1, reasoning-gym's scorer may
+give partial credit) and ``format`` (0/1: exactly one non-empty ``<answer>...</answer>`` block at
+the end of the text); total = correct + format_weight * format.
+
+Readings of a reply (what evaluations save and report, algorithms/base.py `keep_replies`):
+  strict   `extract_for(task, text)`, the answer the reward scores; None: the reply has no
+           readable answer (reported as `noanswer/<metric>`);
+  lenient  `lenient_for(task, text)`: the strict reading, else the env's forgiving reading
+           (`lenient_answer`; math: math-verify on the whole reply, else its last number; multiple
+           choice: the last standalone option label). It is never a reward: evaluations report its correctness next
+           to the strict one (`lenient/<metric>`) to show how much of a score is the answer format.
 """
 from __future__ import annotations
 
@@ -162,10 +171,16 @@ def as_number(s: Optional[str]) -> Optional[Fraction]:
     return None
 
 
+def _in_main_thread() -> bool:
+    """math-verify times out with signals, which work in the main thread only: elsewhere its
+    timeouts are turned off."""
+    return threading.current_thread() is threading.main_thread()
+
+
 def _mv_parse(s: str):
     from math_verify import parse
 
-    kw = {} if threading.current_thread() is threading.main_thread() else {"parsing_timeout": None}
+    kw = {} if _in_main_thread() else {"parsing_timeout": None}
     wrapped = s if "$" in s or "\\(" in s or "\\[" in s else f"${s}$"
     out = parse(wrapped, **kw)
     if not out:
@@ -188,7 +203,7 @@ def math_equal(pred: Optional[str], gold: Optional[str]) -> bool:
     try:
         from math_verify import verify
 
-        kw = {} if threading.current_thread() is threading.main_thread() else {"timeout_seconds": None}
+        kw = {} if _in_main_thread() else {"timeout_seconds": None}
         gp, pp = _mv_parse(gold), _mv_parse(pred)
         if not gp or not pp:
             return False
@@ -197,9 +212,33 @@ def math_equal(pred: Optional[str], gold: Optional[str]) -> bool:
         return False
 
 
+def verify_reading(text: str) -> Optional[str]:
+    """The answer math-verify reads in a whole text (the last number or LaTeX expression it can
+    parse: "3 + 5 = 8" reads "8"), else None (nothing parseable, or math-verify failed)."""
+    from math_verify import parse
+
+    try:
+        found = parse(text or "", **({} if _in_main_thread() else {"parsing_timeout": None}))
+    except Exception:  # noqa: BLE001 - a reply math-verify cannot read has no answer for it
+        return None
+    reading = str(found[1]).strip() if len(found) > 1 else ""  # parse gives [expression, the text it read]
+    return reading or None
+
+
+#: the env methods an answer env's readings and grade go through (`reads_answers`)
+ANSWER_HOOKS = ("extract_for", "lenient_for", "grade")
+
+
+def reads_answers(env) -> bool:
+    """Whether `env` scores one extracted final answer (an AnswerEnv, also behind an
+    `env.reward_fn` wrapper, which forwards these methods)."""
+    return all(callable(getattr(env, h, None)) for h in ANSWER_HOOKS)
+
+
 class AnswerEnv(Env):
     """Base for single-answer tasks. Subclasses load tasks and define `question_text`, `gold`,
-    `extract_answer` (optional) and `answers_equal` (optional)."""
+    `extract_answer` / `extract_for` (optional), `lenient_answer` / `lenient_for` (optional),
+    `answers_equal` (optional) and `grade` (optional)."""
 
     Config = AnswerEnvConfig
     roles = ("single",)
@@ -264,13 +303,30 @@ class AnswerEnv(Env):
         return self.messages(user)
 
     # ---- scoring ------------------------------------------------------------------------------
+    def extract_for(self, task, text: str) -> Optional[str]:
+        """The answer the reward scores for `task` (the strict reading; None: no readable answer).
+        Default `extract_answer`; an env whose reading depends on the task (multiple choice: its
+        option labels) overrides this."""
+        return self.extract_answer(text or "")
+
+    def lenient_for(self, task, text: str) -> Optional[str]:
+        """The lenient reading for `task` (evaluation diagnostics, never a reward): the strict
+        reading, else the env's forgiving `lenient_answer`."""
+        strict = self.extract_for(task, text)
+        return strict if strict is not None else self.lenient_answer(text or "")
+
+    def grade(self, task, answer: Optional[str]) -> float:
+        """The ``correct`` component of an extracted answer: 1.0 iff it is the gold answer
+        (`answers_equal`); reasoning-gym grades with its own scorer."""
+        return float(self.answers_equal(answer, self.gold(task)))
+
     def is_correct(self, task, text: str) -> bool:
-        return self.answers_equal(self.extract_answer(text or ""), self.gold(task))
+        return self.grade(task, self.extract_for(task, text)) >= 1.0
 
     def score(self, task, text: str) -> Reward:
         """The reward of one output text (any role's final answer)."""
-        pred = self.extract_answer(text or "")
-        correct = float(self.answers_equal(pred, self.gold(task)))
+        pred = self.extract_for(task, text)
+        correct = self.grade(task, pred)
         fmt = float(well_formed_answer(text or ""))
         total = correct + float(self.cfg.format_weight) * fmt
         return Reward(total, {"correct": correct, "format": fmt}, info={"pred": pred, "gold": self.gold(task)})

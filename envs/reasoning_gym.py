@@ -2,10 +2,14 @@
 
 ``env=reasoning_gym env.task=<name>`` picks any of the package's ~100 generators (gsm_symbolic,
 basic_arithmetic, countdown, ...); ``env.task_config`` passes generator settings (e.g.
-``+env.task_config.min_terms=2``). Train and eval sets come from different seeds, and train drops
-any question that also appears in eval, so they never overlap. The reward's ``correct``
-component is reasoning-gym's own scorer on the extracted answer (partial credit where the
+``+env.task_config.min_terms=2``). Train and eval (test) sets come from different seeds, and train
+drops any question that also appears in eval, so they never overlap; the dev split is carved out of
+the ``env.train_size`` train tasks (``env.dev_size``, envs/base.py). The reward's ``correct``
+component is reasoning-gym's own scorer on the extracted answer (`grade`: partial credit where the
 scorer gives it), plus ``format_weight`` x ``format`` (see envs/qa.py for roles and context).
+The answer is the last ``<answer>`` block, else the last ``\\boxed{}``, else the reply's last line;
+that reading already ends with the last line, so the lenient reading (envs/qa.py "Readings of a
+reply") is the strict one, and only an empty reply has no answer.
 """
 from __future__ import annotations
 
@@ -89,6 +93,10 @@ class ReasoningGymEnv(AnswerEnv):
                         c.task, len(train), c.train_size)
         return train, ev
 
+    def task_key(self, task: dict[str, Any]) -> str:
+        """The question: a train task repeating a dev or test question is dropped (envs/base.py)."""
+        return task["question"]
+
     def _task(self, entry: dict[str, Any], split: str, i: int) -> dict[str, Any]:
         tid = f"rg-{self.cfg.task}-s{self.seed}-{split}-{i}"
         self._entries[tid] = entry
@@ -108,7 +116,8 @@ class ReasoningGymEnv(AnswerEnv):
     def answers_equal(self, a, b) -> bool:
         return a is not None and b is not None and norm_text(a) == norm_text(b)
 
-    def rg_score(self, task, answer: Optional[str]) -> float:
+    def grade(self, task, answer: Optional[str]) -> float:
+        """reasoning-gym's own scorer of `answer` (partial credit where it gives it)."""
         if answer is None:
             return 0.0
         if self._scorer is None:
@@ -120,13 +129,3 @@ class ReasoningGymEnv(AnswerEnv):
         except Exception as e:  # noqa: BLE001 - a scorer crash on odd output scores 0
             log.debug("reasoning-gym scorer failed on %r: %s", answer, e)
             return 0.0
-
-    def is_correct(self, task, text: str) -> bool:
-        return self.rg_score(task, self.extract_answer(text or "")) >= 1.0
-
-    def score(self, task, text: str):
-        r = super().score(task, text)
-        correct = self.rg_score(task, r.info["pred"])
-        r.components["correct"] = correct
-        r.total = correct + float(self.cfg.format_weight) * r.components["format"]
-        return r

@@ -14,18 +14,30 @@ sequential baseline); ``single`` (one model writes both parts, in <part1>/<part2
 role accepts ``feedback`` + ``previous`` for a revision turn. `reward` takes outputs
 {"agent1", "agent2"} or {"single"}.
 
-Reward (max 3.0), levels scored in order; failing a level stops scoring:
+Reward (max 3.0 + grounding_weight). By default it equals the MAGRPO authors' code
+(OpenMLRL/LLM_Collab_Writing, rewards/tldr_rewards.py and rewards/arxiv_rewards.py) on any text
+pair, quirks included; tests/envs/test_writing_parity.py pins this. The texts are scored as the
+agents wrote them (not stripped). Levels are scored in order; failing a level stops scoring:
 L1 structure +0.5 if both texts have a whitespace word count in [words_min, words_max];
 L2 coordination 0..1 from len(c2)/len(c1) in characters: 1 on [len_full], linear ramps up on
-   [len_ramp[0], len_full[0]) and down on (len_full[1], len_ramp[1]]; outside [len_ramp] stops;
-L3 vocabulary 0..0.5 from unique(c2)/unique(c1) (unique lower-cased \\w+ words), same shape with
-   vocab_full / vocab_ramp (an upper bound of null = no bound); outside the ramps stops;
+   [len_ramp[0], len_full[0]) and down on (len_full[1], len_ramp[1]]; outside [len_ramp] stops
+   (TLDR 1.6-3.2 full, 1.1-5.0 ramp; arXiv 1.3-1.6 full, 0.8-2.0 ramp);
+L3 vocabulary 0..0.5 from unique(c2)/unique(c1) (unique lower-cased \\w+ words, stop-words kept as
+   in the authors' code), same shape with vocab_full / vocab_ramp (an upper bound of null = no
+   bound); outside the ramps stops;
 L4 style 0..1 = 0.4 * transition score + 0.6 * min(J, cap)/cap, J = Jaccard similarity of the
    two word sets without stop-words (both empty: J = 1); transition score = 0 if no category of
-   transition words appears in agent 2's text, else min(0.4 + min(0.05 * (categories - 1), 0.6), 1.0).
+   transition words appears, else min(0.4 + min(0.05 * (categories - 1), 0.6), 1.0). The text
+   searched is agent 2's (TLDR) or c1 + c2 joined with no separator (arXiv: `transition_text`).
+   `transition_match=substring` (default, the authors' code) finds a phrase anywhere in the
+   lower-cased text, so "so" counts inside "also" and "as" inside "has"; `word` counts whole
+   words only.
 A ratio exactly on a ramp's outer end scores 0 for that level but passes it (as in the authors'
-code). Components: structure (L1+L2+L3), coherence (0.4 x transition), consistency (0.6 x Jaccard
-part), total.
+code). Grounding (not in the authors' code, which never reads the source): the share of the
+pair's distinct content words (lower-cased letter runs minus the stop-words) that appear in the
+task's source text, 0..1; it adds grounding_weight * grounding to the total (default weight 0)
+and is always logged. Components: structure (L1+L2+L3), coherence (0.4 x transition),
+consistency (0.6 x Jaccard part), grounding (the unweighted share), total.
 """
 from __future__ import annotations
 
@@ -113,6 +125,7 @@ TRANSITION_WORDS: dict[str, tuple[str, ...]] = {
 }
 # fmt: on
 _WORD_RE = re.compile(r"\b\w+\b")
+_LETTERS_RE = re.compile(r"[^\W\d_]+")  # runs of letters: the grounding term's words
 _PHRASE_RE = {p: re.compile(rf"(?<!\w){re.escape(p)}(?!\w)") for ps in TRANSITION_WORDS.values() for p in ps}
 
 
@@ -126,23 +139,32 @@ class WritingRewardConfig:
     vocab_full: list[Optional[float]] = field(default_factory=lambda: [2.0, None])
     vocab_ramp: list[Optional[float]] = field(default_factory=lambda: [1.3, None])
     jaccard_cap: float = 0.03
-    #: "word": a transition phrase counts when it appears as whole words; "substring": any
-    #: occurrence in the lower-cased text (the MAGRPO authors' code, where "as" matches "has")
-    transition_match: str = "word"
+    #: "substring": a transition phrase counts anywhere in the lower-cased text (the MAGRPO
+    #: authors' code: "so" matches inside "also", "as" inside "has"); "word": only as whole words
+    transition_match: str = "substring"
+    #: the text L4 searches for transition words: "agent2" (TLDR) or "both" (arXiv: c1 + c2
+    #: joined with no separator, as the authors' code)
+    transition_text: str = "agent2"
     #: drop stop-words before counting L3's unique words (the authors' code keeps them)
     vocab_exclude_stopwords: bool = False
+    #: weight of `grounding` (share of the pair's content words found in the source text, 0..1)
+    #: in the total; 0 keeps the authors' reward, and the component is logged at any weight
+    grounding_weight: float = 0.0
 
     def __post_init__(self):
-        check_choice("env.reward.transition_match", self.transition_match, ("word", "substring"))
+        check_choice("env.reward.transition_match", self.transition_match, ("substring", "word"))
+        check_choice("env.reward.transition_text", self.transition_text, ("agent2", "both"))
         for key in ("len_full", "len_ramp", "vocab_full", "vocab_ramp"):
             check(len(getattr(self, key)) == 2, f"env.reward.{key}", list(getattr(self, key)), "must be [low, high]")
         check_positive("env.reward.jaccard_cap", self.jaccard_cap)
+        check_positive("env.reward.grounding_weight", self.grounding_weight, allow_zero=True)
 
 
 TLDR_REWARD = dict(words_min=8, words_max=256, len_full=[1.6, 3.2], len_ramp=[1.1, 5.0],
                    vocab_full=[2.0, None], vocab_ramp=[1.3, None], jaccard_cap=0.03)
-ARXIV_REWARD = dict(words_min=128, words_max=256, len_full=[1.0, 1.3], len_ramp=[0.8, 1.5],
-                    vocab_full=[0.7, 1.3], vocab_ramp=[0.5, 1.7], jaccard_cap=0.23)
+# the authors' arXiv code: 1.3-1.6 full / 0.8-2.0 ramp (its docstring's 1.0-1.3 / 0.8-1.5 is stale)
+ARXIV_REWARD = dict(words_min=128, words_max=256, len_full=[1.3, 1.6], len_ramp=[0.8, 2.0],
+                    vocab_full=[0.7, 1.3], vocab_ramp=[0.5, 1.7], jaccard_cap=0.23, transition_text="both")
 
 
 def word_count(text: str) -> int:
@@ -162,7 +184,18 @@ def jaccard(a: str, b: str) -> float:
     return len(s1 & s2) / len(union) if union else 0.0
 
 
-def transition_categories(text: str, mode: str = "word") -> set[str]:
+def content_words(text: str) -> set[str]:
+    """Lower-cased runs of letters, minus the stop-words."""
+    return set(_LETTERS_RE.findall((text or "").lower())) - STOPWORDS
+
+
+def grounding(c1: str, c2: str, source: str) -> float:
+    """Share of the pair's distinct content words that appear in the source text (0 if it has none)."""
+    pair = content_words(c1) | content_words(c2)
+    return len(pair & content_words(source)) / len(pair) if pair else 0.0
+
+
+def transition_categories(text: str, mode: str = "substring") -> set[str]:
     low = (text or "").lower()
     found = set()
     for cat, phrases in TRANSITION_WORDS.items():
@@ -192,14 +225,17 @@ def ramp(r: float, full: list, ramp_: list) -> Optional[float]:
     return None
 
 
-def writing_reward(c1: str, c2: str, cfg: WritingRewardConfig) -> Reward:
+def writing_reward(c1: str, c2: str, cfg: WritingRewardConfig, source: str = "") -> Reward:
+    """The four levels on texts (c1, c2) as written, plus grounding in `source` (the task's text)."""
     c1, c2 = c1 or "", c2 or ""
     info: dict[str, Any] = {"words1": word_count(c1), "words2": word_count(c2), "stopped_at": None}
-    comps = {"structure": 0.0, "coherence": 0.0, "consistency": 0.0, "total": 0.0}
+    comps = {"structure": 0.0, "coherence": 0.0, "consistency": 0.0,
+             "grounding": grounding(c1, c2, source), "total": 0.0}
 
     def done(level):
         info["stopped_at"] = level
-        comps["total"] = comps["structure"] + comps["coherence"] + comps["consistency"]
+        comps["total"] = (comps["structure"] + comps["coherence"] + comps["consistency"]
+                          + cfg.grounding_weight * comps["grounding"])
         return Reward(comps["total"], dict(comps), info)
 
     # L1 structure
@@ -227,7 +263,7 @@ def writing_reward(c1: str, c2: str, cfg: WritingRewardConfig) -> Reward:
         return done(3)
     comps["structure"] += 0.5 * l3
     # L4 style
-    cats = transition_categories(c2, cfg.transition_match)
+    cats = transition_categories(c2 if cfg.transition_text == "agent2" else c1 + c2, cfg.transition_match)
     info["transition_categories"] = sorted(cats)
     info["jaccard"] = jaccard(c1, c2)
     comps["coherence"] = 0.4 * transition_score(len(cats))
@@ -317,6 +353,9 @@ class WritingEnv(Env):
     default_prompts = TLDR_PROMPTS
     columns = ("text",)
 
+    def __init__(self, cfg: WritingConfig, seed: int = 0):
+        super().__init__(cfg, seed)
+        self.max_reward = 3.0 + float(cfg.reward.grounding_weight)
 
     def _load(self):
         try:
@@ -362,7 +401,7 @@ class WritingEnv(Env):
 
     def reward(self, task, outputs):
         c1, c2 = self.parts(outputs)
-        return writing_reward(c1.strip(), c2.strip(), self.cfg.reward)
+        return writing_reward(c1, c2, self.cfg.reward, source=task["text"])
 
     def reference_outputs(self, task):
         """TLDR: the dataset's summary as agent 1 and, for agent 2, a `detailed` column if the data
@@ -396,7 +435,8 @@ class WritingEnv(Env):
                          f"it uses {info.get('vocab_ratio', 0):.2f} times.")
         if info.get("stopped_at") is None:
             if len(info.get("transition_categories", [])) < 3:
-                notes.append("Use transition words of several kinds in part 2 (e.g. however, for example, therefore).")
+                where = "part 2" if rc.transition_text == "agent2" else "the two parts"
+                notes.append(f"Use transition words of several kinds in {where} (e.g. however, for example, therefore).")
             if info.get("jaccard", 0) < rc.jaccard_cap:
                 notes.append("Keep the two parts about the same key points (share some content words).")
         text = " ".join(notes) or "Both parts meet every requirement."

@@ -18,6 +18,8 @@ both proposer turns of chain g (its first answer and its revision) take A_g.
 Loss: policy gradient on the proposer (`PGConfig`: group size, clip, KL, aggregation).
 Evaluation (greedy, one chain per held-out task): the score after revision and the first answer's
 (`first/...`), and their paired differences (`diff/correct-first/correct`): what the critique adds.
+Both answers are kept (`keep_replies`: saved as `replies/correct.jsonl`, `replies/first.correct.jsonl`
+next to the evaluation's outcomes, with `lenient/` and `noanswer/` outcomes for each).
 """
 from __future__ import annotations
 
@@ -70,26 +72,29 @@ class ProposerCritic(Algorithm):
         return self.answer_prompt(REVISE, task, answer=answer, critique=critique)
 
     def chains(self, tasks, n, seed, temperature=None):
-        """Per task, n chains (first answer, critique, revision) of Completions."""
+        """Per task, n chains (first answer, critique, revision) of Completions; and the requests
+        of the first answers (one per task) and of the revisions (one per chain)."""
         proposer, critic = self.policies[PROPOSER], self.policies[CRITIC]
-        first = proposer.generate(self.requests(SOLVER, tasks, n, temperature, seed=(*seed, "first")))
+        first_requests = self.requests(SOLVER, tasks, n, temperature, seed=(*seed, "first"))
+        first = proposer.generate(first_requests)
         answers = [c for group in first for c in group]
         chain_tasks = [t for t, group in zip(tasks, first) for _ in group]
         critiques = [c[0] for c in critic.generate(self.requests(
             CRITIC, chain_tasks, 1, temperature, seed=(*seed, "critique"), prompt=self.critique_prompt,
             contexts=[{"answer": a.text} for a in answers], stop=[]))]  # a critique is no answer: no stop
-        revisions = [c[0] for c in proposer.generate(self.requests(
+        revise_requests = self.requests(
             SOLVER, chain_tasks, 1, temperature, seed=(*seed, "revise"), prompt=self.revise_prompt,
-            contexts=[{"answer": a.text, "critique": c.text} for a, c in zip(answers, critiques)]))]
+            contexts=[{"answer": a.text, "critique": c.text} for a, c in zip(answers, critiques)])
+        revisions = [c[0] for c in proposer.generate(revise_requests)]
         flat = list(zip(answers, critiques, revisions))
-        return [flat[i * n:(i + 1) * n] for i in range(len(tasks))]
+        return [flat[i * n:(i + 1) * n] for i in range(len(tasks))], first_requests, revise_requests
 
     def scores(self, tasks, texts):
         return self.env.reward_batch([(t, {SOLVER: x}) for t, x in zip(tasks, texts)])
 
     def collect(self, tasks, step):
         with self.timer("generate"):
-            chains = self.chains(tasks, self.cfg.group_size, seed=("collect", step))
+            chains, _, _ = self.chains(tasks, self.cfg.group_size, seed=("collect", step))
         episodes = []
         with self.timer("reward"):
             for task, group in zip(tasks, chains):
@@ -122,7 +127,12 @@ class ProposerCritic(Algorithm):
 
     # ---- evaluation ------------------------------------------------------------------------------
     def evaluate(self, tasks):
-        chains = [group[0] for group in self.chains(tasks, 1, seed=("eval",), temperature=0.0)]
-        first = self.scores(tasks, [a.text for a, _, _ in chains])
-        revised = self.scores(tasks, [r.text for _, _, r in chains])
-        return self.eval_metrics({**score_outcomes(revised), **score_outcomes(first, "first/")})
+        chains, first_requests, revise_requests = self.chains(tasks, 1, seed=("eval",), temperature=0.0)
+        answers, revisions = [g[0][0].text for g in chains], [g[0][2].text for g in chains]
+        outcomes = {**score_outcomes(self.scores(tasks, revisions)),
+                    **score_outcomes(self.scores(tasks, answers), "first/")}
+        # the replies behind the compared accuracies, saved with the evaluation (one chain per task)
+        for name, requests, texts in (("correct", revise_requests, revisions),
+                                      ("first/correct", first_requests, answers)):
+            self.keep_replies(name, tasks, {SOLVER: (requests, texts)}, outcomes[name], "correct")
+        return self.eval_metrics(outcomes)

@@ -106,14 +106,16 @@ def train(config: Union[RunConfig, Sequence[str], None] = None, *, verbose: bool
 
 
 def evaluate(run_dir: Optional[str] = None, *, overrides: Sequence[str] = (), checkpoint: Optional[str] = None,
-             baseline: Optional[str] = None, out: Optional[str] = None, verbose: bool = False) -> dict[str, Any]:
+             baseline: Optional[str] = None, out: Optional[str] = None, split: Optional[str] = None,
+             verbose: bool = False) -> dict[str, Any]:
     """Score a run's checkpoint (or, without `run_dir`, the models the overrides name) as
     `python -m marl_llm.evaluate` does; returns the metrics (also written as JSON to `out`,
-    default `<run_dir>/eval_<checkpoint>.json`). `baseline="init"`: also the initial model, paired."""
+    default `<run_dir>/eval_<checkpoint>.json`). `baseline="init"`: also the initial model, paired.
+    `split`: "test" (default) or "dev" (where settings are compared)."""
     from marl_llm.evaluate import evaluate_run
 
     special = {k: v for k, v in (("run_dir", run_dir), ("checkpoint", checkpoint), ("baseline", baseline),
-                                 ("out", out)) if v is not None}
+                                 ("out", out), ("split", split)) if v is not None}
     flags, args, _ = cli.split_args(list(overrides))
     if flags:
         raise ValueError(f"evaluate takes overrides (key=value), not {flags}")

@@ -237,8 +237,12 @@ class TrainerConfig:
     steps: int = 6  # optimiser steps (each: collect -> update -> sync)
     batch_size: int = 4  # tasks per step (each sampled algo.group_size times by the PG algorithms)
     save_every: int = 10  # checkpoint every N steps and after the last (0: never)
-    eval_every: int = 10  # evaluate every N steps and after the last (0: never)
-    eval_size: int = 100  # held-out tasks per evaluation: the n of every interval
+    # evaluate on the dev split every N steps and after the last (keys eval/...; settings are
+    # chosen on dev); 0: never
+    eval_every: int = 0
+    # after the last step, evaluate once on the test split (keys test/...), the number to report
+    test: bool = True
+    eval_size: int = 100  # tasks per evaluation (dev and test: the first N of the split): the n of every interval
     output_dir: str = "outputs/run"  # the run folder: config, metrics.jsonl, checkpoints, summary.json, logs
     resume: bool = False  # continue from the newest checkpoint in output_dir
     # metrics.jsonl is always written; these get the same scalars (see marl_llm.metrics)
@@ -253,6 +257,10 @@ class TrainerConfig:
     # tis (truncated importance weights, verl) | decoupled (AReaL's decoupled PPO) | none
     off_policy: str = "tis"
     is_cap: float = 2.0  # the importance weight's cap (tis truncates at it, decoupled drops tokens above it)
+
+    def eval_splits(self) -> tuple[str, ...]:
+        """The splits a training run evaluates: dev every `eval_every` steps, test after the last."""
+        return (("dev",) if self.eval_every else ()) + (("test",) if self.test else ())
 
     def __post_init__(self):
         check_positive("trainer.steps", self.steps, allow_zero=True)

@@ -8,10 +8,11 @@ Rules (shared by every env):
   error says so and tells the user to pass `env.data.path=...`.
 - `fields` maps task field -> dataset column; it is merged over the env's defaults. A missing
   column raises DataError naming the field, the column and the columns that exist.
-- Eval tasks come from `eval_split` when it is given and exists; otherwise `eval_size` tasks are
-  held out of the train split, chosen by a seeded shuffle. Train and eval never overlap.
-  A local single file has one split ("train"): a configured `eval_split` that it does not have
-  falls back to the seeded hold-out.
+- Eval tasks (the env's test split) come from `eval_split` when it is given and exists; otherwise
+  `eval_size` tasks are held out of the train split, chosen by a seeded shuffle. Train and eval
+  never overlap. A local single file has one split ("train"): a configured `eval_split` that it
+  does not have falls back to the seeded hold-out. The dev split is carved out of the train tasks
+  afterwards, by the Env (`env.dev_size`, envs/base.py).
 - `limit` caps each of the two lists (after splitting, so they stay disjoint).
 - Prompts that do not fit the model (`fit_prompts`, called by the pre-flight check before any
   engine starts): a task whose first-turn prompt is longer than `model.max_model_len -

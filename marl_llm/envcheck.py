@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from envs.base import make_env
+from envs.base import SPLITS, make_env
 from marl_llm import cli
 from marl_llm.config import ConfigError, plugin_config
 from marl_llm.preflight import load_tasks
@@ -93,11 +93,7 @@ def _json_safe(x: Any) -> Any:
 def check(env, *, split: str = "all", limit: Optional[int] = None, shuffle: bool = False,
           batch: int = 64, progress: bool = True) -> dict[str, Any]:
     """Score reference outputs; returns the summary dict."""
-    tasks: list[dict] = []
-    if split in ("train", "all"):
-        tasks += env.train_tasks()
-    if split in ("eval", "all"):
-        tasks += env.eval_tasks()
+    tasks = [t for s in (SPLITS if split == "all" else (split,)) for t in env.tasks(s)]
     if limit is not None:
         tasks = tasks[:limit]
     n = len(tasks)
@@ -126,10 +122,10 @@ def check(env, *, split: str = "all", limit: Optional[int] = None, shuffle: bool
 
 
 def describe(env) -> dict[str, Any]:
-    tr, ev = env.train_tasks(), env.eval_tasks()
-    first = (tr or ev or [None])[0]
+    splits = {s: env.tasks(s) for s in SPLITS}
+    first = next((t for tasks in splits.values() for t in tasks), None)
     example = env.prompt(first, env.roles[0]) if first is not None else []
-    return {"env": env.cfg.name, "n_train": len(tr), "n_eval": len(ev), "roles": list(env.roles),
+    return {"env": env.cfg.name, **{f"n_{s}": len(tasks) for s, tasks in splits.items()}, "roles": list(env.roles),
             "joint_roles": list(getattr(env, "joint_roles", ())), "max_reward": float(env.max_reward),
             "example_prompt": example}
 
@@ -175,7 +171,7 @@ def _run(argv: Optional[list[str]]) -> int:
     ap.add_argument("--reference", action="store_true", help="score the dataset's reference outputs")
     ap.add_argument("--shuffle", action="store_true", help="pair references with the wrong tasks")
     ap.add_argument("--limit", type=int, default=None, help="score at most N tasks")
-    ap.add_argument("--split", choices=("train", "eval", "all"), default="all")
+    ap.add_argument("--split", choices=(*SPLITS, "all"), default="all")
     ap.add_argument("--json", action="store_true", help="end with one JSON line")
     ap.error = lambda message: cli.fail(message, cli.USER_ERROR_EXIT)  # one line, like every other error
     args, rest = ap.parse_known_args(argv)
@@ -205,7 +201,8 @@ def _run(argv: Optional[list[str]]) -> int:
     if args.reference:
         print(_table(summary))
     else:
-        print(f"env {summary['env']}: {summary['n_train']} train / {summary['n_eval']} eval tasks; "
+        sizes = " / ".join(f"{summary['n_' + s]} {s}" for s in SPLITS)
+        print(f"env {summary['env']}: {sizes} tasks; "
               f"roles {summary['roles']}; max reward {_fmt(summary['max_reward'], '')}")
         for m in summary["example_prompt"]:
             print(f"--- {m['role']} ---\n{m['content']}")

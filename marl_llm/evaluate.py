@@ -1,17 +1,22 @@
-"""`python -m marl_llm.evaluate` — score policies on an env's eval split with the algorithm's protocol.
+"""`python -m marl_llm.evaluate` — score policies on an env's test (or dev) split with the algorithm's protocol.
 
   python -m marl_llm.evaluate run_dir=outputs/grpo-math            # newest checkpoint of a run
+  python -m marl_llm.evaluate run_dir=DIR split=dev                # on the dev split: compare settings here
   python -m marl_llm.evaluate run_dir=DIR checkpoint=step_10 trainer.eval_size=200
   python -m marl_llm.evaluate run_dir=DIR baseline=init             # checkpoint vs the initial model
   python -m marl_llm.evaluate run_dir=DIR baseline=init env=reasoning_gym  # ... on a family it never saw
   python -m marl_llm.evaluate algo=grpo env=math model=smollm2-135m # a model, no training run
 
-Policies get rollout workers only (no learners). Prints a table (each score with its 95% interval
-and n, e.g. `acc/final  0.3100 [0.25, 0.38], n=200`), the algorithm's paired comparisons
-(`acc/final - acc/untrained_final = +0.09 [+0.04, +0.14], n=200`), and writes the metrics as JSON
-(`out=FILE`, default `<run_dir>/eval_<checkpoint>.json` or `./eval.json`). Bad input (config,
-data, model, run folder, checkpoint, an unwritable `out`) stops before any engine starts with one
-`error:` line and exit status 2, as in `marl_llm.train` (`MARL_LLM_DEBUG=1` shows the traceback).
+`split=test` (default) scores the first `trainer.eval_size` tasks of the env's test split, the
+number to report; `split=dev` those of its dev split, where settings are compared and chosen
+(docs/DATA.md: Splits). Policies get rollout workers only (no learners). Prints a table (each score
+with its 95% interval and n, e.g. `acc/final  0.3100 [0.25, 0.38], n=200`), the algorithm's paired
+comparisons (`acc/final - acc/untrained_final = +0.09 [+0.04, +0.14], n=200`), and writes the
+metrics and the split as JSON (`out=FILE`, default `<run_dir>/eval_<checkpoint>.json`, with
+split=dev `<run_dir>/eval_<checkpoint>_dev.json`, or `./eval.json`; the per-task outcomes go to the
+folder of that name without `.json`). Bad input (config, data, model, run folder, checkpoint, split,
+an unwritable `out`) stops before any engine starts with one `error:` line and exit status 2, as in
+`marl_llm.train` (`MARL_LLM_DEBUG=1` shows the traceback).
 
 `baseline=init` scores the run's checkpoint, then the initial model (the policies that loaded the
 checkpoint are rebuilt from their initial weights; frozen ones are kept) on the same held-out
@@ -38,8 +43,9 @@ from marl_llm.stats import (CI_HIGH, CI_LOW, CI_N, DIFF, diff_key, differences, 
                             read_intervals)
 
 log = logging.getLogger("marl_llm.evaluate")
-SPECIAL = ("run_dir", "checkpoint", "out", "baseline")
+SPECIAL = ("run_dir", "checkpoint", "out", "baseline", "split")
 BASELINES = ("init",)
+EVAL_SPLITS = ("dev", "test")
 
 
 def _parse(argv: list[str]):
@@ -84,6 +90,15 @@ def _env_group(name: str):
     return OmegaConf.load(path)
 
 
+def _split(special: dict) -> str:
+    """The split to score (`split=`, default test)."""
+    split = special.get("split", "test")
+    if split not in EVAL_SPLITS:
+        raise ConfigError(f"split={split!r} is not allowed; choose one of {list(EVAL_SPLITS)} (dev: where settings "
+                          "are chosen; test: the number to report)")
+    return split
+
+
 def _checkpoint(special: dict) -> Path | None:
     baseline = special.get("baseline")
     if baseline is not None and baseline not in BASELINES:
@@ -111,25 +126,28 @@ def _checkpoint(special: dict) -> Path | None:
     return latest
 
 
-def _out_path(special: dict, ckpt: Path | None) -> Path:
+def _out_path(special: dict, ckpt: Path | None, split: str) -> Path:
     """Where the metrics go, checked writable now rather than after the evaluation."""
     if special.get("out"):
         out = Path(special["out"])
     elif "run_dir" in special:
-        out = Path(special["run_dir"]) / f"eval_{ckpt.name if ckpt else 'init'}.json"
+        suffix = "" if split == "test" else f"_{split}"
+        out = Path(special["run_dir"]) / f"eval_{ckpt.name if ckpt else 'init'}{suffix}.json"
     else:
         out = Path("eval.json")
     writable_dir(out.expanduser().resolve().parent, f"the folder of out={str(out)!r}")
     return out
 
 
-def evaluate(run, ckpt: Path | None, folder: Path, baseline: str | None = None, engine_log: Path | None = None) -> dict:
-    """Score the policies (`ckpt`'s weights) on the held-out tasks; each evaluation's per-task
-    outcomes go to `folder` (with baseline=init, the initial model's to `<folder>_init`)."""
+def evaluate(run, ckpt: Path | None, folder: Path, baseline: str | None = None, engine_log: Path | None = None,
+             split: str = "test") -> dict:
+    """Score the policies (`ckpt`'s weights) on the first `trainer.eval_size` tasks of `split`;
+    each evaluation's per-task outcomes go to `folder` (with baseline=init, the initial model's
+    to `<folder>_init`)."""
     from marl_llm.buffer import TrajectoryBuffer
     from marl_llm.cluster import Cluster
 
-    env, algo = check_run(run, train=False)
+    env, algo = check_run(run, train=False, evaluated=(split,))
     specs = [dataclasses.replace(s, trainable=False) for s in algo.policy_specs()]
     cluster = Cluster(run.cluster)
     policies = {}
@@ -139,8 +157,8 @@ def evaluate(run, ckpt: Path | None, folder: Path, baseline: str | None = None, 
         inits = {s.name: str(ckpt / s.name) if ckpt is not None and (ckpt / s.name).is_dir() else None for s in specs}
         policies.update(cluster.build_policies(specs, run, inits))
         algo.setup(policies, TrajectoryBuffer())
-        tasks = env.eval_tasks()[: run.trainer.eval_size]
-        result = {"algo": run.algo.name, "env": run.env.name, "checkpoint": str(ckpt) if ckpt else None,
+        tasks = env.tasks(split)[: run.trainer.eval_size]
+        result = {"algo": run.algo.name, "env": run.env.name, "split": split, "checkpoint": str(ckpt) if ckpt else None,
                   "n": len(tasks), **algo.evaluate(tasks)}
         save_evaluation(folder, tasks, algo)
         if baseline == "init":
@@ -183,11 +201,13 @@ def print_table(result: dict) -> None:
 def evaluate_run(special: dict, overrides: list[str]) -> tuple[dict, Path]:
     """Validate, score, write: the metrics and the JSON file they were written to (`main` and
     `marl_llm.evaluate_run` of the Python API share it)."""
+    split = _split(special)
     run = validate(_compose(special, overrides))
     ckpt = _checkpoint(special)
-    out = _out_path(special, ckpt)
+    out = _out_path(special, ckpt, split)
     # per-task outcomes (and replies) next to the metrics: `python -m marl_llm compare` pairs them with another run's
-    result = evaluate(run, ckpt, out.with_suffix(""), special.get("baseline"), engine_log=out.parent / "engines.log")
+    result = evaluate(run, ckpt, out.with_suffix(""), special.get("baseline"), engine_log=out.parent / "engines.log",
+                      split=split)
     out.write_text(json.dumps(result, indent=2))
     return result, out
 
@@ -211,8 +231,8 @@ def main(argv: list[str] | None = None) -> None:
             print_help(args)
             return
         if flags:
-            raise ConfigError(f"evaluate takes no {' '.join(flags)}; it takes run_dir=, checkpoint=, baseline=, out= "
-                              "and key=value overrides (--help, --verbose)")
+            raise ConfigError(f"evaluate takes no {' '.join(flags)}; it takes run_dir=, checkpoint=, baseline=, out=, "
+                              "split= and key=value overrides (--help, --verbose)")
     cli.set_verbose(verbose)
     if not verbose:
         runtime.quiet_driver()

@@ -263,11 +263,13 @@ def check_gpus(specs: list, run: RunConfig, train: bool = True) -> Optional["Pla
     return plan
 
 
-def load_tasks(env) -> tuple[list, list]:
-    """The env's (train, eval) tasks; a failure of its loader is a PreflightError naming the env."""
+def load_tasks(env) -> dict[str, list]:
+    """The env's tasks per split (train, dev, test); a failure of its loader is a PreflightError
+    naming the env."""
+    from envs.base import SPLITS
     from marl_llm.data import DataError
     try:
-        return env.train_tasks(), env.eval_tasks()
+        return {split: env.tasks(split) for split in SPLITS}
     except DataError:
         raise
     except (FileNotFoundError, ValueError, KeyError) as e:
@@ -277,20 +279,22 @@ def load_tasks(env) -> tuple[list, list]:
 
 
 def check_run(run: RunConfig, *, output_dir: Optional[str] = None, resume: Optional[bool] = None,
-              train: bool = True):
+              train: bool = True, evaluated: Optional[tuple[str, ...]] = None):
     """Check a validated run before the cluster starts; returns (env, algorithm) ready to use, the
-    env's tasks already loaded and fitted to the models."""
+    env's tasks already loaded and fitted to the models. `evaluated`: the splits that will be
+    evaluated (default: a training run's, dev with trainer.eval_every and test with trainer.test)."""
     if output_dir is not None:
         check_output(output_dir, run.trainer.resume if resume is None else resume)
     env, algo = check_plugins(run)
     specs = algo.policy_specs()
     for s in specs:
         check_model(s.model, "model" if s.model == run.model else f"model of policy {s.name!r}")
-    train_tasks, eval_tasks = load_tasks(env)
-    if train and not train_tasks:
+    tasks = load_tasks(env)
+    if train and not tasks["train"]:
         raise PreflightError(f"env={run.env.name!r} has no training tasks; give data with at least one task")
-    if not eval_tasks and (not train or run.trainer.eval_every):
-        log.warning("env=%r has no evaluation tasks", run.env.name)
+    for split in run.trainer.eval_splits() if evaluated is None else evaluated:
+        if not tasks[split]:
+            log.warning("env=%r has no %s tasks to evaluate", run.env.name, split)
     fit_env_prompts(env, specs, run)
     check_memory(specs, run, train)
     check_gpus(specs, run, train)

@@ -3,6 +3,14 @@
 Writes a self-contained folder (default `<first run_dir>/report/`): `index.html` (no server, no
 JavaScript, opens offline) and the PNG figures it shows, drawn with matplotlib's Agg canvas:
 
+- `comparison.png`: the run's final evaluation (`test/<name>` when logged, else the last step's
+  `eval/<name>`): each policy's score as a point with its 95% interval (`<name>/ci_low|ci_high`,
+  the convention of `marl_llm.stats`; a point alone without them), its baselines (`baselines`)
+  hollow right below it, n in the label; one axis per scale (rates: estimates in 0..1 and not a
+  reward, together on 0..1; any other family, e.g. reward, on its own). With several runs, one
+  axis per run and scale.
+- `forest.png`: every paired difference `diff/<a>-<b>` of that evaluation as a row `a - b (n=..)`:
+  the estimate and its 95% interval around a line at 0, filled when the interval excludes 0.
 - `reward.png`: training reward per step, raw (thin) and smoothed (thick: centred moving mean
   over about max(3, n/10) steps, drawn from 5 steps on). Panel "reward": `reward/mean` and every other
   `reward/<x>` except `reward/max` (the algorithm's subsets of its episodes, e.g. with / without a
@@ -12,8 +20,9 @@ JavaScript, opens offline) and the PNG figures it shows, drawn with matplotlib's
   agent, role or policy name seen in buffer.jsonl in one of its segments (e.g. `agent1/loss`,
   `tree/value/generator`, `verifier/dpo_loss`) and whose name ends in
   reward, value, correct or loss.
-- `eval.png`: `eval/<name>` per evaluation step with the interval `eval/<name>/ci_low|ci_high`
-  when logged (the convention of `marl_llm.stats`), one panel per metric (a key's first segment:
+- `eval.png` (only with more than one evaluation step: a single one is comparison.png's):
+  `eval/<name>` per evaluation step with the interval `eval/<name>/ci_low|ci_high`
+  when logged, one panel per metric (a key's first segment:
   `acc/final` and `acc/round0` share the panel `acc`); the algorithm's baselines (learnt from the
   comparisons it declared: `baselines`) are reference lines in the panel of the metric they
   compare with (dashed; horizontal when constant). Cost keys (gens, tokens, latency_s) are left to the summary table.
@@ -40,7 +49,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -52,34 +61,41 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from marl_llm.stats import CI_HIGH, CI_LOW, CI_N, DIFF, interval_from_metrics
+from marl_llm.stats import CI_HIGH, CI_LOW, CI_N, DIFF, Interval, interval_from_metrics
 
 WIDTH_IN, ROW_IN, DPI = 10.0, 3.2, 100      # every PNG is 1000 px wide, 320 px per row of panels
 MAX_PANELS = 12
 MAX_BARS = 100                               # time.png: stacked bars up to this many steps, areas beyond
 ONE_OFF_PHASES = ("setup", "prepare")        # the trainer times these once, before the first step
 SUFFIXES = (CI_LOW, CI_HIGH, CI_N)           # marl_llm.stats: eval/<name>/ci_low|ci_high|n
+EVAL_PREFIXES = ("eval/", "test/")           # the periodic evaluations, the final one on the test split
 COST = re.compile(r"(^|/)(gens|tokens|latency_s|tokens_per_s|generations_per_question)(/|$)")
 PER_AGENT_METRIC = re.compile(r"(reward|value|correct|loss)$")
 LEARNER_TOKENS = "learner tokens/s"          # derived: n_tokens / time/train
 WALL = "time/wall"                           # seconds since the run began: not a phase
 
 
-def baselines(keys) -> dict[str, tuple[str, str]]:
-    """Which eval metrics are baselines, learnt from the comparisons the algorithm declared
-    (`Algorithm.comparisons`, logged as `eval/diff/<a>-<b>`): b is a's baseline; when b is a under
+def diff_pair(name: str) -> Optional[tuple[str, str]]:
+    """(a, b) of a paired difference's name `diff/<a>-<b>` (`marl_llm.stats.diff_key`: metric names
+    hold no '-', so the first '-' splits; they may hold '/'); None for any other name, including
+    the difference's own `/ci_low`, `/ci_high`, `/n`."""
+    if not name.startswith(f"{DIFF}/") or name.rsplit("/", 1)[-1] in SUFFIXES or "-" not in name:
+        return None
+    a, b = name[len(DIFF) + 1:].split("-", 1)
+    return a, b
+
+
+def baselines(keys, prefix: str = "eval/") -> dict[str, tuple[str, str]]:
+    """Which evaluation metrics are baselines, learnt from the comparisons the algorithm declared
+    (`Algorithm.comparisons`, logged as `<prefix>diff/<a>-<b>`): b is a's baseline; when b is a under
     a prefix (`base/reward` for `reward`), every metric under that prefix is the baseline of its
-    namesake without it (`base/correct` of `correct`). Returns name (after `eval/`) -> (the metric
+    namesake without it (`base/correct` of `correct`). Returns name (after `prefix`) -> (the metric
     it is a baseline for, label)."""
-    pairs = []
-    for key in keys:
-        name = key[len(f"eval/{DIFF}/"):] if key.startswith(f"eval/{DIFF}/") else None
-        if name and name.rsplit("/", 1)[-1] not in SUFFIXES and "-" in name:
-            pairs.append(tuple(name.split("-", 1)))
+    pairs = [pair for key in keys if key.startswith(prefix) for pair in [diff_pair(key[len(prefix):])] if pair]
     out = {b: (a, b) for a, b in pairs}
     prefixes = {b[: -len(a) - 1] for a, b in pairs if b.endswith(f"/{a}")}
     for key in keys:
-        name = key[len("eval/"):] if key.startswith("eval/") else ""
+        name = key[len(prefix):] if key.startswith(prefix) else ""
         for p in prefixes:
             if name.startswith(f"{p}/"):
                 out[name] = (name[len(p) + 1:], f"{p} {name[len(p) + 1:]}")
@@ -187,8 +203,9 @@ def load_run(path: str | Path) -> Run:
         run.records = _read_metrics(p / "metrics.jsonl", run.notes)
     else:
         run.notes.append("no metrics.jsonl: the run stopped before its first step was logged")
-    if run.records and not any(k.startswith("eval/") for r in run.records for k in r):
-        run.notes.append("no evaluation logged (trainer.eval_every=0, or the run stopped before the first one)")
+    if run.records and not any(k.startswith(EVAL_PREFIXES) for r in run.records for k in r):
+        run.notes.append("no evaluation logged (trainer.eval_every=0 and trainer.test=false, or the run "
+                         "stopped before the first one)")
     if (p / "summary.json").is_file():
         try:
             run.summary = json.loads((p / "summary.json").read_text())
@@ -387,7 +404,7 @@ def agents_plot(runs: list[Run]) -> Optional[Plot]:
     entities = list(dict.fromkeys(e for r in runs for e in r.entities))
     families: dict[str, list[tuple[str, str]]] = {}
     for key in _union_keys(runs):
-        if key.startswith(("eval/", "time/")):
+        if key.startswith(("time/",) + EVAL_PREFIXES):
             continue
         parts = key.split("/")
         for i, seg in enumerate(parts):
@@ -427,7 +444,15 @@ def eval_groups(keys: list[str], components: set[str]) -> list[Group]:
     return list(panels.values())
 
 
+def _eval_steps(run: Run) -> set[int]:
+    return {s for k, by_step in run.table.items() if k.startswith("eval/") and not COST.search(k) for s in by_step}
+
+
 def eval_plot(runs: list[Run]) -> Optional[Plot]:
+    """The periodic evaluation over steps; None unless a run evaluated more than once (one
+    evaluation would be a panel per metric with one dot each: comparison.png shows it)."""
+    if not any(len(_eval_steps(r)) > 1 for r in runs):
+        return None
     groups = [_components_group(runs, g.lines, "eval/reward") if g.title == "reward components" else g
               for g in eval_groups(_union_keys(runs), _components(runs))]
     return _panels_figure(runs, groups, "eval.png", "Evaluation",
@@ -436,9 +461,195 @@ def eval_plot(runs: list[Run]) -> Optional[Plot]:
                           "score", evaluation=True)
 
 
+# ---- the final evaluation: each policy next to its baselines, and the paired differences ----------
+RATES = "rates (0-1)"
+ROW_H = 0.26          # inches per point in comparison.png / forest.png
+PANEL_ROWS = 2.5      # an axis' title and x ticks, in points' rows
+BASELINE_GREY = "0.5"
+
+
+@dataclass
+class Evaluation:
+    """A run's final evaluation: its `test/` metrics (logged after the last step) when there are
+    any, else the `eval/` metrics of the last step that has them."""
+    prefix: str                  # "test" or "eval"
+    step: int
+    metrics: dict[str, float]    # name after the prefix -> value, the interval keys included
+
+    def describe(self) -> str:
+        return f"test split, after step {self.step}" if self.prefix == "test" else f"evaluation at step {self.step}"
+
+
+def final_evaluation(run: Run) -> Optional[Evaluation]:
+    for prefix in ("test", "eval"):
+        keys = [k for k in run.table if k.startswith(f"{prefix}/")]
+        if keys:
+            step = max(s for k in keys for s in run.table[k])
+            metrics = {k[len(prefix) + 1:]: run.table[k][step] for k in keys if step in run.table[k]}
+            return Evaluation(prefix, step, metrics)
+    return None
+
+
+@dataclass
+class Row:
+    """One point of comparison.png / forest.png."""
+    label: str
+    iv: Interval          # nan bounds: no interval logged, drawn as the point alone
+    filled: bool          # comparison: a policy (its baselines hollow); forest: the interval excludes 0
+
+
+@dataclass
+class Panel:
+    """One axis of comparison.png / forest.png: groups of rows, top to bottom, a gap between groups."""
+    title: str
+    groups: list[list[Row]]
+    unit: bool = False    # rates: the axis spans 0..1
+    zero: bool = False    # differences: a line at 0
+
+
+def _interval(metrics: dict[str, float], name: str, signed: bool = False) -> Interval:
+    low, high, n = (metrics.get(f"{name}/{s}") for s in SUFFIXES)
+    if low is None or high is None:
+        low = high = math.nan
+    return Interval(metrics[name], low, high, None if n is None else int(n), signed)
+
+
+def _row_label(name: str, iv: Interval) -> str:
+    """`acc/final (n=200)  0.31 [0.25, 0.38]`"""
+    n = f" (n={iv.n})" if iv.n is not None else ""
+    return f"{name}{n}  {Interval(iv.estimate, iv.low, iv.high, None, iv.signed).format()}"
+
+
+def policy_clusters(metrics: dict[str, float]) -> list[list[str]]:
+    """An evaluation's scores (not its differences, intervals or costs) in clusters: a policy's
+    metric, then its baselines (`baselines`); one that has baselines of its own comes after the
+    others, followed by its own (MALT: mv/gvr, baseline/mv/gvr, mv/g, baseline/mv/g). A metric
+    compared with nothing is a cluster of one."""
+    names = [k for k in metrics if k.rsplit("/", 1)[-1] not in SUFFIXES and not k.startswith(f"{DIFF}/")
+             and not COST.search(k)]
+    known, present, parent = baselines(metrics, prefix=""), set(names), {}
+    for name in names:
+        of = known.get(name, ("",))[0]
+        if of in present and not _leads_to(parent, of, name):  # a - b and b - a both declared: no cycle
+            parent[name] = of
+
+    def tree(name: str) -> list[str]:
+        children = sorted((c for c in names if parent.get(c) == name), key=lambda c: c in parent.values())
+        return [name] + [x for child in children for x in tree(child)]
+    return [tree(name) for name in names if name not in parent]
+
+
+def _leads_to(parent: dict[str, str], start: str, target: str) -> bool:
+    while start != target and start in parent:
+        start = parent[start]
+    return start == target
+
+
+def _scale(cluster: list[str], metrics: dict[str, float]) -> str:
+    """The axis of a policy and its baselines: rates (every estimate in 0..1, not a reward) share
+    one; any other family (the policy metric's first segment: reward, ...) has its own."""
+    root = cluster[0]
+    if "reward" not in root.split("/") and all(0 <= metrics[n] <= 1 for n in cluster):
+        return RATES
+    return root.split("/")[0]
+
+
+def _rates_first(scales: dict[str, Any]) -> list[tuple[str, Any]]:
+    return sorted(scales.items(), key=lambda kv: kv[0] != RATES)  # stable: the others as they came
+
+
+def comparison_panels(metrics: dict[str, float]) -> list[Panel]:
+    """comparison.png's axes for one evaluation: per scale, each policy (filled) followed by its
+    baselines (hollow), with their intervals."""
+    scales: dict[str, list[list[Row]]] = {}
+    for cluster in policy_clusters(metrics):
+        ivs = [_interval(metrics, n) for n in cluster]
+        rows = [Row(_row_label(n, iv), iv, filled=i == 0) for i, (n, iv) in enumerate(zip(cluster, ivs))]
+        scales.setdefault(_scale(cluster, metrics), []).append(rows)
+    return [Panel(scale, groups, unit=scale == RATES) for scale, groups in _rates_first(scales)]
+
+
+def forest_panels(metrics: dict[str, float]) -> list[Panel]:
+    """forest.png's axes for one evaluation: every paired difference `diff/<a>-<b>` as a row
+    `a - b (n=..)`, filled when its interval excludes 0; one axis per scale of a (as comparison.png)."""
+    scale_of = {n: _scale(c, metrics) for c in policy_clusters(metrics) for n in c}
+    scales: dict[str, list[Row]] = {}
+    for name in metrics:
+        pair = diff_pair(name)
+        if pair:
+            iv = _interval(metrics, name, signed=True)
+            scales.setdefault(scale_of.get(pair[0], "other"), []).append(
+                Row(_row_label(f"{pair[0]} - {pair[1]}", iv), iv, filled=iv.low > 0 or iv.high < 0))  # nan: False
+    return [Panel(f"differences, {scale}", [rows], zero=True) for scale, rows in _rates_first(scales)]
+
+
+def _final_panels(runs: list[Run], make) -> list[Panel]:
+    """`make`'s panels of each run's final evaluation, titled with what was evaluated (and the run)."""
+    out = []
+    for run in runs:
+        ev = final_evaluation(run)
+        who = f"{run.label}: " if len(runs) > 1 else ""
+        out += [replace(p, title=f"{who}{p.title} ({ev.describe()})") for p in (make(ev.metrics) if ev else [])]
+    return out
+
+
+def _draw_rows(ax, panel: Panel, color) -> None:
+    y, ticks, labels = 0.0, [], []
+    for group in panel.groups:
+        for row in group:
+            c = color if row.filled or panel.zero else BASELINE_GREY
+            if math.isfinite(row.iv.low) and math.isfinite(row.iv.high):
+                ax.hlines(y, row.iv.low, row.iv.high, color=c, lw=2)
+            ax.plot([row.iv.estimate], [y], "o", ms=7, mec=c, mew=1.5, mfc=c if row.filled else "white", zorder=3)
+            ticks.append(y)
+            labels.append(row.label)
+            y += 1
+        y += 0.5
+    ax.set_yticks(ticks, labels, fontsize=8)
+    ax.set_ylim(ticks[-1] + 0.7, -0.7)  # the first row on top
+    if panel.zero:
+        ax.axvline(0, color="0.3", ls="--", lw=1)
+    if panel.unit:  # a t interval of a mean of 0..1 outcomes may stick out a little
+        vals = [v for g in panel.groups for r in g for v in (r.iv.low, r.iv.high) if math.isfinite(v)]
+        ax.set_xlim(min(vals + [0.0]) - 0.02, max(vals + [1.0]) + 0.02)
+    ax.set_title(panel.title, fontsize=9, loc="left")
+    ax.grid(alpha=0.3, axis="x")
+
+
+def _rows_figure(panels: list[Panel], name: str, title: str, caption: str) -> Optional[Plot]:
+    """One axis per panel, stacked, each as tall as its rows; the height a whole number of ROW_IN."""
+    if not panels:
+        return None
+    dropped = len(panels) - MAX_PANELS
+    panels = panels[:MAX_PANELS]
+    heights = [sum(map(len, p.groups)) + 0.5 * (len(p.groups) - 1) + PANEL_ROWS for p in panels]
+    fig = Figure(figsize=(WIDTH_IN, ROW_IN * math.ceil((sum(heights) + 1) * ROW_H / ROW_IN)), dpi=DPI,
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.suptitle(title, fontsize=12)
+    grid = fig.add_gridspec(len(panels), 1, height_ratios=heights)
+    for i, panel in enumerate(panels):
+        _draw_rows(fig.add_subplot(grid[i]), panel, _colors(1)[0])
+    if dropped > 0:
+        caption += f" ({dropped} more panels not shown.)"
+    return Plot(name, title, caption, fig)
+
+
+def comparison_plot(runs: list[Run]) -> Optional[Plot]:
+    return _rows_figure(_final_panels(runs, comparison_panels), "comparison.png", "Final evaluation",
+                        "Final evaluation (test/ when logged, else the last eval/): each policy (filled) with its "
+                        "95% interval, its baselines (hollow, grey) right below it.")
+
+
+def forest_plot(runs: list[Run]) -> Optional[Plot]:
+    return _rows_figure(_final_panels(runs, forest_panels), "forest.png", "Paired differences",
+                        "Paired differences a - b on the same tasks (diff/<a>-<b>) with their 95% intervals; "
+                        "filled: the interval excludes 0.")
+
+
 def throughput_plot(runs: list[Run]) -> Optional[Plot]:
     keys = _union_keys(runs)
-    lines = [(k, k) for k in keys if k == LEARNER_TOKENS or (k.endswith("tokens_per_s") and not k.startswith("eval/"))]
+    lines = [(k, k) for k in keys if k == LEARNER_TOKENS or (k.endswith("tokens_per_s") and not k.startswith(EVAL_PREFIXES))]
     ev = [(k, k[5:]) for k in keys if k.startswith("eval/") and k.endswith("tokens_per_s")]
     known = baselines(keys)
     ev_lines = [(k, lab) for k, lab in ev if lab not in known]
@@ -507,7 +718,8 @@ def time_plot(runs: list[Run]) -> Optional[Plot]:
 
 # timeline lanes: the rollout side (collect: generate + reward), the learners, the weight push,
 # and what stops both (evaluation, checkpoints)
-LANES = (("rollout", ("collect",)), ("learner", ("train",)), ("push", ("sync",)), ("eval / save", ("eval", "save")))
+LANES = (("rollout", ("collect",)), ("learner", ("train",)), ("push", ("sync",)),
+         ("eval / save", ("eval", "test", "save")))
 
 
 def timeline_plot(runs: list[Run]) -> Optional[Plot]:
@@ -536,7 +748,7 @@ def timeline_plot(runs: list[Run]) -> Optional[Plot]:
     return Plot("timeline.png", "Timeline", caption, fig)
 
 
-PLOTS = (reward_plot, agents_plot, eval_plot, time_plot, timeline_plot, throughput_plot)
+PLOTS = (comparison_plot, forest_plot, reward_plot, agents_plot, eval_plot, time_plot, timeline_plot, throughput_plot)
 
 
 # ---- the folder ---------------------------------------------------------------------------------
@@ -567,8 +779,8 @@ def _summary(run: Run) -> dict[str, Any]:
             xs, ys = run.series(key)
             if key.startswith("reward/"):
                 out[f"train.{key}.first"], out[f"train.{key}.last"] = ys[0], ys[-1]
-            elif key.startswith("eval/") and not COST.search(key):
-                out[f"eval.{key[5:]}"] = ys[-1]
+            elif key.startswith(EVAL_PREFIXES) and not COST.search(key):
+                out[key.replace("/", ".", 1)] = ys[-1]  # as summary.json flattens: eval.<name>, test.<name>
     # an interval (marl_llm.stats keys) is shown in one cell: 0.312 [0.142, 0.556], n=16
     for key in list(out):
         iv = interval_from_metrics(out, key)

@@ -29,6 +29,8 @@ from marl_llm.preflight import check_run
 from marl_llm.stats import DIFF, comparison_lines, read_intervals
 
 log = logging.getLogger(__name__)
+# the metrics prefix of each evaluated split (the dev split keeps the `eval/` keys of every report)
+EVAL_KEYS = {"dev": "eval", "test": "test"}
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -141,10 +143,11 @@ class Trainer:
             stream = TaskStream(tasks, run.trainer.batch_size, run.seed)
             if state.data:
                 stream.load_state_dict(state.data)
-            eval_tasks = env.eval_tasks()[: run.trainer.eval_size]
-            log.info("training %s on %s: %d train tasks, %d eval tasks, steps %d -> %d",
-                     run.algo.name, run.env.name, len(tasks), len(eval_tasks), state.step,
-                     run.trainer.steps)
+            # dev: the periodic evaluation (settings are chosen on it); test: once, after the last step
+            evaluated = {split: env.tasks(split)[: run.trainer.eval_size] for split in run.trainer.eval_splits()}
+            log.info("training %s on %s: %d train tasks, %s, steps %d -> %d", run.algo.name, run.env.name,
+                     len(tasks), ", ".join(f"{len(v)} {k} tasks" for k, v in evaluated.items()) or "no evaluation",
+                     state.step, run.trainer.steps)
             # the summary compares the run's first step with its last, also across resumes
             first = _first_record(out / "metrics.jsonl") if ckpt is not None else None
             last = None
@@ -170,13 +173,12 @@ class Trainer:
                         record.update({f"sync/{name}/{k}": v for k, v in p.sync_weights().items()
                                        if isinstance(v, (int, float))})
                 rollouts.synced_through(step)
-                # ---- evaluate every k steps (and after the last)
+                # ---- evaluate on dev every k steps (and after the last), on test after the last
                 done = step + 1
                 if run.trainer.eval_every and (done % run.trainer.eval_every == 0 or done == run.trainer.steps):
-                    with self.timer("eval"):
-                        record.update({f"eval/{k}": v for k, v in algo.evaluate(eval_tasks).items()})
-                        # per-task outcomes: the run can be paired with another (python -m marl_llm compare)
-                        save_evaluation(out / "eval" / f"step_{done}", eval_tasks, algo)
+                    record.update(self._evaluate(algo, "dev", evaluated["dev"], done))
+                if run.trainer.test and done == run.trainer.steps:
+                    record.update(self._evaluate(algo, "test", evaluated["test"], done))
                 # ---- checkpoint every k steps (and after the last)
                 if run.trainer.save_every and (done % run.trainer.save_every == 0 or done == run.trainer.steps):
                     with self.timer("save"):
@@ -200,6 +202,18 @@ class Trainer:
                 rollouts.close()
             metrics.close()
             cluster.shutdown(policies)
+
+    def _evaluate(self, algo, split: str, tasks: list, done: int) -> dict[str, Any]:
+        """`algo.evaluate` on `split`'s tasks after step `done`, as metrics `eval/...` (dev) or
+        `test/...`; the per-task outcomes go to eval/<split>/step_<done>, so the run can be paired
+        with another (python -m marl_llm compare)."""
+        if not tasks:  # an empty split (the pre-flight check said so): nothing to score
+            return {}
+        key = EVAL_KEYS[split]
+        with self.timer(key):
+            metrics = {f"{key}/{k}": v for k, v in algo.evaluate(tasks).items()}
+            save_evaluation(self.out / "eval" / split / f"step_{done}", tasks, algo)
+        return metrics
 
     def _report(self) -> None:
         """The run's figures (trainer.report; a plotting failure is logged, the run's results stand)."""
@@ -229,22 +243,29 @@ class Trainer:
             raise
 
     def _summary(self, first, last) -> dict[str, Any]:
-        """Training rewards of the first vs the last step, and the final evaluation (with the
-        algorithm's baselines, e.g. MLPO's untrained leader) — what the run improved: every
-        evaluation metric (`eval`), those with a 95% interval as text (`intervals`: "0.31 [0.25,
-        0.38], n=200"), and the paired comparisons of policies scored on the same held-out tasks as
-        lines (`comparisons`: "acc/final - acc/untrained_final = +0.09 [+0.04, +0.14], n=200"),
-        which are also logged. `wall_clock_s`: seconds since the trainer was built."""
+        """Training rewards of the first vs the last step, and the final evaluations (with the
+        algorithm's baselines, e.g. MLPO's untrained leader) — what the run improved: every metric
+        of the last step's dev evaluation (`eval`) and test evaluation (`test`); of the reported
+        one (`reported`: test, else without one dev) those with a 95% interval as text
+        (`intervals`: "0.31 [0.25, 0.38], n=200") and the paired comparisons of policies scored on
+        the same held-out tasks as lines (`comparisons`: "acc/final - acc/untrained_final = +0.09
+        [+0.04, +0.14], n=200"), which are also logged. `wall_clock_s`: seconds since the trainer
+        was built."""
         summary: dict[str, Any] = {"output_dir": str(self.out), "steps": self.run.trainer.steps,
                                    "wall_clock_s": round(time.perf_counter() - self.started, 1)}
         if first and last:
             summary["train"] = {k: {"first": first[k], "last": last[k]} for k in sorted(set(first) & set(last))
                                 if k.startswith("reward/") and isinstance(first[k], (int, float))}
-            summary["eval"] = {k[len("eval/"):]: v for k, v in last.items() if k.startswith("eval/")}
-            summary["intervals"] = {name: str(iv) for name, iv in read_intervals(summary["eval"]).items()
+            for key in EVAL_KEYS.values():
+                summary[key] = {k[len(key) + 1:]: v for k, v in last.items() if k.startswith(f"{key}/")}
+            # the number to report: the test evaluation, else (trainer.test=false) the last dev one
+            reported = next((split for split in ("test", "dev") if summary[EVAL_KEYS[split]]), None)
+            values = summary[EVAL_KEYS[reported]] if reported else {}
+            summary["reported"] = reported
+            summary["intervals"] = {name: str(iv) for name, iv in read_intervals(values).items()
                                     if not name.startswith(f"{DIFF}/")}
-            summary["comparisons"] = comparison_lines(summary["eval"])
-            log.info("final evaluation, paired comparisons (95%% intervals):%s",
+            summary["comparisons"] = comparison_lines(values)
+            log.info("final evaluation (%s split), paired comparisons (95%% intervals):%s", reported,
                      "".join(f"\n  {line}" for line in summary["comparisons"]) or " none")
         latest = self.ckpts.latest()
         summary["checkpoint"] = str(latest) if latest else None

@@ -79,7 +79,7 @@ def test_requests_stop_where_the_env_says_a_reply_ends():
     env = make_env({"name": "math", "train_size": 4, "eval_size": 2})
     run = RunConfig(algo=PGConfig(), rollout=RolloutConfig(), seed=0)
     algo = Algorithm(run.algo, env, run)
-    task = env.eval_tasks()[0]
+    task = env.tasks("test")[0]
     assert algo.requests("single", [task])[0].sampling.stop == ["</answer>"]
     # a protocol's own role: its own prompt; the env's stop strings unless it passes its own
     own = lambda t, **ctx: algo.answer_prompt("{question}\n{team}\n{answer_instruction}", t, **ctx)  # noqa: E731

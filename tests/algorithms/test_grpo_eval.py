@@ -41,7 +41,7 @@ def test_specs_add_a_frozen_base_unless_turned_off():
 
 def test_evaluate_policy_vs_base_with_intervals_and_reuses_the_base():
     algo, env = make_algo()
-    tasks = env.eval_tasks()
+    tasks = env.tasks("test")
     gold = {t["question"]: t["answer"] for t in tasks}
     of = lambda content: next(a for q, a in gold.items() if q in content)  # noqa: E731
     policy = FakePolicy("policy", answer(of))

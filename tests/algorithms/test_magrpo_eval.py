@@ -73,7 +73,7 @@ def evaluated(n_tasks=3):
     trained = {a: FakePolicy(a, TRAINED_TEXT) for a in ("agent1", "agent2")}
     base = FakePolicy("base", BASE_TEXT)
     algo.setup({**trained, "base-agent1": base, "base-agent2": base}, TrajectoryBuffer())
-    tasks = env.eval_tasks()[:n_tasks]
+    tasks = env.tasks("test")[:n_tasks]
     return algo, env, tasks, algo.evaluate(tasks), trained, base
 
 
@@ -116,7 +116,7 @@ def test_evaluate_scores_trained_and_every_baseline_with_the_right_outputs():
     # the methods differ, so a mix-up of outputs would show above
     assert len({round(out[k], 6) for k in ("reward", "naive/reward", "sequential/reward", "discussion/reward")}) == 4
     for prefix, gens in (("", 2), ("single/", 1), ("naive/", 2), ("sequential/", 2), ("discussion/", 4)):
-        for k in ("structure", "coherence", "consistency", "solved", "tokens", "latency_s", "tokens_per_s"):
+        for k in ("structure", "coherence", "consistency", "grounding", "solved", "tokens", "latency_s", "tokens_per_s"):
             assert prefix + k in out, prefix + k
         assert out[prefix + "gens"] == gens
         assert out[prefix + "latency_s"] > 0 and out[prefix + "tokens_per_s"] > 0
@@ -137,7 +137,7 @@ def test_evaluate_scores_trained_and_every_baseline_with_the_right_outputs():
 def test_coding_reports_pass_rate_on_unit_tests():
     env = make_env({"name": "coding", "data": {"limit": 2}})
     algo, _ = make_algo(env=env, eval_baselines=["single"])
-    task = env.eval_tasks()[0]
+    task = env.tasks("test")[0]
     ref = env.reference_outputs(task)["single"]
     both = {"single": ref, "agent1": "```python\ndef aux(x):\n    return x\n```", "agent2": ref}
     algo.setup({"agent1": FakePolicy("agent1", both), "agent2": FakePolicy("agent2", both),

@@ -463,6 +463,15 @@ def test_iterations_split_steps_and_threshold_schedule(tmp_path):
     assert (tmp_path / "malt_dataset" / "iter_1.jsonl").is_file()
 
 
+def test_collection_ahead_of_training_labels_trees_with_their_own_block(tmp_path):
+    # trainer.max_staleness >= 1: step 2's trees are collected before step 1 trains block 0
+    algo, _ = make_algo(tmp_path, steps=4, branching=2, iterations=2, threshold_schedule=[0.5, 0.2])
+    early = [algo.collect(tasks(2, start=s * 2), s) for s in (0, 1, 2)]
+    assert algo.iteration == 0  # nothing trained yet
+    assert [e.meta["iteration"] for eps in early for e in eps] == [0, 0, 0, 0, 1, 1]
+    assert [e.meta["threshold"] for eps in early for e in eps] == [0.5, 0.5, 0.5, 0.5, 0.2, 0.2]
+
+
 def test_resume_rebuilds_the_block_from_the_buffer(tmp_path):
     def trained(pols):
         return sorted((tuple(s.prompt_ids), tuple(s.completion_ids)) for r in ROLES
@@ -522,8 +531,7 @@ def test_evaluate_chains_votes_and_ablations(tmp_path):
 
 def test_initial_baselines_reported_with_every_evaluation(tmp_path):
     algo, pols = make_algo(tmp_path, responders=eval_responders(), eval_ablations=False)
-    algo.run.trainer.eval_every = 1
-    algo.env.eval_tasks = lambda: tasks(2, start=50)
+    algo.env.tasks = lambda split: {"test": tasks(2, start=50)}[split]  # trainer.test only (eval_every=0)
     algo.prepare(tasks(2))
     assert algo.baselines["baseline/mv/g"] == 1.0 and algo.baselines["baseline/mv/gvr"] == 1.0
     res = algo.evaluate(tasks(2))
@@ -753,9 +761,13 @@ def test_train_roles_sft_then_dpo_on_a_real_learner(tmp_path, lora, request):
 def test_evaluate_pairs_the_initial_baseline_on_the_same_questions(tmp_path):
     algo, pols = make_algo(tmp_path, responders=eval_responders(), eval_ablations=False)
     algo.run.trainer.eval_every = 1
-    algo.env.eval_tasks = lambda: tasks(4)
+    algo.env.tasks = lambda split: {"dev": tasks(4), "test": tasks(2, start=20)}[split]
     algo.prepare(tasks(2))
-    assert algo.initial_outcomes["ids"] == ["q0", "q1", "q2", "q3"]
+    # dev and test, the sets the run evaluates, scored in one pass
+    assert algo.initial_outcomes["ids"] == ["q0", "q1", "q2", "q3", "q20", "q21"]
+    assert [len(c) for c in pols["generator"].calls] == [6]
+    test = algo.evaluate(tasks(2, start=20))
+    assert test["mv/gvr/n"] == 2 and test["diff/mv/gvr-baseline/mv/gvr/n"] == 2
     res = algo.evaluate(tasks(4))      # the same questions: paired
     assert res["mv/gvr/n"] == 4 and res["mv/gvr/ci_low"] < res["mv/gvr"] == res["mv/gvr/ci_high"] == 1.0
     # per-chain scores become one per question (the mean over its chains): n counts questions

@@ -215,7 +215,7 @@ def test_algo_prompts_override_one_template_and_every_reply_stops_at_the_answer(
         "Q1: what is 1?\n\nYour previous solution:\np")  # the default team_revise
     names = ("leader", "team0", "team1", "team2", UNTRAINED)
     algo.setup({n: FakePolicy(n, right, trainable=n == "leader") for n in names}, TrajectoryBuffer())
-    algo.evaluate(env.eval_tasks())
+    algo.evaluate(env.tasks("test"))
     reqs = [r for p in algo.policies.values() for c in p.calls for r in c]
     assert len(reqs) == 4 * (1 + 1 + 3 + 1 + 1) and all(r.sampling.stop == ["</answer>"] for r in reqs)
 
@@ -421,7 +421,7 @@ def _protocol_algo(rounds=3):
 
 def test_round_protocol_contexts_batches_and_counts():
     algo, env, pol = _protocol_algo(rounds=3)
-    tasks = env.eval_tasks()
+    tasks = env.tasks("test")
     env.prompts.clear()
     traces = algo.run_rounds(tasks, {"": "leader", "untrained_": UNTRAINED})
     K, n = 2, len(tasks)
@@ -466,7 +466,7 @@ def test_agents_on_one_engine_go_out_as_one_batch_in_agent_order():
                                                                          for i in range(n)]
     assert len(pol["team1"].calls) == 1
     shared.calls.clear()
-    algo.evaluate(env.eval_tasks())
+    algo.evaluate(env.tasks("test"))
     # single baseline; round 0: team0 + team2 in one batch; the untrained leader; round 1: both
     # variants' revisions of team0, then of team2, in one batch; the untrained leader
     assert [len(c) for c in shared.calls] == [n, 2 * n, n, 4 * n, n]
@@ -476,7 +476,7 @@ def test_agents_on_one_engine_go_out_as_one_batch_in_agent_order():
 
 def test_evaluate_reports_rounds_generations_and_baselines():
     algo, env, pol = _protocol_algo(rounds=3)
-    out = algo.evaluate(env.eval_tasks())
+    out = algo.evaluate(env.tasks("test"))
     assert [out[f"acc/round{t}"] for t in range(3)] == [0.0, 1.0, 1.0]
     assert out["acc/final"] == 1.0 and out["reward"] == 1.0
     assert [out[f"gens/round{t}"] for t in range(3)] == [3.0, 6.0, 9.0]  # K+1 per round
@@ -497,7 +497,7 @@ def test_evaluate_reports_rounds_generations_and_baselines():
 def test_evaluate_without_the_untrained_baseline_asks_no_untrained_leader():
     algo, env, pol = _protocol_algo(rounds=1)
     algo.cfg.eval_baselines = ["single", "majority"]
-    out = algo.evaluate(env.eval_tasks())
+    out = algo.evaluate(env.tasks("test"))
     assert not any(k.startswith("acc/untrained") for k in out) and "acc/final" in out
     assert pol[UNTRAINED].calls == [] and "diff/acc/final-acc/majority" in out
 
@@ -629,7 +629,7 @@ def test_learning_signal_leader_learns_to_use_team_answers(tmp_path):
            "rollout": {"backend": "vllm", "max_new_tokens": 32, "temperature": 0.7, "top_p": 0.9},
            "learner": {"lr": float(os.environ.get("MLPO_SIGNAL_LR", "2e-5")), "micro_batch_size": 16,
                        "bf16": "false"},
-           "trainer": {"steps": steps, "batch_size": 4, "save_every": 0, "eval_every": 0,
+           "trainer": {"steps": steps, "batch_size": 4, "save_every": 0, "eval_every": 0, "test": False,
                        "output_dir": str(tmp_path / "run"), "progress": False, "loggers": []},
            "seed": 0}
     Trainer(validate(cfg)).fit()
@@ -642,8 +642,8 @@ def test_learning_signal_leader_learns_to_use_team_answers(tmp_path):
 
 def test_evaluate_reports_intervals_and_paired_comparisons():
     algo, env, pol = _protocol_algo(rounds=2)
-    out = algo.evaluate(env.eval_tasks())
-    n = len(env.eval_tasks())
+    out = algo.evaluate(env.tasks("test"))
+    n = len(env.tasks("test"))
     for key in ("acc/final", "acc/untrained_final", "acc/leader_alone", "acc/single", "acc/majority", "reward",
                 "acc/team_round1"):
         assert out[f"{key}/n"] == n and out[f"{key}/ci_low"] <= out[key] <= out[f"{key}/ci_high"], key

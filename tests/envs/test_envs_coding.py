@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from envs.base import make_env
+from envs.base import SPLITS, make_env
 from envs.coding import extract_code, is_wrapper, split_tests, top_level_items
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -214,7 +214,7 @@ def test_split_tests_humaneval_shapes():
 
 # ---- datasets ------------------------------------------------------------------------------------------
 def test_humaneval_canonical_solutions_full_marks_and_shuffled_zero():
-    env = make_env({"name": "coding", "data": {"eval_size": 0, "limit": 20}})
+    env = make_env({"name": "coding", "data": {"eval_size": 0, "limit": 20}, "dev_size": 0})
     tasks = env.train_tasks()
     assert len(tasks) == 20
     scores = [r.total for r in env.reward_batch([(t, env.reference_outputs(t)) for t in tasks])]
@@ -226,14 +226,16 @@ def test_humaneval_canonical_solutions_full_marks_and_shuffled_zero():
 def test_humaneval_split_is_disjoint_and_seeded():
     a = make_env({"name": "coding"}, seed=0)
     b = make_env({"name": "coding"}, seed=0)
-    assert [t["id"] for t in a.eval_tasks()] == [t["id"] for t in b.eval_tasks()]
-    assert len(a.train_tasks()) == 164 - 32 and len(a.eval_tasks()) == 32
-    assert not {t["id"] for t in a.train_tasks()} & {t["id"] for t in a.eval_tasks()}
+    assert all([t["id"] for t in a.tasks(s)] == [t["id"] for t in b.tasks(s)] for s in SPLITS)
+    # 32 held out as the test split; the dev split, a fifth of the other 132 (env.dev_size=100 capped)
+    assert [len(a.tasks(s)) for s in SPLITS] == [132 - 26, 26, 32]
+    ids = [{t["id"] for t in a.tasks(s)} for s in SPLITS]
+    assert sum(map(len, ids)) == len(set().union(*ids)) == 164
 
 
 def test_mbpp_fixture():
     env = make_env({"name": "mbpp", "data": {"path": str(DATA / "mbpp.jsonl"), "eval_size": 1}})
-    tasks = env.train_tasks() + env.eval_tasks()
+    tasks = [t for s in SPLITS for t in env.tasks(s)]
     assert len(tasks) == 4
     assert {t["entry_point"] for t in tasks} == {"digit_sum", "is_pal", "dist", "evens"}
     assert [r.total for r in env.reward_batch([(t, env.reference_outputs(t)) for t in tasks])] == [1.0] * 4
@@ -247,7 +249,7 @@ def test_mbpp_fixture():
 
 def test_coop_humaneval_fixture():
     env = make_env({"name": "coop_humaneval", "data": {"path": str(DATA / "coop_humaneval.jsonl"), "eval_size": 1}})
-    tasks = env.train_tasks() + env.eval_tasks()
+    tasks = [t for s in SPLITS for t in env.tasks(s)]
     assert len(tasks) == 2
     assert all(env.reward(t, env.reference_outputs(t)).total == 1.0 for t in tasks)
 

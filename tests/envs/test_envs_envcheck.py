@@ -59,8 +59,10 @@ def test_generator_and_overrides(capsys):
                      "--reference", "--json")
     s = last_json(out)
     assert rc == 0 and s["n"] == 35 and s["mean_reward"] == 1.0
-    rc, out, _ = run(capsys, "env=math", "env.train_size=30", "env.eval_size=5", "--reference", "--split", "eval", "--json")
-    assert last_json(out)["n"] == 5
+    for split, n in (("test", 5), ("dev", 6), ("train", 24)):  # dev: a fifth of train_size (env.dev_size capped)
+        rc, out, _ = run(capsys, "env=math", "env.train_size=30", "env.eval_size=5", "--reference", "--split", split,
+                         "--json")
+        assert last_json(out)["n"] == n
 
 
 @pytest.mark.parametrize("name,extra", [
@@ -85,7 +87,7 @@ def test_writing_reference_runs(capsys, monkeypatch):
     rc, out, _ = run(capsys, "env=writing", "env.data.path=examples/data/tldr_posts.jsonl", "--reference", "--json")
     s = last_json(out)
     assert rc == 0 and s["n"] == 41 and s["max_reward"] == 3.0 and s["mean_reward"] > 2.3
-    assert set(s["components"]) == {"structure", "coherence", "consistency", "total"}
+    assert set(s["components"]) == {"structure", "coherence", "consistency", "grounding", "total"}
 
 
 def test_bring_your_own_data_example(capsys, monkeypatch):
@@ -102,9 +104,12 @@ def test_bring_your_own_data_example(capsys, monkeypatch):
 
 
 def test_describe_mode(capsys):
-    rc, out, _ = run(capsys, "env=reasoning_gym", "env.task=basic_arithmetic", "env.train_size=3", "env.eval_size=2", "--json")
+    rc, out, _ = run(capsys, "env=reasoning_gym", "env.task=basic_arithmetic", "env.train_size=10", "env.eval_size=2",
+                     "--json")
     s = last_json(out)
-    assert rc == 0 and s["n_train"] == 3 and s["n_eval"] == 2 and s["roles"] == ["single"]  # the task's roles only
+    assert rc == 0 and (s["n_train"], s["n_dev"], s["n_test"]) == (8, 2, 2)
+    assert s["roles"] == ["single"]  # the task's roles only
+    assert "8 train / 2 dev / 2 test tasks" in out
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from envs.base import DataConfig, make_env
+from envs.base import SPLITS, DataConfig, make_env
 from envs.math import generate_problems, operand_range
 from envs.qa import as_number, extract_final, last_boxed, math_equal, well_formed_answer
 from marl_llm.config import ConfigError
@@ -106,7 +106,8 @@ def test_difficulty_sets_operand_digits(d):
 
 def test_math_env_generator_defaults_and_sizes():
     env = make_env({"name": "math", "train_size": 40, "eval_size": 10, "difficulty": 2})
-    assert len(env.train_tasks()) == 40 and len(env.eval_tasks()) == 10
+    # train_size counts train and dev (env.dev_size=100, capped at a fifth)
+    assert [len(env.tasks(s)) for s in SPLITS] == [32, 8, 10]
     assert all(len(str(x)) == 2 for t in env.train_tasks() for x in t["operands"])
     with pytest.raises(ConfigError, match="difficulty"):
         make_env({"name": "math", "difficulty": 0})
@@ -234,7 +235,7 @@ def test_a_long_context_is_cut_to_fit_also_in_a_protocol_prompt(tiny_model_path,
 
 @pytest.mark.skipif(not GSM8K.exists(), reason="shared GSM8K file not present")
 def test_gsm8k_file_gold_and_shuffled():
-    env = make_env({"name": "math", "data": {"path": str(GSM8K), "limit": 30}})
+    env = make_env({"name": "math", "data": {"path": str(GSM8K), "limit": 30}, "dev_size": 0})
     tasks = env.train_tasks()
     assert len(tasks) == 30 and tasks[0]["answer"] == "72"
     assert all(env.reward(t, env.reference_outputs(t)).total == 1.0 for t in tasks)
@@ -244,8 +245,8 @@ def test_gsm8k_file_gold_and_shuffled():
 
 def test_competition_math_fixture():
     env = make_env({"name": "competition_math", "data": {"path": str(DATA / "competition_math.jsonl"), "eval_size": 2}})
-    tasks = env.train_tasks() + env.eval_tasks()
-    assert len(tasks) == 8 and len(env.eval_tasks()) == 2
+    tasks = [t for s in SPLITS for t in env.tasks(s)]
+    assert len(tasks) == 8 and len(env.tasks("test")) == 2
     golds = {t["answer"] for t in tasks}
     assert "\\frac{7}{8}" in golds and "\\sqrt{2}" in golds
     assert all(env.reward(t, env.reference_outputs(t)).total == 1.0 for t in tasks)
@@ -287,12 +288,13 @@ def test_dataset_train_tasks_repeating_an_eval_question_are_dropped(tmp_path):
     path = _write_jsonl(tmp_path / "dup.jsonl", rows)
     env = make_env({"name": "math", "data": {"path": path, "eval_size": 8}})
     norm = lambda t: " ".join(t["question"].lower().split())  # noqa: E731
-    ev = {norm(t) for t in env.eval_tasks()}
-    assert len(env.eval_tasks()) == 8
-    assert not {norm(t) for t in env.train_tasks()} & ev
-    # 40 rows - 8 held out - the 8 held-out problems' twins (unless both copies were held out)
-    twins = sum(1 for r in rows if norm(r) in ev) - 8
-    assert len(env.train_tasks()) == 32 - twins and twins > 0
+    dev, test = ({norm(t) for t in env.tasks(s)} for s in ("dev", "test"))
+    assert len(env.tasks("test")) == 8 and len(env.tasks("dev")) >= 4  # a fifth of the train tasks left
+    assert not {norm(t) for t in env.train_tasks()} & (dev | test) and not dev & test
+    # every row is in one split, or is the twin of a dev or test task and was dropped from train
+    # (unless both copies were held out)
+    twins = sum(1 for r in rows if norm(r) in dev | test) - len(env.tasks("dev")) - 8
+    assert sum(len(env.tasks(s)) for s in SPLITS) == 40 - twins and twins > 0
 
 
 RAMBLE = ("Sam wants 5 coins and already has 4. So, 5 - 4 = 1 more.\n\nThe answer is 1.\n\n"

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from envs.base import make_env
+from envs.base import SPLITS, make_env
 from envs.multiple_choice import extract_letter, extract_text_answer, normalise_answer, normalise_choices
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -56,7 +56,7 @@ def test_normalise_answer_forms():
                                          ("bbh", "bbh_boolean.jsonl", 4)])
 def test_reference_full_marks_and_options_shown(name, file, n):
     env = make_env({"name": name, "data": {"path": str(DATA / file), "eval_size": 1}})
-    tasks = env.train_tasks() + env.eval_tasks()
+    tasks = [t for s in SPLITS for t in env.tasks(s)]
     assert len(tasks) == n
     assert all(env.reward(t, env.reference_outputs(t)).total == 1.0 for t in tasks)
     for t in tasks:  # every prompt shows the options (or the options are inside the question)
@@ -66,7 +66,7 @@ def test_reference_full_marks_and_options_shown(name, file, n):
 
 def test_mc_reward_and_prompt():
     env = make_env({"name": "csqa", "data": {"path": str(DATA / "csqa.jsonl"), "eval_size": 1}})
-    t = next(t for t in env.train_tasks() + env.eval_tasks() if t["id"] == "c1")
+    t = next(t for s in SPLITS for t in env.tasks(s) if t["id"] == "c1")
     assert t["answer"] == "B" and t["mode"] == "letter"
     p = env.prompt(t, "single")[-1]["content"]
     assert "(B) refrigerator" in p and "<answer>X</answer>" in p
@@ -77,7 +77,7 @@ def test_mc_reward_and_prompt():
 
 def test_bbh_text_mode_exact_match():
     env = make_env({"name": "bbh", "data": {"path": str(DATA / "bbh_boolean.jsonl"), "eval_size": 1}})
-    t = [t for t in env.train_tasks() + env.eval_tasks() if t["answer"] == "False"][0]
+    t = [t for s in SPLITS for t in env.tasks(s) if t["answer"] == "False"][0]
     assert t["mode"] == "text"
     assert "<answer>ANSWER</answer>" in env.prompt(t, "single")[-1]["content"]
     assert env.reward(t, {"single": "<answer>false</answer>"}).total == 1.0
@@ -86,7 +86,7 @@ def test_bbh_text_mode_exact_match():
 
 def test_bbh_letter_mode_uses_options_in_input():
     env = make_env({"name": "bbh", "data": {"path": str(DATA / "bbh.jsonl"), "eval_size": 1}})
-    t = [t for t in env.train_tasks() + env.eval_tasks() if t["answer"] == "C"][0]
+    t = [t for s in SPLITS for t in env.tasks(s) if t["answer"] == "C"][0]
     assert t["mode"] == "letter" and t["choices"] == []
     assert env.reward(t, {"single": "So the answer is (C)."}).total == 1.0
     assert env.reward(t, {"single": "<answer>(E)</answer>"}).total == 0.0  # E is not an option here

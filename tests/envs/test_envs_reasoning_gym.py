@@ -1,7 +1,7 @@
 """reasoning-gym env: seeded, disjoint, scored by the package's own scorers; clear errors."""
 import pytest
 
-from envs.base import make_env
+from envs.base import SPLITS, make_env
 from marl_llm.config import ConfigError
 
 
@@ -22,10 +22,11 @@ def test_bad_task_config_names_it():
 def test_seeded_disjoint_reference_and_shuffled(task):
     cfg = {"name": "reasoning_gym", "task": task, "train_size": 30, "eval_size": 10}
     a, b = make_env(cfg, seed=5), make_env(cfg, seed=5)
-    assert a.train_tasks() == b.train_tasks() and a.eval_tasks() == b.eval_tasks()
+    assert all(a.tasks(s) == b.tasks(s) for s in SPLITS)
     assert a.train_tasks() != make_env(cfg, seed=6).train_tasks()
-    assert len(a.train_tasks()) == 30 and len(a.eval_tasks()) == 10
-    assert not {t["question"] for t in a.train_tasks()} & {t["question"] for t in a.eval_tasks()}
+    assert [len(a.tasks(s)) for s in SPLITS] == [24, 6, 10]  # dev: a fifth of train_size (env.dev_size capped)
+    questions = [{t["question"] for t in a.tasks(s)} for s in SPLITS]
+    assert sum(map(len, questions)) == len(set().union(*questions))
     tasks = a.train_tasks()[:10]
     assert all(a.reward(t, a.reference_outputs(t)).components["correct"] == 1.0 for t in tasks)
     shuffled = [a.reward(t, a.reference_outputs(tasks[(i + 1) % len(tasks)])).total for i, t in enumerate(tasks)]

@@ -1,5 +1,6 @@
 """MAGRPO's four-level writing reward pinned on hand-built texts: every level boundary, ramp and
-early stop for TLDR and arXiv; the writing envs' data, prompts and reference scoring."""
+early stop for TLDR and arXiv; the grounding term; the writing envs' data, prompts and reference
+scoring. (Parity with the authors' code: test_writing_parity.py.)"""
 import subprocess
 import sys
 from pathlib import Path
@@ -7,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from envs.base import make_env
-from envs.writing import (ARXIV_REWARD, TLDR_REWARD, WritingRewardConfig, jaccard, split_single,
-                          transition_categories, transition_score, writing_reward)
+from envs.writing import (ARXIV_REWARD, TLDR_REWARD, WritingRewardConfig, content_words, grounding, jaccard,
+                          split_single, transition_categories, transition_score, writing_reward)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
 TLDR = WritingRewardConfig(**TLDR_REWARD)
@@ -78,15 +79,16 @@ def test_l2_ratio_tldr(length, l2):
     r = R(C1, _c2(length))
     if l2 is None:
         assert r.info["stopped_at"] == 2 and r.total == approx(0.5)
-        assert r.components == {"structure": 0.5, "coherence": 0.0, "consistency": 0.0, "total": 0.5}
+        assert r.components == {"structure": 0.5, "coherence": 0.0, "consistency": 0.0, "grounding": 0.0,
+                                "total": 0.5}
     else:
         assert r.info["l2"] == approx(l2)
         assert r.info["stopped_at"] is None  # 20 vs 10 unique words: L3 full, reaches L4
         assert r.components["structure"] == approx(0.5 + l2 + 0.5)
 
 
-@pytest.mark.parametrize("ratio_len,l2", [
-    (790, None), (800, 0.0), (900, 0.5), (1000, 1.0), (1300, 1.0), (1400, 0.5), (1500, 0.0), (1510, None)])
+@pytest.mark.parametrize("ratio_len,l2", [  # the authors' code: 1.3-1.6 full, 0.8-2.0 ramps
+    (790, None), (800, 0.0), (1000, 0.4), (1300, 1.0), (1600, 1.0), (1800, 0.5), (2000, 0.0), (2010, None)])
 def test_l2_ratio_arxiv(ratio_len, l2):
     c1 = T(W("aa", 130), 1000)
     c2 = T(W("bb", 130), ratio_len) if ratio_len >= 130 * 6 else None
@@ -112,7 +114,8 @@ def test_l3_vocab_tldr(u2, l3):
     assert r.info["vocab_ratio"] == approx(u2 / 10)
     if l3 is None:
         assert r.info["stopped_at"] == 3
-        assert r.components == {"structure": 1.5, "coherence": 0.0, "consistency": 0.0, "total": 1.5}
+        assert r.components == {"structure": 1.5, "coherence": 0.0, "consistency": 0.0, "grounding": 0.0,
+                                "total": 1.5}
     else:
         assert r.info["stopped_at"] is None
         assert r.components["structure"] == approx(1.5 + l3)
@@ -130,7 +133,7 @@ def test_l3_vocab_tldr(u2, l3):
 def test_l3_vocab_arxiv(u2, l3):
     c1 = T(W("aa", 130), 1500)
     words2 = (W("bb", u2) * 2)[:max(u2, 130)]
-    c2 = T(words2, 1500)  # length ratio 1.0
+    c2 = T(words2, 2250)  # length ratio 1.5: L2 full
     r = R(c1, c2, ARXIV)
     assert r.info["vocab_ratio"] == approx(u2 / 130)
     if l3 is None:
@@ -156,11 +159,12 @@ def test_transition_score_formula():
 
 
 def test_transition_categories_word_vs_substring():
-    assert transition_categories("furthermore, it rained") == {"elaboration"}
-    assert transition_categories("for example a cat") == {"examples"}
-    assert transition_categories("however it rained") == {"contrast", "concession"}
-    assert transition_categories("she has a hat") == set()  # no whole-word transition
-    assert "time" in transition_categories("she has a hat", "substring")  # "as" inside "has"
+    assert transition_categories("furthermore, it rained", "word") == {"elaboration"}
+    assert transition_categories("for example a cat", "word") == {"examples"}
+    assert transition_categories("however it rained", "word") == {"contrast", "concession"}
+    assert transition_categories("she has a hat", "word") == set()  # no whole-word transition
+    assert transition_categories("she has a hat") == {"time"}  # default, the authors' code: "as" inside "has"
+    assert transition_categories("she also sang") == {"elaboration", "cause_effect"}  # "so" inside "also"
 
 
 def test_l4_components():
@@ -201,8 +205,8 @@ def test_arxiv_jaccard_cap():
 # ---- the envs --------------------------------------------------------------------------------------------
 def test_writing_env_local_file_reference_and_prompts():
     env = make_env({"name": "writing", "data": {"path": str(EXAMPLES / "tldr_posts.jsonl"), "eval_size": 5}})
-    tr, ev = env.train_tasks(), env.eval_tasks()
-    assert len(tr) + len(ev) >= 40 and len(ev) == 5
+    tr, ev = env.train_tasks(), env.tasks("dev") + env.tasks("test")
+    assert len(tr) + len(ev) >= 40 and len(env.tasks("test")) == 5
     t = tr[0]
     assert t["text"].startswith("SUBREDDIT:") and not t["text"].endswith("TL;DR:")
     scores = [env.reward(x, env.reference_outputs(x)).total for x in tr + ev]
@@ -216,12 +220,14 @@ def test_writing_env_local_file_reference_and_prompts():
 
 
 def test_offline_writing_texts_give_200_held_out_and_rebuild_from_gsm8k(tmp_path):
-    """The MAGRPO recipe's offline texts: 200 held out, the rest to train on, disjoint; the file
-    is what make_gsm8k_posts.py writes from GSM8K's train.jsonl (checked where that file is)."""
+    """The MAGRPO recipe's offline texts: 200 held out as the test split, a fifth of the rest (48:
+    env.dev_size=100 capped) as the dev split, 192 to train on, disjoint; the file is what
+    make_gsm8k_posts.py writes from GSM8K's train.jsonl (checked where that file is)."""
     env = make_env({"name": "writing", "data": {"path": str(EXAMPLES / "gsm8k_posts.jsonl"), "eval_size": 200}})
-    tr, ev = env.train_tasks(), env.eval_tasks()
-    assert (len(tr), len(ev)) == (240, 200)
-    assert not {t["text"] for t in tr} & {t["text"] for t in ev}
+    tr, dev, ev = (env.tasks(s) for s in ("train", "dev", "test"))
+    assert (len(tr), len(dev), len(ev)) == (192, 48, 200)
+    texts = [{t["text"] for t in split} for split in (tr, dev, ev)]
+    assert sum(map(len, texts)) == len(set().union(*texts))  # pairwise disjoint
     assert all(len(t["text"].split()) >= 60 for t in tr + ev)
     assert env.prompt(ev[0], "agent1")[-1]["content"].count(ev[0]["text"]) == 1
     gsm8k = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -254,7 +260,7 @@ def test_writing_transition_feedback():
 
 def test_arxiv_env_local_file():
     env = make_env({"name": "arxiv_expansion", "data": {"path": str(EXAMPLES / "arxiv_abstracts.jsonl"), "eval_size": 1}})
-    tasks = env.train_tasks() + env.eval_tasks()
+    tasks = env.train_tasks() + env.tasks("dev") + env.tasks("test")
     assert len(tasks) == 6 and all(len(t["text"].split()) > 100 for t in tasks)
     assert "methodology" in env.prompt(tasks[0], "agent2")[-1]["content"]
     assert env.cfg.reward.jaccard_cap == 0.23 and env.cfg.reward.words_min == 128
@@ -270,3 +276,42 @@ def test_bad_reward_option_is_a_config_error():
     from marl_llm.config import ConfigError
     with pytest.raises(ConfigError, match="transition_match"):
         make_env({"name": "writing", "reward": {"transition_match": "fuzzy"}})
+    with pytest.raises(ConfigError, match="transition_text='agent1'.*'both'"):
+        make_env({"name": "writing", "reward": {"transition_text": "agent1"}})
+    with pytest.raises(ConfigError, match="grounding_weight=-0.5 must be >= 0"):
+        make_env({"name": "writing", "reward": {"grounding_weight": -0.5}})
+
+
+# ---- grounding: the pair against its source text ------------------------------------------------------
+def test_grounding_is_the_share_of_the_pairs_content_words_in_the_source():
+    assert content_words("The Cat's 3 cats, and THE dog!") == {"cat", "s", "cats", "dog"}
+    assert grounding("the cat sat", "a dog ran", "A cat and a dog.") == approx(2 / 4)  # cat, dog of cat sat dog ran
+    assert grounding("cat", "cat", "") == 0.0
+    assert grounding("the and", "", "the and") == 0.0  # no content words: nothing grounded
+
+
+def test_an_off_topic_pair_scores_low_on_grounding_and_lower_in_total_when_weighted():
+    """Each post's reference pair scored on its own post (on topic) and on the next post (the same
+    pair about something else: the same shape, so the four levels agree)."""
+    posts = str(EXAMPLES / "tldr_posts.jsonl")
+    env = make_env({"name": "writing", "data": {"path": posts}})
+    weighted = make_env({"name": "writing", "data": {"path": posts}, "reward": {"grounding_weight": 1.0}})
+    tasks = env.train_tasks()
+    for task, other in zip(tasks, tasks[1:] + tasks[:1]):
+        pair = env.reference_outputs(task)
+        on, off = env.reward(task, pair), env.reward(other, pair)
+        assert on.components["grounding"] > 0.35 and off.components["grounding"] < 0.15
+        assert on.total == off.total  # weight 0 (default): the term does not change the total ...
+        assert on.total == approx(sum(on.components[k] for k in ("structure", "coherence", "consistency")))
+        w_on, w_off = weighted.reward(task, pair), weighted.reward(other, pair)
+        assert w_on.total == approx(on.total + on.components["grounding"])  # ... weighted, it adds w x grounding
+        assert w_off.total < w_on.total
+
+
+def test_grounding_weight_raises_the_maximum():
+    assert make_env({"name": "writing"}).max_reward == 3.0
+    env = make_env({"name": "arxiv_expansion", "reward": {"grounding_weight": 0.5}})
+    assert env.max_reward == env.max_reward_for(["agent1", "agent2"]) == 3.5
+    text = "alpha beta gamma delta"
+    r = env.reward({"text": text}, {"agent1": text, "agent2": text})
+    assert r.components["grounding"] == 1.0 and r.total == 0.5  # L1 fails; the grounded half point stays

@@ -63,7 +63,7 @@ def test_example_yaml_lists_its_dataclass_defaults():
 def test_critique_and_revision_prompts_are_the_protocols_own_on_the_env_hooks():
     algo, env = make_algo()
     algo.validate()
-    task = env.eval_tasks()[0]
+    task = env.tasks("test")[0]
     critique = algo.critique_prompt(task, "3 + 4 = 8 <answer>8</answer>")
     assert critique[0] == {"role": "system", "content": env.cfg.system_prompt}
     assert critique[-1]["content"] == CRITIQUE.format(question=env.question_text(task),
@@ -91,7 +91,7 @@ def test_credit_is_group_relative_on_the_revision_for_both_proposer_turns():
 
 def test_protocol_with_fakes_collects_trains_and_evaluates_before_and_after_the_critique():
     algo, env = make_algo(group_size=2)
-    gold = {t["question"]: t["answer"] for t in env.train_tasks() + env.eval_tasks()}
+    gold = {t["question"]: t["answer"] for t in env.train_tasks() + env.tasks("dev") + env.tasks("test")}
 
     def proposer(p, req, j):  # wrong at first, right once it has read a critique
         if "critique" not in req.messages[-1]["content"]:
@@ -109,6 +109,6 @@ def test_protocol_with_fakes_collects_trains_and_evaluates_before_and_after_the_
     assert [e.reward for e in episodes] == [1.0] * 4 and [e.meta["first_reward"] for e in episodes] == [0.0] * 4
     metrics = algo.update(episodes, step=1)
     assert metrics["reward/first"] == 0.0 and len(pol.trained[0][0]) == 8
-    out = algo.evaluate(env.eval_tasks())
+    out = algo.evaluate(env.tasks("test"))
     assert out["correct"] == 1.0 and out["first/correct"] == 0.0 and out[DIFF] == 1.0
     assert out[f"{DIFF}/n"] == 3 and all(r.sampling.temperature == 0.0 for r in critic.calls[-1])

@@ -42,8 +42,8 @@ def overlapped(recs: list[dict]) -> int:
 
 
 def test_grpo_rollout_overlaps_training_within_the_staleness_bound(tmp_path):
-    train(tmp_path, "algo=grpo", "trainer.steps=5", "trainer.eval_every=0", "trainer.save_every=0",
-          "algo.eval_baselines=[]")
+    train(tmp_path, "algo=grpo", "trainer.steps=5", "trainer.eval_every=0", "trainer.test=false",
+          "trainer.save_every=0", "algo.eval_baselines=[]")
     recs = records(tmp_path)
     assert [r["staleness/policy/max"] for r in recs] == [0.0, 1.0, 1.0, 1.0, 1.0]
     assert all(r["staleness/dropped"] == 0.0 for r in recs)
@@ -53,8 +53,8 @@ def test_grpo_rollout_overlaps_training_within_the_staleness_bound(tmp_path):
 
 
 def test_magrpo_agents_are_versioned_separately(tmp_path):
-    train(tmp_path, "algo=magrpo", "trainer.steps=4", "trainer.eval_every=0", "trainer.save_every=0",
-          "algo.eval_baselines=[]")
+    train(tmp_path, "algo=magrpo", "trainer.steps=4", "trainer.eval_every=0", "trainer.test=false",
+          "trainer.save_every=0", "algo.eval_baselines=[]")
     recs = records(tmp_path)
     for agent in ("agent1", "agent2"):
         assert [r[f"staleness/{agent}/max"] for r in recs] == [0.0, 1.0, 1.0, 1.0]
@@ -68,7 +68,7 @@ def test_kill_with_rollouts_in_flight_then_resume(tmp_path):
     tag = uuid.uuid4().hex  # inherited by Ray's processes and every actor: all of them are killed
     proc = subprocess.Popen([sys.executable, "-m", "marl_llm.train", *COMMON, f"trainer.output_dir={tmp_path}",
                              "algo=grpo", "trainer.steps=6", "trainer.save_every=2", "trainer.eval_every=0",
-                             "algo.eval_baselines=[]"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             "trainer.test=false", "algo.eval_baselines=[]"], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "MARL_LLM_FAULT_TAG": tag})
     deadline = time.time() + 600
     while not (tmp_path / "checkpoints" / "step_2").exists():
@@ -78,7 +78,7 @@ def test_kill_with_rollouts_in_flight_then_resume(tmp_path):
         os.kill(pid, signal.SIGKILL)
     proc.wait()
     train(tmp_path, "algo=grpo", "trainer.steps=6", "trainer.save_every=2", "trainer.eval_every=0",
-          "algo.eval_baselines=[]", "trainer.resume=true")
+          "trainer.test=false", "algo.eval_baselines=[]", "trainer.resume=true")
     steps = [r["step"] for r in records(tmp_path)]
     assert steps == [1, 2, 3, 4, 5, 6], steps
     trained = [json.loads(line)["step"] for line in (tmp_path / "buffer.jsonl").read_text().splitlines()]

@@ -130,7 +130,7 @@ def test_api_compose_and_validation_errors():
 # ---- the engines: a tiny run through the CLI and one through the API -----------------------------
 TINY = ["algo=grpo", "env=toy", "model=tiny", "rollout.backend=hf", "trainer.steps=2", "trainer.batch_size=2",
         "algo.group_size=2", "rollout.max_new_tokens=8", "algo.eval_baselines=[]", "trainer.eval_every=0",
-        "trainer.save_every=0", "trainer.report=false"]
+        "trainer.test=false", "trainer.save_every=0", "trainer.report=false"]
 
 
 @pytest.mark.engine

@@ -61,15 +61,29 @@ def test_baseline_init_needs_a_checkpoint(tmp_path):
         _checkpoint({"run_dir": str(tmp_path), "baseline": "init"})
 
 
-def test_summary_has_intervals_comparisons_and_wall_clock(tmp_path, caplog):
+def _evaluation(key, after, before):
+    """A metrics record's evaluation block: MLPO-style metrics with intervals under `key/`."""
+    return {f"{key}/{k}": v for k, v in outcome_metrics({"acc/final": after, "acc/untrained_final": before},
+                                                         [("acc/final", "acc/untrained_final")]).items()}
+
+
+def test_summary_reports_the_test_evaluation_with_intervals_comparisons_and_wall_clock(tmp_path, caplog):
     trainer = Trainer(RunConfig(trainer=TrainerConfig(output_dir=str(tmp_path))))
-    last = {"step": 2, "reward/mean": 0.5,
-            **{f"eval/{k}": v for k, v in outcome_metrics({"acc/final": AFTER, "acc/untrained_final": BEFORE},
-                                                          [("acc/final", "acc/untrained_final")]).items()}}
+    # the last step's dev evaluation (eval/) and the test evaluation (test/): the test one is reported
+    last = {"step": 2, "reward/mean": 0.5, **_evaluation("eval", BEFORE, BEFORE), **_evaluation("test", AFTER, BEFORE)}
     with caplog.at_level(logging.INFO, logger="marl_llm.trainer"):
         s = trainer._summary({"step": 1, "reward/mean": 0.25}, last)
     assert s["train"] == {"reward/mean": {"first": 0.25, "last": 0.5}} and s["wall_clock_s"] >= 0
+    assert s["reported"] == "test"
     assert s["intervals"] == {"acc/final": "0.70 [0.40, 0.89], n=10", "acc/untrained_final": "0.30 [0.11, 0.60], n=10"}
     assert s["comparisons"] == ["acc/final - acc/untrained_final = +0.40 [+0.03, +0.77], n=10"]
-    assert s["eval"]["acc/final/n"] == 10
+    assert s["test"]["acc/final"] == 0.7 and s["eval"]["acc/final"] == 0.3 and s["eval"]["acc/final/n"] == 10
+    assert "final evaluation (test split)" in caplog.text
     assert "acc/final - acc/untrained_final = +0.40" in caplog.text
+
+
+def test_summary_without_a_test_evaluation_reports_the_last_dev_one(tmp_path):
+    trainer = Trainer(RunConfig(trainer=TrainerConfig(output_dir=str(tmp_path), eval_every=1, test=False)))
+    s = trainer._summary({"step": 1}, {"step": 2, **_evaluation("eval", AFTER, BEFORE)})
+    assert (s["reported"], s["test"]) == ("dev", {})
+    assert s["comparisons"] == ["acc/final - acc/untrained_final = +0.40 [+0.03, +0.77], n=10"]

@@ -14,10 +14,14 @@ def test_saved_outcomes_round_trip_and_drop_subset_metrics(tmp_path):
     assert not list((tmp_path / "eval" / "step_4").glob("*.tmp"))
 
 
-def test_run_folder_finds_its_newest_evaluation(tmp_path):
+def test_run_folder_finds_its_newest_test_then_dev_then_standalone_evaluation(tmp_path):
+    save_outcomes(tmp_path / "eval_step_12", ["a"], {"correct": [1]})
+    assert find_outcomes(tmp_path).parent.name == "eval_step_12"
     for step in (2, 10, 4):
-        save_outcomes(tmp_path / "eval" / f"step_{step}", ["a"], {"correct": [step]})
-    assert find_outcomes(tmp_path).parent.name == "step_10"  # numeric, not lexical, order
+        save_outcomes(tmp_path / "eval" / "dev" / f"step_{step}", ["a"], {"correct": [step]})
+    assert find_outcomes(tmp_path).parent == tmp_path / "eval" / "dev" / "step_10"  # numeric, not lexical, order
+    save_outcomes(tmp_path / "eval" / "test" / "step_9", ["a"], {"correct": [1]})
+    assert find_outcomes(tmp_path).parent == tmp_path / "eval" / "test" / "step_9"  # test wins over a newer dev
 
 
 def test_compare_pairs_by_task_id(tmp_path):

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 60  # learner.timeout_s and rollout.timeout_s of these runs
 TRAIN = [sys.executable, "-m", "marl_llm.train", "algo=grpo", "env=toy", "model=tiny", "learner.num_ranks=2",
          "rollout.backend=vllm", "trainer.batch_size=2", "algo.group_size=4", "rollout.max_new_tokens=16",
-         "trainer.save_every=1", "trainer.eval_every=0", "trainer.progress=false",
+         "trainer.save_every=1", "trainer.eval_every=0", "trainer.test=false", "trainer.progress=false",
          "algo.eval_baselines=[]",  # one rollout worker, the one training uses: the one a kill -9 hits
          f"learner.timeout_s={TIMEOUT_S}", f"rollout.timeout_s={TIMEOUT_S}"]
 

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.engine  # training runs and Ray clusters
 ROOT = Path(__file__).resolve().parents[2]
 RUN = [sys.executable, "-m", "marl_llm.train", "algo=grpo", "env=toy", "model=tiny", "rollout.backend=vllm",
        "learner.num_ranks=2", "trainer.batch_size=2", "algo.group_size=4", "rollout.max_new_tokens=16",
-       "algo.eval_baselines=[]", "trainer.eval_every=0", "trainer.report=false", "trainer.progress=false"]
+       "algo.eval_baselines=[]", "trainer.eval_every=0", "trainer.test=false", "trainer.report=false",
+       "trainer.progress=false"]
 # learner ranks only where `learner_node` is, rollout workers only where `rollout_node` is
 PLACED = ["learner.resources={learner_node: 1}", "rollout.resources={rollout_node: 1}"]
 

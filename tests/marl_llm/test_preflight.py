@@ -181,7 +181,7 @@ def run_config(*overrides):
 
 
 def test_long_prompts_dropped_with_count(data, caplog):
-    run = run_config(f"env.data.path={data / 'mixed.jsonl'}", "env.data.eval_size=0")
+    run = run_config(f"env.data.path={data / 'mixed.jsonl'}", "env.data.eval_size=0", "env.dev_size=0")
     with caplog.at_level(logging.WARNING):
         env, _ = check_run(run)
     assert len(env.train_tasks()) == 8
@@ -190,8 +190,8 @@ def test_long_prompts_dropped_with_count(data, caplog):
 
 
 def test_long_prompts_truncated_on_request(data, caplog):
-    run = run_config(f"env.data.path={data / 'mixed.jsonl'}", "env.data.eval_size=0", "env.data.long_prompts=truncate",
-                     "rollout.max_new_tokens=24")
+    run = run_config(f"env.data.path={data / 'mixed.jsonl'}", "env.data.eval_size=0", "env.dev_size=0",
+                     "env.data.long_prompts=truncate", "rollout.max_new_tokens=24")
     with caplog.at_level(logging.WARNING):
         env, _ = check_run(run)
     tasks = env.train_tasks()

@@ -19,9 +19,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from algorithms.base import outcome_metrics
 from marl_llm import report
 from marl_llm.metrics import MetricsLogger
-from marl_llm.stats import interval_metrics, wilson_interval
+from marl_llm.stats import interval_metrics, paired_difference, wilson_interval
 
 TAB10 = [(31, 119, 180), (255, 127, 14)]  # the first two run colours
 
@@ -89,7 +90,8 @@ def test_single_run_report(tmp_path):
     run = make_run(tmp_path / "run", grpo_records(), components=("share", "length"))
     assert report.main([f"run_dir={run}"]) == 0
     pngs = check_report(run / "report" / "index.html")
-    assert set(pngs) == {"reward.png", "eval.png", "time.png", "throughput.png"}
+    # no paired difference logged: no forest.png
+    assert set(pngs) == {"comparison.png", "reward.png", "eval.png", "time.png", "throughput.png"}
     html = (run / "report" / "index.html").read_text()
     assert "setup 40.0 s" in html and "prepare 0.5 s" in html  # one-off phases in the caption, not the stack
     assert "learner.lr" in html and "class='note'" not in html  # a complete run: nothing to note
@@ -246,6 +248,157 @@ def test_unknown_logger_is_a_config_error():
     from marl_llm.config import ConfigError, TrainerConfig
     with pytest.raises(ConfigError, match=r"trainer.loggers=.* unknown entries \['mlflow'\]; choose from \['tensorboard', 'wandb'\]"):
         TrainerConfig(loggers=["tensorboard", "mlflow"])
+
+
+# ---- the final evaluation: comparison.png and forest.png ------------------------------------------
+AFTER = [1, 1, 0, 1, 1, 0, 1, 1, 1, 0]
+BEFORE = [0, 1, 0, 0, 1, 0, 0, 1, 0, 0]
+VOTE = [1, 1, 0, 1, 0, 0, 1, 1, 1, 1]
+MLPO_DIFFS = [("acc/final", "acc/untrained_final"), ("acc/final", "acc/majority"),
+              ("lenient/acc/final", "lenient/acc/untrained_final")]
+
+
+def mlpo_eval(after=AFTER):
+    """An MLPO-like evaluation block as `Algorithm.eval_metrics` returns it: scores with their
+    intervals, the declared paired differences, a cost and a reward on its own scale."""
+    return {**outcome_metrics({"acc/final": after, "acc/untrained_final": BEFORE, "acc/majority": VOTE,
+                               "lenient/acc/final": after, "lenient/acc/untrained_final": BEFORE,
+                               "reward": [2.0 * x + 0.5 for x in after]}, MLPO_DIFFS),
+            "tokens/final": 31.0}
+
+
+def trainer_records(steps, eval_steps=(), test=True):
+    """metrics.jsonl as the trainer writes it: one record per step with `eval/<name>` at the
+    evaluation steps (a better policy at each), then the final `test/<name>` evaluation."""
+    recs = [{"step": s, "reward/mean": 0.1 * s, "loss": 0.2, "time/train": 1.0, "time/step": 2.0}
+            for s in range(1, steps + 1)]
+    for s in eval_steps:
+        recs[s - 1].update({f"eval/{k}": v for k, v in mlpo_eval(BEFORE[:s] + AFTER[s:]).items()})
+    if test:
+        recs.append({"step": steps, **{f"test/{k}": v for k, v in mlpo_eval().items()}})
+    return recs
+
+
+def final_run(tmp_path, name, records):
+    """A finished run folder whose summary.json holds the final evaluation as the trainer's does."""
+    run = make_run(tmp_path / name, records, config={"trainer.steps": records[-1]["step"]}, summary=False)
+    last = {k: v for r in records for k, v in r.items() if r["step"] == records[-1]["step"]}
+    summary = {"steps": records[-1]["step"], **{p: {k[len(p) + 1:]: v for k, v in last.items() if k.startswith(f"{p}/")}
+                                                for p in ("eval", "test")}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def name_of(row):
+    return re.split(r" \(n=|  ", row.label)[0]
+
+
+def rows(panel):
+    return [(name_of(r), r.iv.estimate, r.iv.low, r.iv.high, r.iv.n, r.filled)
+            for g in panel.groups for r in g]
+
+
+def test_one_test_evaluation_is_compared_not_drawn_as_dots_per_panel(tmp_path):
+    run = final_run(tmp_path, "test_only", trainer_records(3))  # trainer.eval_every=0: only the test split
+    index = report.write_report([run])
+    pngs = check_report(index)
+    assert {"comparison.png", "forest.png"} <= set(pngs) and "eval.png" not in pngs
+    html = index.read_text()
+    figures = re.findall(r"<img src='([^']+)'.*?<figcaption>([^<]+)</figcaption>", html)
+    assert [f for f, _ in figures[:2]] == ["comparison.png", "forest.png"]
+    assert all(caption and "\n" not in caption for _, caption in figures[:2])
+    assert "class='note'" not in html  # a test evaluation is an evaluation
+    # the summary table still prints each interval in one cell
+    assert f"<td>test.acc/final</td><td>{wilson_interval(7, 10).format(3)}</td>" in html
+    ax = report.comparison_plot([report.load_run(run)]).fig.axes[0]
+    assert ax.get_title("left") == "rates (0-1) (test split, after step 3)"
+
+
+def test_comparison_puts_each_policy_next_to_its_baselines():
+    mlpo = report.comparison_panels(mlpo_eval())
+    assert [p.title for p in mlpo] == ["rates (0-1)", "reward"]  # rates on one 0-1 axis, the reward on its own
+    assert mlpo[0].unit and not mlpo[1].unit
+    assert [[name_of(r) for r in g] for g in mlpo[0].groups] == [
+        ["acc/final", "acc/untrained_final", "acc/majority"], ["lenient/acc/final", "lenient/acc/untrained_final"]]
+    assert [r.filled for g in mlpo[0].groups for r in g] == [True, False, False, True, False]  # baselines hollow
+    iv = wilson_interval(3, 10)
+    assert rows(mlpo[0])[1] == ("acc/untrained_final", 0.3, iv.low, iv.high, 10, False)
+    assert mlpo[0].groups[0][0].label == "acc/final (n=10)  0.70 [0.40, 0.89]"  # n in the label
+    # GRPO: base/<metric> (learnt from diff/correct-base/correct) next to its namesake; a metric
+    # without an interval is a point alone
+    grpo = {**outcome_metrics({"correct": AFTER, "base/correct": BEFORE, "format": VOTE, "base/format": VOTE,
+                               "reward": [x + 0.5 for x in AFTER], "base/reward": [x + 0.5 for x in BEFORE]},
+                              [("correct", "base/correct"), ("reward", "base/reward")]), "solved": 0.25}
+    panels = {p.title: [[name_of(r) for r in g] for g in p.groups] for p in report.comparison_panels(grpo)}
+    assert panels == {"rates (0-1)": [["correct", "base/correct"], ["format", "base/format"], ["solved"]],
+                      "reward": [["reward", "base/reward"]]}
+    # MALT: a baseline's own baseline follows it
+    malt = {"mv/gvr": 0.5, "mv/g": 0.4, "baseline/mv/gvr": 0.3, "baseline/mv/g": 0.2,
+            "diff/mv/gvr-baseline/mv/gvr": 0.2, "diff/mv/gvr-baseline/mv/g": 0.3, "diff/mv/gvr-mv/g": 0.1}
+    assert report.policy_clusters(malt) == [["mv/gvr", "baseline/mv/gvr", "mv/g", "baseline/mv/g"]]
+    # a - b and b - a both declared: one cluster, each metric once
+    assert [sorted(c) for c in report.policy_clusters({"a": 0.1, "b": 0.2, "diff/a-b": -0.1, "diff/b-a": 0.1})] \
+        == [["a", "b"]]
+
+
+def test_forest_has_one_row_per_paired_difference():
+    # a difference over one task: no interval (its bounds were nan, which metrics.jsonl drops)
+    metrics = {**mlpo_eval(), "base/reward": 0.5, "diff/reward-base/reward": 1.0, "diff/reward-base/reward/n": 1}
+    rates, reward = report.forest_panels(metrics)
+    assert (rates.title, reward.title) == ("differences, rates (0-1)", "differences, reward")
+    assert rates.zero and len(rates.groups) == 1
+    expected = []
+    for a, b in MLPO_DIFFS:
+        iv = paired_difference(AFTER, VOTE if b == "acc/majority" else BEFORE)
+        expected.append((f"{a} - {b}", pytest.approx(iv.estimate), pytest.approx(iv.low), pytest.approx(iv.high),
+                         10, iv.low > 0 or iv.high < 0))
+    assert sorted(rows(rates)) == sorted(expected, key=lambda row: row[0])
+    assert sorted(r[-1] for r in rows(rates)) == [False, True, True]  # filled: the interval excludes 0
+    assert "acc/final - acc/untrained_final (n=10)  +0.40 [+0.03, +0.77]" in [r.label for r in rates.groups[0]]
+    (label, est, low, high, n, filled), = rows(reward)
+    assert (label, est, n, filled) == ("reward - base/reward", 1.0, 1, False) and math.isnan(low) and math.isnan(high)
+    # drawn: one marker per row, an interval bar only where there is an interval, the line at 0
+    run = report.Run(path=Path("r"), table={f"test/{k}": {3: v} for k, v in metrics.items()}, label="r")
+    rates_ax, reward_ax = report.forest_plot([run]).fig.axes
+    assert len(rates_ax.collections) == 3 and not reward_ax.collections
+    markers = [line for line in reward_ax.lines if line.get_marker() == "o"]
+    assert [tuple(m.get_xdata()) for m in markers] == [(1.0,)]
+    assert any(tuple(line.get_xdata()) == (0, 0) for line in reward_ax.lines)
+
+
+def test_several_evaluations_plus_test(tmp_path):
+    run_dir = final_run(tmp_path, "evals", trainer_records(6, eval_steps=(2, 4, 6)))
+    pngs = check_report(report.write_report([run_dir]))
+    assert {"comparison.png", "forest.png", "eval.png"} <= set(pngs)
+    run = report.load_run(run_dir)
+    report.label_runs([run])
+    ev = report.final_evaluation(run)
+    assert (ev.prefix, ev.step) == ("test", 6) and ev.metrics["acc/final"] == 0.7  # the test split, not eval/
+    acc = next(ax for ax in report.eval_plot([run]).fig.axes if ax.get_title() == "acc")
+    assert [list(line.get_xdata()) for line in acc.lines if line.get_label() == "final"] == [[2, 4, 6]]
+    # without the test evaluation the last eval/ step is the final one
+    no_test = report.load_run(final_run(tmp_path, "no_test", trainer_records(6, eval_steps=(2, 4, 6), test=False)))
+    ev = report.final_evaluation(no_test)
+    assert (ev.prefix, ev.step, ev.metrics["acc/final"]) == ("eval", 6, 0.5)  # BEFORE[:6] + AFTER[6:]
+
+
+def test_one_eval_step_draws_no_eval_figure(tmp_path):
+    run = report.load_run(final_run(tmp_path, "one", trainer_records(3, eval_steps=(3,), test=False)))
+    report.label_runs([run])
+    assert report.eval_plot([run]) is None
+    titles = [ax.get_title("left") for ax in report.comparison_plot([run]).fig.axes]
+    assert titles == ["rates (0-1) (evaluation at step 3)", "reward (evaluation at step 3)"]
+
+
+def test_forest_rows_grouped_per_run(tmp_path):
+    a = final_run(tmp_path, "a", trainer_records(3))
+    b = final_run(tmp_path, "b", trainer_records(3, eval_steps=(3,), test=False))
+    runs = [report.load_run(a), report.load_run(b)]
+    report.label_runs(runs)
+    axes = report.forest_plot(runs).fig.axes
+    assert [ax.get_title("left") for ax in axes] == ["a: differences, rates (0-1) (test split, after step 3)",
+                                               "b: differences, rates (0-1) (evaluation at step 3)"]
+    assert [len(ax.get_yticklabels()) for ax in axes] == [3, 3]
 
 
 # ---- the loggers: same scalar names everywhere ----------------------------------------------------
