@@ -36,14 +36,16 @@ def learner_gpus(learner: LearnerConfig, resources: dict) -> float:
     return 1.0 if resources.get("GPU", 0) > 0 else 0.0
 
 
-def engine_key(spec: PolicySpec, rollout: RolloutConfig) -> str:
+def engine_key(spec: PolicySpec, rollout: RolloutConfig, init_path: Optional[str] = None) -> str:
     """Which engine (set of rollout workers) serves a policy; policies with equal keys share one.
-    Frozen policies with the same base weights share (nothing ever changes them); LoRA policies of
-    one base share on vLLM (an adapter slot each); any other trainable policy has its own."""
+    Frozen policies with the same weights share (nothing ever changes them): the same base model
+    and the same checkpoint `init_path` (evaluating a checkpoint next to the initial model must not
+    share); LoRA policies of one base share on vLLM (an adapter slot each, loaded per policy); any
+    other trainable policy has its own."""
     if spec.model.lora is not None and rollout.backend == "vllm":
         return f"lora:{base_model_key(spec.model)}"
     if not spec.trainable:
-        return f"frozen:{base_model_key(spec.model)}"
+        return f"frozen:{base_model_key(spec.model)}:{init_path or 'initial'}"
     return f"policy:{spec.name}"
 
 
@@ -109,7 +111,7 @@ class Cluster:
         init_paths = init_paths or {}
         groups: dict[str, list[PolicySpec]] = {}
         for s in specs:
-            groups.setdefault(engine_key(s, run.rollout), []).append(s)
+            groups.setdefault(engine_key(s, run.rollout, init_paths.get(s.name)), []).append(s)
             if s.model.lora is not None and run.rollout.backend != "vllm":
                 log.info("policy %r: rollout.backend=%s serves no LoRA adapters; the policy gets its own "
                          "engine and the learner pushes merged weights", s.name, run.rollout.backend)
@@ -118,7 +120,7 @@ class Cluster:
         policies = {}
         for s in specs:
             if s.name not in engines:  # in spec order: a shared engine starts with its first policy
-                engines.update(self._engine(groups[engine_key(s, run.rollout)], run, init_paths))
+                engines.update(self._engine(groups[engine_key(s, run.rollout, init_paths.get(s.name))], run, init_paths))
             workers, adapter = engines[s.name]
             learner = None
             if s.trainable:
@@ -153,7 +155,7 @@ class Cluster:
                     log.info("policy %r: serving the LoRA adapter saved in %s", g.name, saved)
             return {g.name: (workers, g.name) for g in group}
         if len(group) > 1:  # frozen, same weights
-            log.info("policies %s (frozen, same base weights) share one set of rollout workers",
+            log.info("policies %s (frozen, same weights) share one set of rollout workers",
                      [g.name for g in group])
         workers = self._rollout_workers(first, run, init_paths.get(first.name), name="+".join(g.name for g in group))
         return {g.name: (workers, None) for g in group}
@@ -180,8 +182,11 @@ class Cluster:
         return [actor.remote(init_path or resolve_model(spec.model), spec.model, run.rollout, run.seed + i,
                              name or spec.name, lora) for i in range(run.rollout.num_workers)]
 
-    def cpus_needed(self, specs: list[PolicySpec], run: RunConfig) -> float:
-        total = run.rollout.num_cpus * run.rollout.num_workers * len({engine_key(s, run.rollout) for s in specs})
+    def cpus_needed(self, specs: list[PolicySpec], run: RunConfig,
+                    init_paths: Optional[dict[str, Optional[str]]] = None) -> float:
+        init_paths = init_paths or {}
+        engines = {engine_key(s, run.rollout, init_paths.get(s.name)) for s in specs}
+        total = run.rollout.num_cpus * run.rollout.num_workers * len(engines)
         for s in specs:
             if s.trainable:
                 lc = s.learner or run.learner

@@ -152,9 +152,9 @@ def evaluate(run, ckpt: Path | None, folder: Path, baseline: str | None = None, 
     cluster = Cluster(run.cluster)
     policies = {}
     try:
-        cluster.start(cluster.cpus_needed(specs, run), engine_log=engine_log)
-        cli.reclaim_signals()
         inits = {s.name: str(ckpt / s.name) if ckpt is not None and (ckpt / s.name).is_dir() else None for s in specs}
+        cluster.start(cluster.cpus_needed(specs, run, inits), engine_log=engine_log)
+        cli.reclaim_signals()
         policies.update(cluster.build_policies(specs, run, inits))
         algo.setup(policies, TrajectoryBuffer())
         tasks = env.tasks(split)[: run.trainer.eval_size]

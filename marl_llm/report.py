@@ -599,8 +599,8 @@ def _draw_rows(ax, panel: Panel, color) -> None:
         for row in group:
             c = color if row.filled or panel.zero else BASELINE_GREY
             if math.isfinite(row.iv.low) and math.isfinite(row.iv.high):
-                ax.hlines(y, row.iv.low, row.iv.high, color=c, lw=2)
-            ax.plot([row.iv.estimate], [y], "o", ms=7, mec=c, mew=1.5, mfc=c if row.filled else "white", zorder=3)
+                ax.hlines(y, row.iv.low, row.iv.high, color=c, lw=3)
+            ax.plot([row.iv.estimate], [y], "o", ms=9, mec=c, mew=2, mfc=c if row.filled else "white", zorder=3)
             ticks.append(y)
             labels.append(row.label)
             y += 1

@@ -31,8 +31,8 @@ def test_writing_two_agents_both_saved(tmp_path):
     # the untrained bases are frozen rollout-only policies (one shared engine): never checkpointed
     for frozen in ("base-agent1", "base-agent2"):
         assert not (tmp_path / "checkpoints" / "step_2" / frozen).exists()
-    for key in ("eval/reward", "eval/tokens_per_s", "eval/latency_s", "eval/single/reward", "eval/naive/structure",
-                "eval/sequential/reward", "eval/discussion/gens"):
+    for key in ("test/reward", "test/tokens_per_s", "test/latency_s", "test/single/reward", "test/naive/structure",
+                "test/sequential/reward", "test/discussion/gens"):  # the final evaluation, on the test split
         assert key in recs[-1], key
 
 

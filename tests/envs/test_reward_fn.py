@@ -196,7 +196,7 @@ def test_user_reward_trains_a_tiny_run_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     for key in ("reward/brevity", "reward/tidy/distinct", "reward/tidy/ends_sentence",
-                "eval/reward", "eval/brevity", "eval/tidy/distinct"):
+                "test/reward", "test/brevity", "test/tidy/distinct"):  # the final evaluation, on the test split
         assert key in rec, key
     assert "reward/share" not in rec  # the env's own reward is not listed
     episodes = [json.loads(l) for l in (tmp_path / "buffer.jsonl").read_text().splitlines()]

@@ -76,7 +76,8 @@ def check_report(index: Path) -> dict[str, np.ndarray]:
         px = np.asarray(im.convert("RGB")).astype(int)
         assert px.var() > 0, name
         coloured = (px.max(axis=2) - px.min(axis=2)) > 60
-        assert coloured.sum() > 300, f"{name} shows no data"
+        # a forest plot of one difference may be a single marker (a tiny run: +0.00 [+0.00, +0.00])
+        assert coloured.sum() > (50 if name == "forest.png" else 300), f"{name} shows no data"
         out[name] = px
     return out
 
