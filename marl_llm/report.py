@@ -61,7 +61,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from marl_llm.stats import CI_HIGH, CI_LOW, CI_N, DIFF, Interval, interval_from_metrics
+from marl_llm.stats import CI_HIGH, CI_LOW, CI_N, DIFF, Interval, diff_pair, interval_from_metrics
 
 WIDTH_IN, ROW_IN, DPI = 10.0, 3.2, 100      # every PNG is 1000 px wide, 320 px per row of panels
 MAX_PANELS = 12
@@ -73,16 +73,6 @@ COST = re.compile(r"(^|/)(gens|tokens|latency_s|tokens_per_s|generations_per_que
 PER_AGENT_METRIC = re.compile(r"(reward|value|correct|loss)$")
 LEARNER_TOKENS = "learner tokens/s"          # derived: n_tokens / time/train
 WALL = "time/wall"                           # seconds since the run began: not a phase
-
-
-def diff_pair(name: str) -> Optional[tuple[str, str]]:
-    """(a, b) of a paired difference's name `diff/<a>-<b>` (`marl_llm.stats.diff_key`: metric names
-    hold no '-', so the first '-' splits; they may hold '/'); None for any other name, including
-    the difference's own `/ci_low`, `/ci_high`, `/n`."""
-    if not name.startswith(f"{DIFF}/") or name.rsplit("/", 1)[-1] in SUFFIXES or "-" not in name:
-        return None
-    a, b = name[len(DIFF) + 1:].split("-", 1)
-    return a, b
 
 
 def baselines(keys, prefix: str = "eval/") -> dict[str, tuple[str, str]]:

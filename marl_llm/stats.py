@@ -209,10 +209,19 @@ def read_intervals(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, In
     return out
 
 
+def diff_pair(name: str) -> Optional[tuple[str, str]]:
+    """(a, b) of a paired difference's name `diff/<a>-<b>` (`diff_key`: metric names hold no '-',
+    so the first '-' splits; they may hold '/'); None for any other name, including the
+    difference's own `/ci_low`, `/ci_high`, `/n`."""
+    if not name.startswith(f"{DIFF}/") or name.rsplit("/", 1)[-1] in (CI_LOW, CI_HIGH, CI_N) or "-" not in name:
+        return None
+    a, b = name[len(DIFF) + 1:].split("-", 1)
+    return a, b
+
+
 def differences(metrics: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str, Interval]]:
     """(a, b, interval of a - b) for every paired difference `diff/<a>-<b>` in `metrics`."""
-    return [(*name[len(DIFF) + 1:].split("-", 1), iv)
-            for name, iv in read_intervals(metrics, prefix).items() if name.startswith(f"{DIFF}/")]
+    return [(*pair, iv) for name, iv in read_intervals(metrics, prefix).items() if (pair := diff_pair(name))]
 
 
 def comparison_lines(metrics: Mapping[str, Any], prefix: str = "") -> list[str]:
