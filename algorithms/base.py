@@ -72,7 +72,7 @@ from envs.qa import reads_answers
 from marl_llm.advantages import group_advantages
 from marl_llm.buffer import TrajectoryBuffer
 from marl_llm.config import (ConfigError, ModelConfig, RolloutConfig, RunConfig, check, check_choice, check_min,
-                             check_positive, load_model_preset)
+                             check_positive, load_role_model)
 from marl_llm.losses import PG_AGGREGATIONS, LossConfig
 from marl_llm.metrics import PhaseTimer, mean
 from marl_llm.policy import Policy, PolicySpec
@@ -162,9 +162,9 @@ class Algorithm:
             unknown = sorted(set(role_models) - set(roles))
             check(not unknown, "algo.role_models", dict(role_models),
                   f"is not allowed: keys must be roles of {list(roles)} (got {unknown})")
-            for preset in role_models.values():
-                if preset:
-                    load_model_preset(preset)  # an unknown preset fails here, naming the allowed ones
+            for value in role_models.values():
+                if value:
+                    load_role_model(value, self.run.model)  # an unknown preset or bad folder fails here
 
     def setup(self, policies: dict[str, Policy], buffer: TrajectoryBuffer,
               timer: Optional[PhaseTimer] = None) -> None:
@@ -239,12 +239,12 @@ class Algorithm:
                                       answer_instruction=self.env.instruction(task), **values))
 
     def role_model(self, role: str) -> ModelConfig:
-        """The model of `role`: its `algo.role_models` preset (with the run's `model.lora`), else
-        the run's `model=`."""
-        preset = (getattr(self.cfg, "role_models", None) or {}).get(role)
-        if not preset:
+        """The model of `role`: its `algo.role_models` entry (a preset or a saved model's folder,
+        with the run's `model.lora`), else the run's `model=`."""
+        value = (getattr(self.cfg, "role_models", None) or {}).get(role)
+        if not value:
             return self.run.model
-        model = load_model_preset(preset)
+        model = load_role_model(value, self.run.model)
         # LoRA is the run's choice (`model.lora`): a role's own base model gets the same adapters
         return model if model.lora is not None else dataclasses.replace(model, lora=self.run.model.lora)
 

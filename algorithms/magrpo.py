@@ -32,8 +32,8 @@ with each baseline's by the paired difference `diff/reward-<baseline>/reward` (`
 Each method's final outputs are kept as one joint reply per task under `reward` and
 `<baseline>/reward` (every agent's prompt and reply; the score is the joint reward: algorithms/base.py
 "Replies").
-Each agent's model: `algo.role_models.<agent>` (a conf/model preset), else `model=`. The agents'
-learner groups train one after the other or at the same time as the engine decides
+Each agent's model: `algo.role_models.<agent>` (a conf/model preset or a saved model folder), else
+`model=`. The agents' learner groups train one after the other or at the same time as the engine decides
 (`learner.concurrent`).
 """
 from __future__ import annotations

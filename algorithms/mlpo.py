@@ -21,10 +21,10 @@ Where the paper is silent, we chose:
     `eval_temperature` (0: greedy), the team samples at `team_temperature` (seeded) in evaluation too.
 
 Agents: one trainable `leader` policy (rollout workers + a ZeRO-3 learner group), K frozen team
-agents `team0 .. team{K-1}` (`model=`, or per agent a conf/model preset in `algo.role_models`) and,
-for the untrained-leader baseline, a frozen `untrained_leader` (`model=`). Frozen policies with the
-same base weights share one engine (the cluster decides), so a homogeneous team and the untrained
-leader run on one.
+agents `team0 .. team{K-1}` (`model=`, or per agent a conf/model preset or a saved model folder, e.g.
+another run's checkpoint, in `algo.role_models`) and, for the untrained-leader baseline, a frozen
+`untrained_leader` (`model=`). Frozen policies with the same base weights share one engine (the
+cluster decides), so a homogeneous team and the untrained leader run on one.
 
 Prompts (PROMPTS, overridable per key with `algo.prompts`; the env gives the question and the
 answer instruction): the leader reads the task and the team's answers as "Solution i:" blocks;

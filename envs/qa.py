@@ -105,6 +105,11 @@ def last_boxed(text: str) -> Optional[str]:
 _NUM_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
+def is_number(text: str) -> bool:
+    """Whether `text` (stripped) is one number as `last_number` reads them."""
+    return _NUM_RE.fullmatch((text or "").strip()) is not None
+
+
 def last_number(text: str) -> Optional[str]:
     nums = _NUM_RE.findall(text or "")
     return nums[-1].rstrip(".,") if nums else None

@@ -7,9 +7,11 @@ drops any question that also appears in eval, so they never overlap; the dev spl
 the ``env.train_size`` train tasks (``env.dev_size``, envs/base.py). The reward's ``correct``
 component is reasoning-gym's own scorer on the extracted answer (`grade`: partial credit where the
 scorer gives it), plus ``format_weight`` x ``format`` (see envs/qa.py for roles and context).
-The answer is the last ``<answer>`` block, else the last ``\\boxed{}``, else the reply's last line;
-that reading already ends with the last line, so the lenient reading (envs/qa.py "Readings of a
-reply") is the strict one, and only an empty reply has no answer.
+The answer is the last ``<answer>`` block, else the last ``\\boxed{}``, else the reply's last line
+(only an empty reply has no answer). The lenient reading (envs/qa.py "Readings of a reply"), for
+tasks with a numeric gold answer and a reply with neither tags nor a box, is the reply's last number
+instead of its last line ("4 + 0 = 4. The answer is 4." reads 4, which the scorer accepts, where the
+last line scores as a wrong answer): both are scored by reasoning-gym's own scorer.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from envs.qa import AnswerEnv, AnswerEnvConfig, last_boxed, tag_contents
+from envs.qa import AnswerEnv, AnswerEnvConfig, is_number, last_boxed, last_number, tag_contents
 from envs.multiple_choice import norm_text
 from marl_llm.config import ConfigError, check, check_positive
 from marl_llm.registry import register_env
@@ -112,6 +114,16 @@ class ReasoningGymEnv(AnswerEnv):
             return b
         lines = [l.strip() for l in (text or "").strip().splitlines() if l.strip()]
         return lines[-1] if lines else None
+
+    def lenient_for(self, task, text: str) -> Optional[str]:
+        """The strict reading, except that a reply without tags or a box, on a task whose gold
+        answer is a number, reads as its last number (module docstring)."""
+        strict = self.extract_for(task, text)
+        if strict is None or tag_contents(text, "answer") or last_boxed(text) is not None:
+            return strict
+        if not is_number(str(task.get("answer", ""))):
+            return strict
+        return last_number(text) or strict
 
     def answers_equal(self, a, b) -> bool:
         return a is not None and b is not None and norm_text(a) == norm_text(b)

@@ -369,6 +369,20 @@ def conf_dir() -> Path:
     return path
 
 
+def load_role_model(value: str, like: ModelConfig) -> ModelConfig:
+    """A role's model in `algo.role_models`: a conf/model preset name, or a local folder holding a
+    saved Hugging Face model (config.json + weights), e.g. another run's checkpoint
+    `outputs/cpu_grpo_math/checkpoints/step_24/policy`. A folder is served with `like`'s (the run's
+    `model=`) dtype, context length and cache, as `source=hf`."""
+    folder = Path(value).expanduser()
+    if os.sep not in value and "/" not in value and not folder.is_dir():
+        return load_model_preset(value)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"algo.role_models: {value!r} is not a model folder (no config.json in it); give a "
+                          f"conf/model preset name or a folder with a saved model, e.g. <run>/checkpoints/step_N/<policy>")
+    return dataclasses.replace(like, name=str(folder), source="hf", path=str(folder.resolve()), tiny={}, lora=None)
+
+
 def load_model_preset(name: str) -> ModelConfig:
     """A `conf/model/<name>.yaml` preset as a ModelConfig (for algorithms with several models)."""
     path = conf_dir() / "model" / f"{name}.yaml"

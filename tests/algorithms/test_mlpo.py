@@ -159,6 +159,26 @@ def test_role_models_name_team_agents_and_presets(role_models, needle):
     assert needle in str(e.value)
 
 
+def test_a_team_agent_can_be_a_saved_model_folder(tmp_path):
+    # e.g. another run's checkpoint: served as source=hf with the run's dtype and context length
+    folder = tmp_path / "checkpoints" / "step_24" / "policy"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    cfg = MLPOConfig(role_models={"team0": str(folder)})
+    algo = MLPO(cfg, QEnv(), make_run(cfg))
+    algo.validate()
+    specs = {s.name: s for s in algo.policy_specs()}
+    run_model = algo.run.model
+    assert (specs["team0"].model.source, specs["team0"].model.path) == ("hf", str(folder.resolve()))
+    assert (specs["team0"].model.dtype, specs["team0"].model.max_model_len) == (run_model.dtype, run_model.max_model_len)
+    assert specs["team1"].model == run_model
+    # a path that holds no saved model is named, before any engine starts
+    for bad in (tmp_path / "checkpoints", tmp_path / "missing" / "policy"):
+        cfg = MLPOConfig(role_models={"team1": str(bad)})
+        with pytest.raises(ConfigError, match=f"algo.role_models: '{bad}' is not a model folder"):
+            MLPO(cfg, QEnv(), make_run(cfg)).validate()
+
+
 def test_validate_needs_an_answer_env_and_a_readable_sft_file():
     from envs.toy import ToyConfig, ToyEnv
     cfg = MLPOConfig()

@@ -79,14 +79,27 @@ def test_multiple_choice_lenient_label_is_one_of_the_tasks_labels_and_text_answe
     assert env.reward(LETTER_TASK, {"single": "I'd go with B since it barks"}).components["correct"] == 0.0
 
 
-def test_reasoning_gym_lenient_reading_is_its_strict_one():
-    env = make_env({"name": "reasoning_gym", "train_size": 2, "eval_size": 2})
+def test_reasoning_gym_lenient_reading_takes_the_last_number_of_untagged_replies():
+    env = make_env({"name": "reasoning_gym", "task": "chain_sum", "train_size": 2, "eval_size": 2})
     task = env.tasks("test")[0]
-    for text in ("<answer>7</answer>", "I think\n7", "\\boxed{7} done"):
-        assert env.lenient_for(task, text) == env.extract_for(task, text) == "7"
+    gold = task["answer"]
+    assert gold.lstrip("-").isdigit()
+    # tags or a box: both readings are the tagged answer, even when a later number disagrees
+    for text in (f"<answer>{gold}</answer> 99", f"\\boxed{{{gold}}} or 99"):
+        assert env.lenient_for(task, text) == env.extract_for(task, text) == gold
+    # free text: strict reads the last line (scored as a wrong answer), lenient its last number
+    text = f"1 + 1 = {gold}\nThe answer is {gold}."
+    assert env.extract_for(task, text) == f"The answer is {gold}."
+    assert env.lenient_for(task, text) == gold
+    assert env.grade(task, env.lenient_for(task, text)) == 1.0 > env.grade(task, env.extract_for(task, text))
+    assert env.lenient_for(task, "no number here") == env.extract_for(task, "no number here") == "no number here"
     assert env.extract_for(task, "") is None and env.lenient_for(task, "") is None
-    gold = env.reference_outputs(task)["single"]
-    assert env.grade(task, env.extract_for(task, gold)) == 1.0 == env.reward(task, {"single": gold}).total
+    ref = env.reference_outputs(task)["single"]
+    assert env.grade(task, env.extract_for(task, ref)) == 1.0 == env.reward(task, {"single": ref}).total
+    # a task whose gold answer is not a number: lenient stays the strict reading
+    words = make_env({"name": "reasoning_gym", "task": "spell_backward", "train_size": 2, "eval_size": 2})
+    wtask = words.tasks("test")[0]
+    assert words.lenient_for(wtask, "step 1\nolleh") == words.extract_for(wtask, "step 1\nolleh") == "olleh"
 
 
 def test_only_answer_envs_read_answers():

@@ -116,6 +116,7 @@ def test_paper_experiment_presets_compose_and_validate(experiment, model, algo):
 
 @pytest.mark.parametrize("experiment, algo, env", [
     ("cpu_grpo_math", "grpo", "math"),
+    ("cpu_grpo_chain_sum", "grpo", "reasoning_gym"),
     ("cpu_mlpo_math", "mlpo", "math"),
     ("cpu_malt_math", "malt", "math"),
     ("cpu_magrpo_writing", "magrpo", "writing"),
@@ -142,8 +143,23 @@ def test_cpu_recipe_presets_compose_and_validate(experiment, algo, env):
     # math: of 2000 generated, without the train problems that repeat a dev problem
     if env == "writing":
         assert [len(data.tasks(s)) for s in ("train", "dev")] == [192, 48]
+    elif env == "reasoning_gym":  # 1000 drawn, without those repeating a test or dev question
+        assert len(data.tasks("dev")) == 100 and 600 < len(data.tasks("train")) <= 900
     else:
         assert len(data.tasks("dev")) == 100 and 1850 < len(data.tasks("train")) <= 1900
+
+
+def test_mlpo_team_recipe_needs_its_trained_team_member(tmp_path):
+    """cpu_mlpo_team: a heterogeneous team whose team0 is another run's checkpoint folder; without
+    it the run stops before any engine starts, naming the missing value."""
+    with pytest.raises(ConfigError, match="role_models.team0: Missing mandatory value"):
+        validate(composed("+experiment=cpu_mlpo_team"))
+    (tmp_path / "config.json").write_text("{}")
+    run = validate(composed("+experiment=cpu_mlpo_team", f"algo.role_models.team0={tmp_path}"))
+    assert (run.algo.name, run.env.name, run.model.name) == ("mlpo", "math", "smollm2-135m")
+    assert run.algo.solo_fraction == 0.0 and run.algo.eval_baselines == ["single", "majority", "untrained"]
+    assert run.trainer.eval_size == 200 and run.trainer.eval_splits() == ("test",)
+    assert run.algo.max_train_tasks == run.trainer.steps * run.trainer.batch_size  # each task once
 
 
 def test_main_job_is_sized_to_learn_and_to_tell_within_15_minutes():
