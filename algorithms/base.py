@@ -344,8 +344,9 @@ def reply_rows(env: Env, tasks: Sequence[dict[str, Any]],
     `role` is the list of roles and `prompt`, `reply`, `temperature`, `seed` map each role to its
     own. On an answer env (envs/qa.py, one role) also `answer` (the strict reading the reward
     scores; None: no readable answer) and `lenient_answer` (the lenient reading), and for a
-    correctness score `lenient_score`: the score where the strict reading found an answer, else
-    the env's grade of the lenient answer (so lenient and strict differ only on unread answers).
+    correctness score `lenient_score`: the score where the lenient reading is the strict one, else
+    the env's grade of the lenient answer (math: they differ only on unread answers; reasoning_gym
+    also on untagged replies to numeric tasks).
     With `candidates` (a majority vote), also `candidates`: the task's replies voted over."""
     n = len(tasks)
     wrong = {role: (len(reqs), len(texts)) for role, (reqs, texts) in replies.items()
@@ -372,7 +373,7 @@ def reply_rows(env: Env, tasks: Sequence[dict[str, Any]],
             row["answer"] = env.extract_for(task, row["reply"])
             row["lenient_answer"] = env.lenient_for(task, row["reply"])
             if scored == "correct":
-                row["lenient_score"] = (row["score"] if row["answer"] is not None
+                row["lenient_score"] = (row["score"] if row["lenient_answer"] == row["answer"]
                                         else float(env.grade(task, row["lenient_answer"])))
         if candidates is not None:
             row["candidates"] = list(candidates[i])

@@ -65,6 +65,25 @@ def grpo_on_math():
     return algo, env, tasks, pols
 
 
+def test_lenient_outcomes_grade_a_lenient_reading_that_differs_from_a_found_strict_one():
+    # reasoning_gym reads an untagged reply's last line (strict) but its last number (lenient):
+    # the lenient outcome is the scorer's grade of that number, not the strict reading's score
+    env = make_env({"name": "reasoning_gym", "task": "chain_sum", "train_size": 4, "eval_size": 4})
+    cfg = GRPOConfig()
+    algo = GRPO(cfg, env, run_of(cfg, env))
+    tasks = env.tasks("test")
+    gold = {t["question"]: t["answer"] for t in tasks}
+    reply = lambda p, req, j: "so\nThe answer is " + next(a for q, a in gold.items() if q in req.messages[-1]["content"])
+    algo.setup({"policy": FakePolicy("policy", reply),
+                "base": FakePolicy("base", lambda p, r, j: "<answer>12345</answer>", trainable=False)}, TrajectoryBuffer())
+    algo.evaluate(tasks)
+    rows = algo.eval_replies["correct"]
+    assert all(r["answer"].startswith("The answer is") and r["lenient_answer"] == t["answer"] for r, t in zip(rows, tasks))
+    assert all(r["score"] < 1.0 for r in rows) and [r["lenient_score"] for r in rows] == [1.0] * 4
+    assert algo.eval_outcomes["lenient/correct"] == [1.0] * 4 and algo.eval_outcomes["correct"] == [r["score"] for r in rows]
+    assert algo.eval_outcomes["lenient/base/correct"] == algo.eval_outcomes["base/correct"]  # tagged: one reading
+
+
 def test_grpo_replies_carry_every_field_and_the_logged_score():
     algo, env, tasks, _ = grpo_on_math()
     out = algo.evaluate(tasks)
