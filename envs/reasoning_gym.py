@@ -15,6 +15,7 @@ last line scores as a wrong answer): both are scored by reasoning-gym's own scor
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -54,6 +55,54 @@ class ReasoningGymConfig(AnswerEnvConfig):
 
 def _jsonable(v: Any) -> Any:
     return json.loads(json.dumps(v, default=str))
+
+
+def strict_reading(text: str) -> Optional[str]:
+    """The last <answer> block, else the last box, else the last non-empty line; None if empty."""
+    blocks = tag_contents(text or "", "answer")
+    if blocks:
+        return blocks[-1]
+    b = last_boxed(text or "")
+    if b is not None:
+        return b
+    lines = [l.strip() for l in (text or "").strip().splitlines() if l.strip()]
+    return lines[-1] if lines else None
+
+
+def lenient_reading(text: str, gold: str) -> Optional[str]:
+    """The strict reading, except that a reply without tags or a box, on a task whose gold answer
+    is a number, reads as its last number (module docstring)."""
+    text = text or ""
+    if is_number(gold) and not tag_contents(text, "answer") and last_boxed(text) is None:
+        return last_number(text) or strict_reading(text)
+    return strict_reading(text)
+
+
+def lenient_correct(task: dict[str, Any], outputs: dict[str, str]) -> float:
+    """A reward for `env.reward_fn` (envs/reward_fn.py): reasoning-gym's own scorer on the lenient
+    reading of the one reply, for a model that does not write the answer tags yet (SmolLM2-135M
+    almost never does: docs/RESULTS.md). With `[env, envs.reasoning_gym:lenient_correct]` and
+    weights `[0, 1]` the run trains on it while `correct` (the strict reading) is still reported."""
+    text = next(iter(outputs.values()), "") or ""
+    answer = lenient_reading(text, str(task.get("answer", "")))
+    if answer is None:
+        return 0.0
+    entry = {"question": task["question"], "answer": task["answer"], "metadata": task.get("metadata", {})}
+    try:
+        return float(_score_fn(task["rg_task"])(answer=answer, entry=entry))
+    except Exception as e:  # noqa: BLE001 - a scorer crash on odd output scores 0, as in `grade`
+        log.debug("reasoning-gym scorer failed on %r: %s", answer, e)
+        return 0.0
+
+
+lenient_correct.max_reward = 1.0
+
+
+@functools.lru_cache(maxsize=None)
+def _score_fn(name: str):
+    import reasoning_gym
+
+    return reasoning_gym.get_score_answer_fn(name)
 
 
 @register_env("reasoning_gym")
@@ -106,24 +155,10 @@ class ReasoningGymEnv(AnswerEnv):
                 "metadata": _jsonable(entry.get("metadata", {})), "rg_task": self.cfg.task}
 
     def extract_answer(self, text: str) -> Optional[str]:
-        blocks = tag_contents(text or "", "answer")
-        if blocks:
-            return blocks[-1]
-        b = last_boxed(text or "")
-        if b is not None:
-            return b
-        lines = [l.strip() for l in (text or "").strip().splitlines() if l.strip()]
-        return lines[-1] if lines else None
+        return strict_reading(text)
 
     def lenient_for(self, task, text: str) -> Optional[str]:
-        """The strict reading, except that a reply without tags or a box, on a task whose gold
-        answer is a number, reads as its last number (module docstring)."""
-        strict = self.extract_for(task, text)
-        if strict is None or tag_contents(text, "answer") or last_boxed(text) is not None:
-            return strict
-        if not is_number(str(task.get("answer", ""))):
-            return strict
-        return last_number(text) or strict
+        return lenient_reading(text, str(task.get("answer", "")))
 
     def answers_equal(self, a, b) -> bool:
         return a is not None and b is not None and norm_text(a) == norm_text(b)

@@ -105,3 +105,16 @@ def test_reasoning_gym_lenient_reading_takes_the_last_number_of_untagged_replies
 def test_only_answer_envs_read_answers():
     assert reads_answers(math_env()) and reads_answers(mc_env())
     assert not reads_answers(make_env({"name": "toy"}))
+
+
+def test_reasoning_gym_lenient_reward_trains_on_the_lenient_reading_and_reports_the_strict_one():
+    env = make_env({"name": "reasoning_gym", "task": "chain_sum", "train_size": 2, "eval_size": 2,
+                    "reward_fn": ["env", "envs.reasoning_gym:lenient_correct"], "reward_weights": [0.0, 1.0]})
+    task = env.tasks("test")[0]
+    gold = task["answer"]
+    r = env.reward(task, {"single": f"1 + 1 = {gold}\nThe answer is {gold}."})
+    assert r.total == 1.0 == r.components["lenient_correct"]
+    assert r.components["correct"] < 1.0  # the strict reading (the last line), still reported
+    wrong = env.reward(task, {"single": "The answer is 100000."})
+    assert wrong.total == 0.0 and env.max_reward == 1.0
+    assert env.reward(task, {"single": f"<answer>{gold}</answer>"}).total == 1.0
