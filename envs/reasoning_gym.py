@@ -88,14 +88,19 @@ def lenient_correct(task: dict[str, Any], outputs: dict[str, str]) -> float:
     if answer is None:
         return 0.0
     entry = {"question": task["question"], "answer": task["answer"], "metadata": task.get("metadata", {})}
-    try:
-        return float(_score_fn(task["rg_task"])(answer=answer, entry=entry))
-    except Exception as e:  # noqa: BLE001 - a scorer crash on odd output scores 0, as in `grade`
-        log.debug("reasoning-gym scorer failed on %r: %s", answer, e)
-        return 0.0
+    return _scored(_score_fn(task["rg_task"]), answer, entry)
 
 
 lenient_correct.max_reward = 1.0
+
+
+def _scored(score_answer, answer: str, entry: dict[str, Any]) -> float:
+    """A reasoning-gym scorer's grade of `answer`; a scorer crash on odd output scores 0."""
+    try:
+        return float(score_answer(answer=answer, entry=entry))
+    except Exception as e:  # noqa: BLE001 - logged, scored 0
+        log.debug("reasoning-gym scorer failed on %r: %s", answer, e)
+        return 0.0
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,8 +176,4 @@ class ReasoningGymEnv(AnswerEnv):
             self._scorer = self._dataset(1, self.seed + _EVAL_SEED_OFFSET)
         entry = self._entries.get(task["id"]) or {"question": task["question"], "answer": task["answer"],
                                                    "metadata": task.get("metadata", {})}
-        try:
-            return float(self._scorer.score_answer(answer=answer, entry=entry))
-        except Exception as e:  # noqa: BLE001 - a scorer crash on odd output scores 0
-            log.debug("reasoning-gym scorer failed on %r: %s", answer, e)
-            return 0.0
+        return _scored(self._scorer.score_answer, answer, entry)
