@@ -27,7 +27,9 @@ another run's checkpoint, in `algo.role_models`) and, for the untrained-leader b
 cluster decides), so a homogeneous team and the untrained leader run on one.
 
 Prompts (PROMPTS, overridable per key with `algo.prompts`; the env gives the question and the
-answer instruction): the leader reads the task and the team's answers as "Solution i:" blocks;
+answer instruction): the leader reads the task and the team's answers as "Solution i:" blocks
+(`team_view=solutions`, the paper) or only their final answers, one "Agent i: <answer>" line each
+(`team_view=answers`, template `leader_answers`);
 a team agent revising in round t > 0 reads its previous answer and the leader's previous output.
 The leader without team answers, the team in round 0 and the single-agent baseline use the env's
 own single-agent prompt. Every reply ends at the env's answer stop strings.
@@ -82,10 +84,14 @@ PROMPTS: dict[str, str] = {
     "leader": ("{question}\n\nYour team proposed these solutions:\n\n{team}\n\n"
                "Check each solution for mistakes, decide which reasoning is right, and write the correct "
                "solution. {answer_instruction}"),
+    # the leader over the team's final answers only (team_view=answers; {team}: "Agent i: <answer>" lines)
+    "leader_answers": ("{question}\n\nYour team's final answers (some may be wrong):\n{team}\n\n"
+                       "Solve the problem step by step. {answer_instruction}"),
     # a team agent in round t > 0: its previous answer and the leader's previous output
     "team_revise": ("{question}\n\nYour previous solution:\n{previous}\n\nThe team leader's analysis:\n{leader}\n\n"
                     "Use it to revise your solution. {answer_instruction}"),
 }
+TEAM_VIEWS = ("solutions", "answers")
 TEAM_KEY = "mlpo_team"  # task field holding the stored team answers {"answers": [[str]], "correct": [[float]]}
 SFT_MODES = ("none", "rejection", "file")
 EVAL_BASELINES = ("single", "majority", "untrained")
@@ -126,6 +132,9 @@ class MLPOConfig(PGConfig):
     group_size: int = 8                     # G leader samples per prompt (paper: open)
     solo_fraction: float = 0.5              # share of RL prompts without team answers (single-agent mode)
     shuffle_team: bool = True               # shuffle the order of the drawn team answers in the prompt
+    # what the leader reads of each team answer: the whole reply (the paper) or only the final
+    # answer the env reads from it (a small model cannot read three long replies: conf/algo/mlpo.yaml)
+    team_view: str = "solutions"            # solutions | answers
     # ---- evaluation -----------------------------------------------------------------------------
     rounds: int = 1                         # T rounds of team + leader at inference (paper 5; 1 keeps CPU evals short)
     eval_temperature: float = 0.0           # leader and single-agent baseline (0: greedy; the team: team_temperature)
@@ -147,6 +156,7 @@ class MLPOConfig(PGConfig):
         for key in ("team_temperature", "eval_temperature"):
             check_positive(f"algo.{key}", getattr(self, key), allow_zero=True)
         check_choice("algo.sft_warmup", self.sft_warmup, SFT_MODES)
+        check_choice("algo.team_view", self.team_view, TEAM_VIEWS)
         if self.sft_warmup == "file":
             check(bool(self.sft_file), "algo.sft_file", self.sft_file,
                   "is missing: algo.sft_warmup=file needs algo.sft_file=<path to a JSONL file>")
@@ -272,11 +282,17 @@ class MLPO(Algorithm):
         return self.cfg.prompts.get(key) or PROMPTS[key]
 
     def leader_prompt(self, task, team_answers: Optional[list[str]] = None) -> list[dict[str, str]]:
-        """The leader over the team's answers ("Solution i:" blocks); without any, the env's
+        """The leader over the team's answers ("Solution i:" blocks; with team_view=answers, one
+        "Agent i: <final answer>" line each, read as the majority vote reads it); without any, the env's
         single-agent prompt (the leader alone)."""
         team = [t for t in (team_answers or []) if t is not None]
         if not team:
             return self.env.prompt(task, "single")
+        if self.cfg.team_view == "answers":
+            finals = [self.env.extract_answer(str(t)) for t in team]  # the majority vote's reading
+            block = "\n".join(f"Agent {i + 1}: {a if a is not None else '(no final answer)'}"
+                               for i, a in enumerate(finals))
+            return self.answer_messages(self.template("leader_answers"), task, team=block)
 
         def build(team_answers):  # answers too long for the model are cut one by one, the longest first
             block = "\n\n".join(f"Solution {i + 1}:\n{str(t).strip()}" for i, t in enumerate(team_answers))

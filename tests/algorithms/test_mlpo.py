@@ -223,6 +223,25 @@ def test_leader_and_team_prompts_are_the_texts_the_env_built():
     assert algo.team_prompt(task, previous="p")[0]["role"] == "system"
 
 
+def test_team_view_answers_shows_each_team_answer_as_the_vote_reads_it():
+    cfg = MLPOConfig(team_view="answers")
+    env = QEnv()
+    algo = MLPO(cfg, env, make_run(cfg))
+    task = env.train_tasks()[1]
+    team = ["long reasoning ... <answer>6</answer>", None, "no tags here", "<answer> 1 </answer>"]
+    assert algo.leader_prompt(task, team_answers=team) == user(
+        "Q1: what is 1?\n\nYour team's final answers (some may be wrong):\nAgent 1: 6\n"
+        "Agent 2: (no final answer)\nAgent 3: 1\n\nSolve the problem step by step. End your reply with the "
+        "final answer in the form <answer>ANSWER</answer>.")
+    # the majority vote reads the same answers from the same replies
+    kept = [t for t in team if t is not None]
+    assert [env.extract_answer(t) for t in kept] == ["6", None, "1"] and kept[vote(env, kept)] == kept[0]
+    # the leader alone is unchanged, and a bad view is named with what is allowed
+    assert algo.leader_prompt(task) == user(SINGLE)
+    with pytest.raises(ConfigError, match=r"algo.team_view.*'both'.*solutions.*answers"):
+        MLPOConfig(team_view="both")
+
+
 def test_algo_prompts_override_one_template_and_every_reply_stops_at_the_answer():
     cfg = MLPOConfig(prompts={"leader": "{question} | {team} | {answer_instruction} {unknown}"})
     env = QEnv()

@@ -22,6 +22,7 @@ SHORT = ["trainer.steps=1", "trainer.eval_every=1", "trainer.save_every=1", "tra
     ("cpu_malt_math", ["trainer.batch_size=1", "algo.branching=2", "algo.chains=2", "algo.sft_epochs=1",
                        "algo.dpo_epochs=1"], "mv/gvr - baseline/mv/gvr = "),
     ("cpu_magrpo_writing", ["trainer.batch_size=1", "algo.group_size=2"], "reward - naive/reward = "),
+    ("cpu_magrpo_coding", ["trainer.batch_size=1", "algo.group_size=2"], "reward - naive/reward = "),
 ])
 def test_recipe_first_step(tmp_path, recipe, overrides, comparison):
     cmd = [sys.executable, "-m", "marl_llm.train", f"+experiment={recipe}", *SHORT, *overrides,

