@@ -173,16 +173,25 @@ class Trainer:
                         record.update({f"sync/{name}/{k}": v for k, v in p.sync_weights().items()
                                        if isinstance(v, (int, float))})
                 rollouts.synced_through(step)
-                # ---- evaluate on dev every k steps (and after the last), on test after the last
+                # ---- checkpoint every k steps (and after the last), before evaluating: a failed
+                # evaluation (e.g. an engine killed for memory) must not take the trained weights with it
                 done = step + 1
-                if run.trainer.eval_every and (done % run.trainer.eval_every == 0 or done == run.trainer.steps):
-                    record.update(self._evaluate(algo, "dev", evaluated["dev"], done))
-                if run.trainer.test and done == run.trainer.steps:
-                    record.update(self._evaluate(algo, "test", evaluated["test"], done))
-                # ---- checkpoint every k steps (and after the last)
-                if run.trainer.save_every and (done % run.trainer.save_every == 0 or done == run.trainer.steps):
+                saved = run.trainer.save_every and (done % run.trainer.save_every == 0 or done == run.trainer.steps)
+                if saved:
                     with self.timer("save"):
                         self._save(done, policies, rollouts.data_state(done), buffer, algo)
+                # ---- evaluate on dev every k steps (and after the last), on test after the last
+                try:
+                    if run.trainer.eval_every and (done % run.trainer.eval_every == 0 or done == run.trainer.steps):
+                        record.update(self._evaluate(algo, "dev", evaluated["dev"], done))
+                    if run.trainer.test and done == run.trainer.steps:
+                        record.update(self._evaluate(algo, "test", evaluated["test"], done))
+                except BaseException:
+                    metrics.log({"step": done, **record})  # the step's training metrics are kept
+                    if saved:
+                        log.error("the evaluation after step %d failed; the checkpoint of step %d is saved: score it "
+                                  "with python -m marl_llm evaluate run_dir=%s", done, done, self.out)
+                    raise
                 record = {"step": done, **record, **rollout.phases, **rollout.spans, **self.timer.pop(),
                           **(setup_times if step == state.step else {}), "time/step": round(time.perf_counter() - t0, 4),
                           "time/wall": round(time.perf_counter() - self.started, 3)}

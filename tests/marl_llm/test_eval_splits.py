@@ -70,11 +70,12 @@ class FakeCluster:
         pass
 
 
-def fit(tmp_path, monkeypatch, **trainer):
+def fit(tmp_path, monkeypatch, algo=None, **trainer):
     run = RunConfig(algo=GRPOConfig(), env=ToyConfig(train_size=40, eval_size=10), seed=1,
-                    trainer=TrainerConfig(steps=4, batch_size=2, save_every=0, eval_size=3, output_dir=str(tmp_path),
-                                          loggers=[], progress=False, report=False, **trainer))
-    env, algo = make_env(run.env, seed=run.seed), FakeAlgo()
+                    trainer=TrainerConfig(**{"steps": 4, "batch_size": 2, "save_every": 0, "eval_size": 3,
+                                             "output_dir": str(tmp_path), "loggers": [], "progress": False,
+                                             "report": False, **trainer}))
+    env, algo = make_env(run.env, seed=run.seed), algo or FakeAlgo()
     tmp_path.mkdir(parents=True, exist_ok=True)  # what the pre-flight check (replaced here) does
     monkeypatch.setattr(trainer_module, "check_run", lambda run, output_dir: (env, algo))
     monkeypatch.setattr(trainer_module, "Cluster", FakeCluster)
@@ -105,6 +106,22 @@ def test_eval_every_zero_evaluates_test_only_and_test_false_nothing(tmp_path, mo
     assert summary["test"] == {"reward": 1.0} and summary["eval"] == {} and "eval/reward" not in records[-1]
     _, algo, summary, _ = fit(tmp_path / "b", monkeypatch, test=False)
     assert algo.evaluated == [] and summary["reported"] is None and summary["comparisons"] == []
+
+
+class FailingEvalAlgo(FakeAlgo):
+    def evaluate(self, tasks):
+        raise RuntimeError("generate failed on rollout worker 0 of policy 'base': OutOfMemoryError")
+
+
+def test_a_failed_final_evaluation_keeps_the_checkpoint_and_the_steps_metrics(tmp_path, monkeypatch, caplog):
+    """The last step's checkpoint is written before its evaluation, so an evaluation that fails (an
+    engine killed for memory) loses no training; the error names the command that scores it."""
+    with caplog.at_level(logging.ERROR, logger="marl_llm.trainer"), pytest.raises(RuntimeError, match="OutOfMemory"):
+        fit(tmp_path, monkeypatch, algo=FailingEvalAlgo(), save_every=4)
+    assert (tmp_path / "checkpoints" / "step_4").is_dir()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[-1]["reward/mean"] == 1.0
+    assert f"the checkpoint of step 4 is saved: score it with python -m marl_llm evaluate run_dir={tmp_path}" in caplog.text
 
 
 # ---- python -m marl_llm.evaluate split=dev|test ----------------------------------------------------
