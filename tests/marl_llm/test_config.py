@@ -118,6 +118,7 @@ def test_paper_experiment_presets_compose_and_validate(experiment, model, algo):
     ("cpu_grpo_math", "grpo", "math"),
     ("cpu_grpo_chain_sum", "grpo", "reasoning_gym"),
     ("cpu_mlpo_math", "mlpo", "math"),
+    ("cpu_mlpo_chain_sum", "mlpo", "reasoning_gym"),
     ("cpu_malt_math", "malt", "math"),
     ("cpu_magrpo_writing", "magrpo", "writing"),
 ])

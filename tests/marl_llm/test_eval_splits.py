@@ -122,6 +122,12 @@ def test_a_failed_final_evaluation_keeps_the_checkpoint_and_the_steps_metrics(tm
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4] and records[-1]["reward/mean"] == 1.0
     assert f"the checkpoint of step 4 is saved: score it with python -m marl_llm evaluate run_dir={tmp_path}" in caplog.text
+    # resumed, nothing is trained again and nothing starts; the same command is named
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="marl_llm.trainer"):
+        _, algo, summary, _ = fit(tmp_path, monkeypatch, save_every=4, resume=True)
+    assert algo.evaluated == [] and summary["checkpoint"] == str(tmp_path / "checkpoints" / "step_4")
+    assert f"The final evaluation: python -m marl_llm.evaluate run_dir={tmp_path}" in caplog.text
 
 
 # ---- python -m marl_llm.evaluate split=dev|test ----------------------------------------------------
