@@ -118,7 +118,7 @@ class MLPOConfig(PGConfig):
     team_samples: int = 2                   # stored answers per agent per training task (paper: several)
     team_temperature: float = 0.3           # team sampling, for the stored answers and in evaluation
     # ---- data preparation -----------------------------------------------------------------------
-    max_train_tasks: Optional[int] = 24     # prepare at most this many training tasks (seeded pick); null: all
+    max_train_tasks: Optional[int] = 56     # prepare at most this many training tasks (seeded pick); null: all
     easy_threshold: Optional[float] = 0.75  # drop tasks with >= this share of correct team answers; null: keep all
     # ---- SFT warm-up of the leader (the paper does not publish its recipe: rejection sampling) -
     sft_warmup: str = "none"                # none | rejection | file (conf/algo/mlpo.yaml says why none)
@@ -134,7 +134,7 @@ class MLPOConfig(PGConfig):
     shuffle_team: bool = True               # shuffle the order of the drawn team answers in the prompt
     # what the leader reads of each team answer: the whole reply (the paper) or only the final
     # answer the env reads from it (a small model cannot read three long replies: conf/algo/mlpo.yaml)
-    team_view: str = "solutions"            # solutions | answers
+    team_view: str = "answers"              # answers (the main job) | solutions (the paper; its presets)
     # ---- evaluation -----------------------------------------------------------------------------
     rounds: int = 1                         # T rounds of team + leader at inference (paper 5; 1 keeps CPU evals short)
     eval_temperature: float = 0.0           # leader and single-agent baseline (0: greedy; the team: team_temperature)

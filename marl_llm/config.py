@@ -234,7 +234,7 @@ class ClusterConfig:
 
 @dataclass
 class TrainerConfig:
-    steps: int = 6  # optimiser steps (each: collect -> update -> sync)
+    steps: int = 14  # optimiser steps (each: collect -> update -> sync)
     batch_size: int = 4  # tasks per step (each sampled algo.group_size times by the PG algorithms)
     save_every: int = 10  # checkpoint every N steps and after the last (0: never)
     # evaluate on the dev split every N steps and after the last (keys eval/...; settings are

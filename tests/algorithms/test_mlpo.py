@@ -86,6 +86,7 @@ def make_algo(leader_reply, team_replies, n_tasks=4, **kw):
     """MLPO on QEnv with one fake (one engine) per policy; the untrained leader replies as team0."""
     kw.setdefault("sft_warmup", "none")
     kw.setdefault("team_size", len(team_replies))
+    kw.setdefault("team_view", "solutions")  # the paper's prompts (team_view=answers: its own test)
     cfg = MLPOConfig(**kw)
     env = QEnv(n_tasks)
     algo = MLPO(cfg, env, make_run(cfg))
@@ -199,7 +200,7 @@ def user(text):
 
 
 def test_leader_and_team_prompts_are_the_texts_the_env_built():
-    cfg = MLPOConfig()
+    cfg = MLPOConfig(team_view="solutions")
     env = QEnv()
     algo = MLPO(cfg, env, make_run(cfg))
     task = env.train_tasks()[1]
@@ -243,7 +244,7 @@ def test_team_view_answers_shows_each_team_answer_as_the_vote_reads_it():
 
 
 def test_algo_prompts_override_one_template_and_every_reply_stops_at_the_answer():
-    cfg = MLPOConfig(prompts={"leader": "{question} | {team} | {answer_instruction} {unknown}"})
+    cfg = MLPOConfig(team_view="solutions", prompts={"leader": "{question} | {team} | {answer_instruction} {unknown}"})
     env = QEnv()
     algo = MLPO(cfg, env, make_run(cfg))
     task = env.train_tasks()[1]

@@ -247,7 +247,7 @@ def test_growing_context_is_cut_to_fit(data, caplog):
     assert "tokens too long for the model; its longest parts were cut" in caplog.text
     # a protocol's own prompt (MLPO's leader over three team answers): each long answer is cut
     env, algo = check_run(run_config(f"env.data.path={data / 'good.jsonl'}", "env.data.eval_size=0",
-                                     "rollout.max_new_tokens=24", "algo=mlpo"))
+                                     "rollout.max_new_tokens=24", "algo=mlpo", "algo.team_view=solutions"))
     team = algo.leader_prompt(task, [long_prev, "The answer is 3.", long_prev])
     assert len(prompt_ids_of(tok, GenerationRequest(messages=team))) <= 1024 - 24
     assert "The answer is 3." in team[-1]["content"] and "Solution 3:" in team[-1]["content"]
