@@ -81,7 +81,9 @@ refiner), `mv/gr` (G+R: the refiner improves the answer without a critique, `cri
 `no_critique`). Baselines at equal compute (`baselines`): `initial` (default) evaluates the
 untrained roles once before training (in `prepare`, on the dev and/or test tasks the run evaluates) and reports
 them with every evaluation under `baseline/`: `baseline/mv/g` is the base model (the initial
-generator) sampled `chains` times + MV, `baseline/mv/gvr` the untrained G-V-R + MV; `frozen` adds a
+generator) sampled `chains` times + MV, `baseline/mv/gvr` the untrained G-V-R + MV; `base` scores
+only `baseline/mv/g` before training (the paper's baseline: the generator's third of `initial`'s
+generations, and the shortest of the untrained roles' prompts); `frozen` adds a
 frozen `base` policy (rollout workers only) that runs the untrained G-V-R chains at the first
 evaluation of a task set (frozen weights and seeded requests: later evaluations reuse them; also
 under `python -m marl_llm.evaluate`); `none` skips them. Every score comes with its 95% interval
@@ -166,7 +168,7 @@ class MALTConfig(AlgoConfig):
     chains: int = 3                       # G -> V -> R chains per question, majority vote (MV@3)
     eval_temperature: float = 0.3         # chains are sampled (seeded), not greedy: MV needs different chains
     eval_ablations: bool = True           # also G+V (generator revises) and G+R (no critique)
-    baselines: str = "initial"            # initial | frozen | none
+    baselines: str = "initial"            # initial | base | frozen | none
     no_critique: str = "(no critique available)"
 
     def __post_init__(self):
@@ -195,7 +197,7 @@ class MALTConfig(AlgoConfig):
             check_positive(f"algo.{key}", getattr(self, key))
         check_positive("algo.dpo_beta", self.dpo_beta, note="paper: 0.2")
         check_positive("algo.eval_temperature", self.eval_temperature, allow_zero=True)
-        check_choice("algo.baselines", self.baselines, ("initial", "frozen", "none"))
+        check_choice("algo.baselines", self.baselines, ("initial", "base", "frozen", "none"))
         check(self.baselines != "frozen" or not any(self.role_models.values()), "algo.baselines", self.baselines,
               "is not allowed with algo.role_models: 'frozen' builds one untrained copy of `model=`; use "
               "'initial' (the untrained roles scored before training) or 'none'")
@@ -619,13 +621,15 @@ class MALT(Algorithm):
     def prepare(self, tasks):
         """Nothing heavy: the trees are collected step by step. With `baselines=initial`, the
         untrained roles are scored once here on every task the run will evaluate (dev with
-        trainer.eval_every, test with trainer.test; in one pass), reported under baseline/."""
-        if self.cfg.baselines == "initial" and not self.baselines:
+        trainer.eval_every, test with trainer.test; in one pass), reported under baseline/; with
+        `base`, only the initial generator's chains and their vote."""
+        if self.cfg.baselines in ("initial", "base") and not self.baselines:
             eval_tasks = [t for split in self.run.trainer.eval_splits()
                           for t in self.env.tasks(split)[: self.run.trainer.eval_size]]
             if eval_tasks:
                 with self.timer("baseline"):
-                    outcomes = self.chain_outcomes(eval_tasks, self.policies, prefix=BASELINE)
+                    outcomes = self.chain_outcomes(eval_tasks, self.policies, prefix=BASELINE,
+                                                   generator_only=self.cfg.baselines == "base")
                 # their replies are saved with every evaluation that reports them (`initial_replies_of`)
                 replies, self._replies = self._replies, {}
                 self.initial_outcomes = {"ids": [t["id"] for t in eval_tasks], "outcomes": outcomes,
@@ -675,16 +679,17 @@ class MALT(Algorithm):
         return self._leaf_values(items)[0]
 
     def chain_outcomes(self, tasks, pols: dict, ablations: Optional[bool] = None,
-                       prefix: str = "") -> dict[str, list[float]]:
+                       prefix: str = "", generator_only: bool = False) -> dict[str, list[float]]:
         """`chains` G -> V -> R chains per question (one generate call per stage for all questions)
         and majority votes; ablations G only, G+V (generator revises with the critique), G+R.
         Returns one outcome per question for every metric (named `<prefix><metric>`; BASELINE for
         the untrained roles): a vote's correctness, or the mean over the question's chains of a
         per-chain score. Every vote keeps its replies (`keep_replies`, `<prefix>mv/<variant>`): per
         question the final reply of the chain the vote picked, with the chains' final replies it
-        voted over (`candidates`)."""
+        voted over (`candidates`). `generator_only`: the generator's chains and their vote (`mv/g`,
+        `acc/generator`), nothing after them."""
         cfg, C = self.cfg, self.cfg.chains
-        ablations = cfg.eval_ablations if ablations is None else ablations
+        ablations = cfg.eval_ablations and not generator_only if ablations is None else ablations
         if not tasks:
             return {}
         flat = [(i, c) for i in range(len(tasks)) for c in range(C)]  # (question, chain)
@@ -704,21 +709,22 @@ class MALT(Algorithm):
         sent["g"] = [g_reqs[i] for i, _ in flat]  # one request per question samples all its chains
         G = pols["generator"].generate(g_reqs)
         g_text = {(i, c): (G[i][c].text if c < len(G[i]) else "") for i, c in flat}
-        v_pending = ask("verifier", "v", [{"answer": g_text[k]} for k in flat])
-        gr_pending = ask("refiner", "gr", [{"answer": g_text[k], "critique": cfg.no_critique} for k in flat]) \
-            if ablations else None
-        v_text = chain_texts(v_pending.result())
-        r_pending = ask("refiner", "r", [{"answer": g_text[k], "critique": v_text[k]} for k in flat])
-        gv_pending = ask("generator", "gv", [{"previous": g_text[k], "feedback": v_text[k]} for k in flat]) \
-            if ablations else None
-        r_text = chain_texts(r_pending.result())
-        stages = {"generator": ("generator", g_text), "refiner": ("refiner", r_text)}
-        if ablations:
-            stages["gv"] = ("generator", chain_texts(gv_pending.result()))
-            stages["gr"] = ("refiner", chain_texts(gr_pending.result()))
+        stages = {"generator": ("generator", g_text)}
+        if not generator_only:
+            v_pending = ask("verifier", "v", [{"answer": g_text[k]} for k in flat])
+            gr_pending = ask("refiner", "gr", [{"answer": g_text[k], "critique": cfg.no_critique} for k in flat]) \
+                if ablations else None
+            v_text = chain_texts(v_pending.result())
+            r_pending = ask("refiner", "r", [{"answer": g_text[k], "critique": v_text[k]} for k in flat])
+            gv_pending = ask("generator", "gv", [{"previous": g_text[k], "feedback": v_text[k]} for k in flat]) \
+                if ablations else None
+            r_text = chain_texts(r_pending.result())
+            stages["refiner"] = ("refiner", r_text)
+            if ablations:
+                stages["gv"] = ("generator", chain_texts(gv_pending.result()))
+                stages["gr"] = ("refiner", chain_texts(gr_pending.result()))
         correct = {name: dict(zip(flat, self._correct([(tasks[i], {key: texts[i, c]}) for i, c in flat])))
                    for name, (key, texts) in stages.items()}
-        final = self.env.reward_batch([(tasks[i], {"refiner": r_text[i, c]}) for i, c in flat])
         questions = range(len(tasks))
 
         def mv(name: str, metric: str) -> list[float]:
@@ -737,16 +743,18 @@ class MALT(Algorithm):
         def per_question(chain_values: dict[tuple[int, int], float]) -> list[float]:
             return [mean(chain_values[i, c] for c in range(C)) for i in questions]
 
-        verdicts = {k: verdict(v_text[k]) for k in flat}
-        res = {
-            "mv/gvr": mv("refiner", "mv/gvr"),
-            "mv/g": mv("generator", "mv/g"),
-            "acc/generator": per_question(correct["generator"]),
-            "acc/refiner": per_question(correct["refiner"]),
-            "acc/verifier_verdict": per_question({k: float(v is not None and v == (correct["generator"][k] > 0))
-                                                  for k, v in verdicts.items()}),
-            **{k: per_question(dict(zip(flat, v))) for k, v in score_outcomes(final).items()},
-        }
+        res = {}
+        if not generator_only:
+            final = self.env.reward_batch([(tasks[i], {"refiner": r_text[i, c]}) for i, c in flat])
+            verdicts = {k: verdict(v_text[k]) for k in flat}
+            res = {
+                "mv/gvr": mv("refiner", "mv/gvr"),
+                "acc/refiner": per_question(correct["refiner"]),
+                "acc/verifier_verdict": per_question({k: float(v is not None and v == (correct["generator"][k] > 0))
+                                                      for k, v in verdicts.items()}),
+                **{k: per_question(dict(zip(flat, v))) for k, v in score_outcomes(final).items()},
+            }
+        res.update({"mv/g": mv("generator", "mv/g"), "acc/generator": per_question(correct["generator"])})
         if ablations:
             res.update({"mv/gv": mv("gv", "mv/gv"), "mv/gr": mv("gr", "mv/gr"), "acc/gv": per_question(correct["gv"]),
                         "acc/gr": per_question(correct["gr"])})

@@ -539,6 +539,20 @@ def test_initial_baselines_reported_with_every_evaluation(tmp_path):
     assert algo.state_dict()["baselines"] == algo.baselines
 
 
+def test_base_baseline_scores_only_the_base_models_vote_and_is_paired_with_it(tmp_path):
+    """`baselines=base`: before training only the generator's chains run (no verifier or refiner
+    call), giving the paper's baseline, the base model + MV, paired with the trained G -> V -> R."""
+    algo, pols = make_algo(tmp_path, responders=eval_responders(), eval_ablations=False, baselines="base")
+    algo.env.tasks = lambda split: {"test": tasks(2, start=50)}[split]
+    algo.prepare(tasks(2))
+    assert [len(pols[r].calls) for r in ROLES] == [1, 0, 0]
+    assert sorted(algo.initial_outcomes["outcomes"]) == ["baseline/acc/generator", "baseline/mv/g"]
+    assert algo.baselines["baseline/mv/g"] == 1.0 and algo.baselines["baseline/acc/generator"] == pytest.approx(1 / 3)
+    res = algo.evaluate(tasks(2, start=50))
+    assert res["mv/gvr"] == 1.0 and res["baseline/mv/g"] == 1.0 and "baseline/mv/gvr" not in res
+    assert res["diff/mv/gvr-baseline/mv/g"] == 0.0 and res["diff/mv/gvr-baseline/mv/g/n"] == 2
+
+
 # ---- config and specs ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw, needle", [
     (dict(branching=0), "algo.branching=0"),
@@ -549,7 +563,7 @@ def test_initial_baselines_reported_with_every_evaluation(tmp_path):
     (dict(sft_roles=["judge"]), "algo.sft_roles"),
     (dict(dpo_beta=0.0), "algo.dpo_beta"),
     (dict(chains=0), "algo.chains=0"),
-    (dict(baselines="later"), "['initial', 'frozen', 'none']"),
+    (dict(baselines="later"), "['initial', 'base', 'frozen', 'none']"),
     (dict(baselines="frozen", role_models={"verifier": "tiny"}), "'frozen'"),
 ])
 def test_bad_config(kw, needle):
