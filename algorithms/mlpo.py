@@ -290,13 +290,16 @@ class MLPO(Algorithm):
             return self.env.prompt(task, "single")
         if self.cfg.team_view == "answers":
             finals = [self.env.extract_answer(str(t)) for t in team]  # the majority vote's reading
-            block = "\n".join(f"Agent {i + 1}: {a if a is not None else '(no final answer)'}"
-                               for i, a in enumerate(finals))
-            return self.answer_messages(self.template("leader_answers"), task, team=block)
+            team = [a if a is not None else "(no final answer)" for a in finals]
 
-        def build(team_answers):  # answers too long for the model are cut one by one, the longest first
-            block = "\n\n".join(f"Solution {i + 1}:\n{str(t).strip()}" for i, t in enumerate(team_answers))
-            return self.answer_messages(self.template("leader"), task, team=block)
+            def build(team_answers):
+                block = "\n".join(f"Agent {i + 1}: {a}" for i, a in enumerate(team_answers))
+                return self.answer_messages(self.template("leader_answers"), task, team=block)
+        else:
+            def build(team_answers):
+                block = "\n\n".join(f"Solution {i + 1}:\n{str(t).strip()}" for i, t in enumerate(team_answers))
+                return self.answer_messages(self.template("leader"), task, team=block)
+        # answers too long for the model are cut one by one, the longest first
         return self.env.fit_context(build, task, "leader", {"team_answers": team})
 
     def team_prompt(self, task, previous: Optional[str] = None, leader: Optional[str] = None) -> list[dict[str, str]]:

@@ -251,6 +251,12 @@ def test_growing_context_is_cut_to_fit(data, caplog):
     team = algo.leader_prompt(task, [long_prev, "The answer is 3.", long_prev])
     assert len(prompt_ids_of(tok, GenerationRequest(messages=team))) <= 1024 - 24
     assert "The answer is 3." in team[-1]["content"] and "Solution 3:" in team[-1]["content"]
+    # with team_view=answers (the main job) a final answer as long as a reply is cut too
+    env, algo = check_run(run_config(f"env.data.path={data / 'good.jsonl'}", "env.data.eval_size=0",
+                                     "rollout.max_new_tokens=24", "algo=mlpo", "algo.team_view=answers"))
+    team = algo.leader_prompt(task, [f"<answer>{long_prev}</answer>", "The answer is 3.", "no idea"])
+    assert len(prompt_ids_of(tok, GenerationRequest(messages=team))) <= 1024 - 24
+    assert "[...]" in team[-1]["content"] and "Agent 2: 3\nAgent 3: (no final answer)" in team[-1]["content"]
 
 
 # ---- memory: an estimate against what Ray allows, a warning with the breakdown ---------------------
