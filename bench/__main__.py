@@ -165,15 +165,6 @@ def _phase_means(recs: list[dict], phases=("generate", "reward", "train", "sync"
     return {p: _mean([r.get(f"time/{p}", 0.0) for r in recs]) for p in phases}
 
 
-def _tasks_by_step(run_dir: str) -> list[list[dict]]:
-    """Each step's tasks in the order marl_llm sampled them (one per group), from buffer.jsonl."""
-    steps: dict[int, dict[str, dict]] = {}
-    for line in Path(run_dir, "buffer.jsonl").read_text().splitlines():
-        ep = json.loads(line)
-        steps.setdefault(ep["step"], {}).setdefault(ep["group"], ep["task"])
-    return [list(steps[k].values()) for k in sorted(steps)]
-
-
 def _trl_run(spec: str, threads: int, out: str, vllm: bool) -> dict:
     """bench.trl_step in a child process. With `vllm` (TRL's vLLM generation, colocate mode) a
     failure is a result, {"error": the exception's first line}: the bench prints it as a row."""
@@ -194,17 +185,18 @@ def _trl_run(spec: str, threads: int, out: str, vllm: bool) -> dict:
 
 
 def bench_vs_trl(quick: bool) -> None:
+    from bench.trl_step import tasks_by_step
     model, steps = ("tiny", 2) if quick else ("smollm2-135m", 3)
     cores = runtime.cpu_cores()
     threads = sorted({1, cores})
     with tempfile.TemporaryDirectory() as tmp:
         recs = _marl_run(GRPO_SETTINGS + [f"model={model}"], steps, os.path.join(tmp, "marl"))[1:]  # 1: warm-up
-        spec = {"overrides": GRPO_SETTINGS + [f"model={model}"], "role": "single", "group_size": 4,
-                "clip_eps": 0.2, "steps": _tasks_by_step(os.path.join(tmp, "marl"))}
+        spec = {"overrides": GRPO_SETTINGS + [f"model={model}"], "group_size": 4,
+                "steps": tasks_by_step(os.path.join(tmp, "marl"))}
         Path(tmp, "spec.json").write_text(json.dumps(spec))
         # marl_llm at TRL's work: the same run with every sample computed
         every = _marl_run(GRPO_SETTINGS + [f"model={model}"], steps, os.path.join(tmp, "every"), every_sample=True)[1:]
-        same_tasks = _tasks_by_step(os.path.join(tmp, "every")) == spec["steps"]
+        same_tasks = tasks_by_step(os.path.join(tmp, "every")) == spec["steps"]
         # TRL with model.generate at each thread count, and with its vLLM generation (colocate) at all cores
         trl = [_trl_run(os.path.join(tmp, "spec.json"), n, os.path.join(tmp, f"trl{n}{'v' if v else ''}.json"), v)
                for n, v in [*((n, False) for n in threads), (cores, True)]]
