@@ -82,8 +82,8 @@ refiner), `mv/gr` (G+R: the refiner improves the answer without a critique, `cri
 untrained roles once before training (in `prepare`, on the dev and/or test tasks the run evaluates) and reports
 them with every evaluation under `baseline/`: `baseline/mv/g` is the base model (the initial
 generator) sampled `chains` times + MV, `baseline/mv/gvr` the untrained G-V-R + MV; `base` scores
-only `baseline/mv/g` before training (the paper's baseline: the generator's third of `initial`'s
-generations, and the shortest of the untrained roles' prompts); `frozen` adds a
+only `baseline/mv/g` before training (the paper's baseline, with a third of `initial`'s
+generations: no verifier or refiner); `frozen` adds a
 frozen `base` policy (rollout workers only) that runs the untrained G-V-R chains at the first
 evaluation of a task set (frozen weights and seeded requests: later evaluations reuse them; also
 under `python -m marl_llm.evaluate`); `none` skips them. Every score comes with its 95% interval
@@ -689,7 +689,7 @@ class MALT(Algorithm):
         voted over (`candidates`). `generator_only`: the generator's chains and their vote (`mv/g`,
         `acc/generator`), nothing after them."""
         cfg, C = self.cfg, self.cfg.chains
-        ablations = cfg.eval_ablations and not generator_only if ablations is None else ablations
+        ablations = (cfg.eval_ablations if ablations is None else ablations) and not generator_only
         if not tasks:
             return {}
         flat = [(i, c) for i in range(len(tasks)) for c in range(C)]  # (question, chain)
