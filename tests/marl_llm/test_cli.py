@@ -138,7 +138,10 @@ def test_a_run_is_quiet_by_default_and_prints_its_summary_once(tmp_path):
     r = run("marl_llm", "train", *TINY, "trainer.progress=false", f"trainer.output_dir={tmp_path}", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "pid=" not in r.stderr and "libtcmalloc" not in r.stderr, r.stderr  # no actor chatter
-    assert r.stderr.strip() == "", r.stderr
+    # Ray's raylet warns on the terminal when the disk is over 95% full: a fact about the machine
+    # the user should see (spilling may fail), not engine chatter
+    rest = [line for line in r.stderr.splitlines() if line.strip() and "file_system_monitor" not in line]
+    assert rest == [], r.stderr
     assert json.loads(r.stdout[r.stdout.index("\n{") + 1:])["steps"] == 2  # the summary, once, last
     assert r.stdout.count('"output_dir"') == 1 and "done:" not in r.stdout
     engines = (tmp_path / "engines.log").read_text()
