@@ -115,18 +115,23 @@ class Cluster:
             if s.model.lora is not None and run.rollout.backend != "vllm":
                 log.info("policy %r: rollout.backend=%s serves no LoRA adapters; the policy gets its own "
                          "engine and the learner pushes merged weights", s.name, run.rollout.backend)
+        # every engine and learner group loads at once (much of a start is single-threaded: imports,
+        # reading the model): the setup takes about as long as the slowest start, not their sum
         engines: dict[str, tuple[list, Optional[str]]] = {}
+        for s in specs:  # actor creation returns at once; a shared engine starts with its first policy
+            if s.name not in engines:
+                engines.update(self._engine(groups[engine_key(s, run.rollout, init_paths.get(s.name))], run, init_paths))
+        from marl_llm.learner.group import LearnerGroup
+        learners = {s.name: LearnerGroup(s.name, resolve_model(s.model), s.model, s.learner or run.learner, run.seed,
+                                         s.reference, {**runtime.actor_env(), **self.side_env["learner"]}, wait=False)
+                    for s in specs if s.trainable}
+        for learner in learners.values():
+            learner.wait_ready()
         gate = TrainGate(run.learner.concurrent)
         policies = {}
         for s in specs:
-            if s.name not in engines:  # in spec order: a shared engine starts with its first policy
-                engines.update(self._engine(groups[engine_key(s, run.rollout, init_paths.get(s.name))], run, init_paths))
             workers, adapter = engines[s.name]
-            learner = None
-            if s.trainable:
-                from marl_llm.learner.group import LearnerGroup
-                learner = LearnerGroup(s.name, resolve_model(s.model), s.model, s.learner or run.learner,
-                                       run.seed, s.reference, {**runtime.actor_env(), **self.side_env["learner"]})
+            learner = learners.get(s.name)
             infos = self._ready(workers, s.name)
             log.info("policy %r: %d rollout worker(s) [%s%s] on nodes %s, %s", s.name, len(workers),
                      infos[0].get("engine", "?") if infos else "-",

@@ -86,7 +86,11 @@ def gradient_carrying(samples: list, loss: LossConfig) -> list:
 
 class LearnerGroup:
     def __init__(self, policy_name: str, model_path: str, model_cfg: ModelConfig, learner_cfg: LearnerConfig,
-                 seed: int, need_reference: bool, env_vars: dict, start_timeout_s: float = START_S):
+                 seed: int, need_reference: bool, env_vars: dict, start_timeout_s: float = START_S,
+                 wait: bool = True):
+        """Reserve the ranks and start them. `wait=False` returns once they are launched (they
+        load the model meanwhile: the cluster starts every engine and learner group at once);
+        `wait_ready()` then waits for them."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -129,17 +133,28 @@ class LearnerGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, rank),
                 name=None).remote(rank, n, addr, port, model_path, model_cfg, learner_cfg, seed,
                                   need_reference, policy_name))
+        self._start = (t0, start_timeout_s)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> "LearnerGroup":
+        """Wait until every rank has built its DeepSpeed engine (a rank that fails or hangs is named)."""
+        if self.info:
+            return self
+        t0, start_timeout_s = self._start
         try:
             self.info = self._get_all([a.ready.remote() for a in self.actors], "start", timeout=start_timeout_s)
         except Exception:
             self.shutdown()
             raise
+        learner_cfg, policy_name, n = self.cfg, self.policy_name, self.world_size
         self.backend = self.info[0]["backend"]
         self.start_seconds = time.time() - t0
         log.info("DeepSpeed ZeRO-%d learner group '%s': %d ranks, %s (%.1fM params, %s, started in %.1fs); "
                  "nodes: %s (learner.placement=%s)", learner_cfg.zero_stage, policy_name, n, self.backend,
                  self.info[0]["params"] / 1e6, "bf16" if self.info[0]["bf16"] else "fp32", self.start_seconds,
                  ", ".join(f"rank {i} {x.get('node', '?')}" for i, x in enumerate(self.info)), learner_cfg.placement)
+        return self
 
     # ---- plumbing -------------------------------------------------------------------------------
     def rank_names(self) -> list[str]:

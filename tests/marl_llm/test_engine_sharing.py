@@ -39,3 +39,32 @@ def test_evaluating_a_checkpoint_next_to_the_initial_model_starts_two_engines(mo
     assert policies["policy"].rollout_workers is not policies["base"].rollout_workers
     one = run.rollout.num_cpus * run.rollout.num_workers
     assert cluster.cpus_needed(specs, run, inits) == 2 * one and cluster.cpus_needed(specs, run) == one
+
+
+def test_every_engine_and_learner_group_starts_before_any_is_waited_for(monkeypatch):
+    """Start-up overlaps: a run's setup takes as long as its slowest engine, not the sum of all."""
+    import marl_llm.learner.group as group
+
+    run, tiny = _run(), load_model_preset("tiny")
+    specs = [PolicySpec("a", tiny), PolicySpec("b", tiny), PolicySpec("frozen", tiny, trainable=False)]
+    events = []
+
+    class FakeLearnerGroup:
+        def __init__(self, name, *args, wait=True, **kwargs):
+            assert wait is False  # launched only; waited for below
+            self.name = name
+            events.append(("launch learner", name))
+
+        def wait_ready(self):
+            events.append(("wait learner", self.name))
+            return self
+
+    cluster = Cluster(run.cluster)
+    monkeypatch.setattr(group, "LearnerGroup", FakeLearnerGroup)
+    monkeypatch.setattr(cluster, "_rollout_workers", lambda spec, run, init, lora=None, name=None:
+                        events.append(("launch engine", name)) or [object()])
+    monkeypatch.setattr(cluster, "_ready", lambda workers, policy: events.append(("wait engine", policy)) or [{}])
+    policies = cluster.build_policies(specs, run)
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["launch engine"] * 3 + ["launch learner"] * 2 + ["wait learner"] * 2 + ["wait engine"] * 3
+    assert policies["a"].learner.name == "a" and policies["frozen"].learner is None
