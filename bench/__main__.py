@@ -24,6 +24,7 @@ machines are shared and noisy; absolute seconds are informative only):
   async    steps per second of the overlapped loop (trainer.max_staleness=K: the next rollout runs
            while the learners train) vs today's synchronous loop, colocated and split placement,
            GRPO and 2-agent MAGRPO
+  startup  the main job's engines and learner group started all at once vs one engine at a time
 """
 from __future__ import annotations
 
@@ -366,8 +367,53 @@ def bench_async(quick: bool) -> None:
           ["run", "steps_per_s", "generate_s", "train_s", "max_lag", "x_vs_colocated_sync"], rows)
 
 
+# ---- startup: every engine and learner group at once ----------------------------------------
+def _start_seconds(run, groups: list, engine_log: Path) -> float:
+    """Seconds until every policy in `groups` is up, each group's `build_policies` waited for
+    before the next starts; a fresh local Ray each time (its own start not counted)."""
+    from marl_llm.cluster import Cluster
+
+    cluster = Cluster(run.cluster)
+    cluster.start(sum(cluster.cpus_needed(g, run) for g in groups), engine_log=engine_log)
+    policies: dict = {}
+    try:
+        t0 = time.time()
+        for g in groups:
+            policies.update(cluster.build_policies(g, run))
+        return time.time() - t0
+    finally:
+        cluster.shutdown(policies)
+
+
+def bench_startup(quick: bool) -> None:
+    """The main job's policies (MLPO: the leader's engine and learner group, one engine shared by
+    the frozen team) started one engine at a time, each waited for before the next (how the
+    cluster started them before) vs all at once (Cluster.build_policies). A first start, not
+    timed, warms the file caches both read. Baseline: one at a time."""
+    from marl_llm.api import compose
+    from marl_llm.cluster import engine_key
+    from marl_llm.preflight import check_plugins
+
+    model = "tiny" if quick else "smollm2-135m"
+    run = compose(f"model={model}", *(["rollout.backend=hf"] if quick else []))
+    specs = check_plugins(run)[1].policy_specs()
+    by_engine: dict = {}
+    for spec in specs:
+        by_engine.setdefault(engine_key(spec, run.rollout), []).append(spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        log_file = Path(tmp, "engines.log")
+        _start_seconds(run, [specs], log_file)  # warm-up
+        one_at_a_time = _start_seconds(run, list(by_engine.values()), log_file)
+        at_once = _start_seconds(run, [specs], log_file)
+    table(f"startup: the main job's {len(by_engine)} engines and "
+          f"{sum(s.trainable for s in specs)} learner group ({model}; {runtime.cpu_cores()} cores; seconds until "
+          "every policy is up; baseline: one engine at a time)", ["start", "seconds", "speedup"],
+          [["one engine at a time", one_at_a_time, 1.0], ["all at once", at_once, one_at_a_time / at_once]])
+
+
 SECTIONS = {"async": bench_async, "vs_trl": bench_vs_trl, "vs_vllm": bench_vs_vllm, "cores": bench_cores, "learner": bench_learner,
-            "magrpo": bench_magrpo, "rollout": bench_rollout, "grpo": bench_grpo, "sandbox": bench_sandbox, "lora": bench_lora}
+            "magrpo": bench_magrpo, "rollout": bench_rollout, "grpo": bench_grpo, "sandbox": bench_sandbox, "lora": bench_lora,
+            "startup": bench_startup}
 
 
 def main() -> None:

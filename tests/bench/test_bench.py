@@ -78,3 +78,13 @@ def test_bench_learner_quick_reports_share_of_gemm_ceiling():
     for row in rows:
         share = float(row[6])
         assert 0 < share < 1.5, row  # a model FLOP/s above the measured GEMM ceiling is a bug
+
+
+@pytest.mark.slow
+def test_bench_startup_quick_times_both_ways_of_starting():
+    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "startup"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _rows(r.stdout, "start ")
+    assert [row[0] for row in rows] == ["one engine at a time", "all at once"], r.stdout
+    assert float(rows[0][1]) > 0 and float(rows[1][1]) > 0 and float(rows[0][2]) == 1.0, rows
