@@ -7,6 +7,9 @@
 - the env's data: the files exist, parse, have rows and the required fields (the env's loader
   raises `DataError`), then prompts that do not fit `model.max_model_len - rollout.max_new_tokens`
   are dropped or truncated (`marl_llm.data.fit_prompts`);
+- disk (`check_disk`, training runs): room on the output folder's disk for the checkpoints the run
+  holds at once (the HF weights and the DeepSpeed state of every trained policy, times
+  `trainer.keep_checkpoints` + 1); short of it, the run stops here instead of failing at its save;
 - memory (`check_memory`, CPU runs on a local cluster): an estimate of the run's peak RAM (engines,
   learners, the largest training micro-batch) against what Ray's memory monitor allows; over it, a
   warning with the breakdown and the settings that lower it (an estimate, so it does not stop the run);
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -278,6 +282,77 @@ def load_tasks(env) -> dict[str, list]:
                              "check env.data.path and env.data.fields") from None
 
 
+# ---- disk: room for the checkpoints ---------------------------------------------------------
+# A checkpoint holds, per trained policy, its Hugging Face folder (the weights at the model's
+# dtype) and the learner's DeepSpeed state: fp32 weights and two Adam moments (SmolLM2-135M:
+# 0.52 GB + 1.6 GB); a LoRA policy's state is its adapter's, small next to the merged weights.
+DEEPSPEED_STATE_COPIES = 3
+
+
+def checkpoint_bytes(specs: list) -> Optional[float]:
+    """Bytes of one checkpoint of the run's trained policies; None when a model is not a local
+    folder yet (a Hub id: nothing to measure before the download)."""
+    total = 0.0
+    for s in specs:
+        if not s.trainable:
+            continue
+        shape = _model_shape(s.model)
+        if shape is None:
+            return None
+        state = 0.0 if s.model.lora is not None else DEEPSPEED_STATE_COPIES * shape["weights"] * 4 / DTYPE_BYTES[s.model.dtype]
+        total += shape["weights"] + state
+    return total
+
+
+def checkpoints_at_once(run: RunConfig, existing: int = 0, start: int = 0) -> int:
+    """The most checkpoints the run folder holds at one time, with `existing` already there and
+    training from step `start`: each save adds one, and only then are all but the newest
+    `trainer.keep_checkpoints` removed."""
+    t = run.trainer
+    count = peak = existing
+    for step in range(start + 1, t.steps + 1):
+        if t.save_every and (step % t.save_every == 0 or step == t.steps):
+            count += 1
+            peak = max(peak, count)
+            count = min(count, t.keep_checkpoints)
+    return peak
+
+
+def size_text(n: float) -> str:
+    """Bytes as a person reads them: "2.1 GiB", "310.4 MiB"."""
+    for unit, name in ((GB, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if n >= unit:
+            return f"{n / unit:.1f} {name}"
+    return f"{n:.0f} B"
+
+
+def disk_free(folder: Path) -> int:
+    """Free bytes on the file system of `folder` (or of its nearest existing parent)."""
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def check_disk(specs: list, run: RunConfig, out: Path) -> None:
+    """A run whose checkpoints do not fit on the output folder's disk fails when it saves, after
+    its training (the last step's checkpoint is written before the final evaluation): stop it
+    here instead, naming the space and the settings that lower it. A resumed run's checkpoints
+    already on disk count as written."""
+    from marl_llm.checkpoint import CheckpointManager
+
+    each = checkpoint_bytes(specs)
+    existing = CheckpointManager(out).step_dirs()
+    at_once = checkpoints_at_once(run, len(existing), existing[-1][0] if existing else 0)
+    need = (each or 0.0) * (at_once - len(existing))
+    free = disk_free(out)
+    if need > free:
+        raise PreflightError(
+            f"trainer.output_dir={str(out)!r} has {size_text(free)} free and the run's checkpoints need about "
+            f"{size_text(need)} more ({at_once} at once of {size_text(each)}: trainer.keep_checkpoints="
+            f"{run.trainer.keep_checkpoints} kept while the next is written); free space, or lower it with "
+            "trainer.keep_checkpoints=1, trainer.save_every=0 (no checkpoints) or another trainer.output_dir")
+
+
 def check_run(run: RunConfig, *, output_dir: Optional[str] = None, resume: Optional[bool] = None,
               train: bool = True, evaluated: Optional[tuple[str, ...]] = None):
     """Check a validated run before the cluster starts; returns (env, algorithm) ready to use, the
@@ -296,6 +371,8 @@ def check_run(run: RunConfig, *, output_dir: Optional[str] = None, resume: Optio
         if not tasks[split]:
             log.warning("env=%r has no %s tasks to evaluate", run.env.name, split)
     fit_env_prompts(env, specs, run)
+    if train and output_dir is not None:
+        check_disk(specs, run, Path(output_dir).expanduser().resolve())
     check_memory(specs, run, train)
     check_gpus(specs, run, train)
     return env, algo

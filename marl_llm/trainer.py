@@ -25,7 +25,7 @@ from marl_llm.eval_store import save_evaluation
 from marl_llm.jsonl import read_jsonl, write_jsonl
 from marl_llm.metrics import MetricsLogger, PhaseTimer
 from marl_llm.pipeline import RolloutProducer, staleness
-from marl_llm.preflight import check_run
+from marl_llm.preflight import check_run, checkpoint_bytes, disk_free, size_text
 from marl_llm.stats import DIFF, comparison_lines, read_intervals
 
 log = logging.getLogger(__name__)
@@ -247,8 +247,13 @@ class Trainer:
                                  algo=algo.state_dict())
             state.capture_rng()
             self.ckpts.commit(tmp, step, state)
-        except BaseException:  # a dead rank or a signal mid-save: leave no half checkpoint behind
+        except BaseException as e:  # a dead rank or a signal mid-save: leave no half checkpoint behind
             shutil.rmtree(tmp, ignore_errors=True)
+            each = checkpoint_bytes([p.spec for p in policies.values()])
+            if isinstance(e, Exception) and each and disk_free(self.out) < each:  # the disk filled up since the start
+                raise OSError(f"checkpoint step_{step} not written: {size_text(disk_free(self.out))} free in "
+                              f"{self.out}, a checkpoint of this run takes about {size_text(each)}; free space "
+                              f"and continue with trainer.resume=true (from the last complete checkpoint)") from e
             raise
 
     def _summary(self, first, last) -> dict[str, Any]:

@@ -305,3 +305,65 @@ def test_a_run_over_the_memory_limit_gets_a_warning_naming_the_parts(monkeypatch
         assert needle in msg
     monkeypatch.setattr(runtime, "has_gpu", lambda: True)  # tensors live on the GPUs
     assert preflight.check_memory(specs, run) is None
+
+
+def test_checkpoints_that_do_not_fit_on_the_disk_stop_the_run_before_it_starts(monkeypatch, tmp_path):
+    """The main job (one trained SmolLM2 leader, steps 14, save_every 10): two checkpoints at
+    once of the HF weights + the DeepSpeed state (3 fp32 copies); short of it, one line naming the
+    free space, the need and the settings that lower it; a resumed run's checkpoints count as written."""
+    import shutil as sh
+
+    from marl_llm import preflight
+    from marl_llm.models import resolve_model, weights_bytes
+    run, specs, _ = memory_estimate("algo=mlpo", "trainer.steps=14", "trainer.save_every=10")
+    w = weights_bytes(resolve_model(run.model))
+    each = preflight.checkpoint_bytes(specs)
+    assert each == pytest.approx(4 * w)  # fp32 model: HF weights + fp32 weights and 2 Adam moments
+    assert preflight.checkpoints_at_once(run) == 2  # steps 10 and 14
+    usage = sh.disk_usage(tmp_path)
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: usage._replace(free=int(2 * each) + 1))
+    preflight.check_disk(specs, run, tmp_path)  # fits
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: usage._replace(free=int(1.5 * each)))
+    with pytest.raises(PreflightError) as e:
+        preflight.check_disk(specs, run, tmp_path / "new" / "run")  # a folder not made yet: its parent's disk
+    for needle in (f"{str(tmp_path / 'new' / 'run')!r} has", " free and the run's checkpoints need about", "2 at once",
+                   "trainer.keep_checkpoints=1", "trainer.save_every=0"):
+        assert needle in str(e.value), e.value
+    (tmp_path / "checkpoints" / "step_10").mkdir(parents=True)  # resumed after step 10: one more to write
+    (tmp_path / "checkpoints" / "step_10" / "trainer_state.json").write_text("{}")
+    assert preflight.checkpoints_at_once(run, existing=1, start=10) == 2
+    preflight.check_disk(specs, run, tmp_path)  # 1.5 checkpoints free, 1 needed
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: usage._replace(free=int(0.5 * each)))
+    with pytest.raises(PreflightError, match="need about .* more .2 at once"):
+        preflight.check_disk(specs, run, tmp_path)
+    assert preflight.checkpoints_at_once(run, existing=3, start=10) == 4  # kept 2, pruned after the next save
+    run.trainer.save_every = 0  # no checkpoints: nothing to fit
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: usage._replace(free=0))
+    preflight.check_disk(specs, run, tmp_path / "x")
+
+
+def test_a_save_that_fails_on_a_full_disk_says_so_and_leaves_no_half_checkpoint(monkeypatch, tmp_path):
+    """The disk filled up after the start (another job): the save's own error (a torch writer's
+    "enforce fail") becomes one line naming the free space, the size and how to continue."""
+    from types import SimpleNamespace
+
+    from marl_llm import trainer as trainer_mod
+
+    run, specs, _ = memory_estimate("algo=mlpo", f"trainer.output_dir={tmp_path}")
+
+    def full(path):
+        Path(path).mkdir(parents=True)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    learner = SimpleNamespace(save_hf=full, save_state=full)
+    policies = {s.name: SimpleNamespace(spec=s, learner=learner if s.trainable else None) for s in specs}
+    t = trainer_mod.Trainer(run)
+    monkeypatch.setattr(trainer_mod, "disk_free", lambda folder: 2**10)
+    with pytest.raises(OSError, match=r"checkpoint step_3 not written: 1.0 KiB free in .*, a checkpoint of this run "
+                                      r"takes about [0-9.]+ MiB; free space and continue with trainer.resume=true") as e:
+        t._save(3, policies, {}, None, None)
+    assert "enforce fail" in str(e.value.__cause__)
+    assert not list((tmp_path / "checkpoints").iterdir())  # the staging folder is gone
+    monkeypatch.setattr(trainer_mod, "disk_free", lambda folder: 2**40)  # space enough: the error as it was
+    with pytest.raises(RuntimeError, match="enforce fail"):
+        t._save(3, policies, {}, None, None)
