@@ -249,9 +249,9 @@ class Trainer:
             self.ckpts.commit(tmp, step, state)
         except BaseException as e:  # a dead rank or a signal mid-save: leave no half checkpoint behind
             shutil.rmtree(tmp, ignore_errors=True)
-            each = checkpoint_bytes([p.spec for p in policies.values()])
-            if isinstance(e, Exception) and each and disk_free(self.out) < each:  # the disk filled up since the start
-                raise OSError(f"checkpoint step_{step} not written: {size_text(disk_free(self.out))} free in "
+            each, free = checkpoint_bytes([p.spec for p in policies.values()]), disk_free(self.out)
+            if isinstance(e, Exception) and each and free < each:  # the disk filled up since the start
+                raise OSError(f"checkpoint step_{step} not written: {size_text(free)} free in "
                               f"{self.out}, a checkpoint of this run takes about {size_text(each)}; free space "
                               f"and continue with trainer.resume=true (from the last complete checkpoint)") from e
             raise

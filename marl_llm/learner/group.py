@@ -147,13 +147,13 @@ class LearnerGroup:
         except Exception:
             self.shutdown()
             raise
-        learner_cfg, policy_name, n = self.cfg, self.policy_name, self.world_size
         self.backend = self.info[0]["backend"]
         self.start_seconds = time.time() - t0
         log.info("DeepSpeed ZeRO-%d learner group '%s': %d ranks, %s (%.1fM params, %s, started in %.1fs); "
-                 "nodes: %s (learner.placement=%s)", learner_cfg.zero_stage, policy_name, n, self.backend,
-                 self.info[0]["params"] / 1e6, "bf16" if self.info[0]["bf16"] else "fp32", self.start_seconds,
-                 ", ".join(f"rank {i} {x.get('node', '?')}" for i, x in enumerate(self.info)), learner_cfg.placement)
+                 "nodes: %s (learner.placement=%s)", self.cfg.zero_stage, self.policy_name, self.world_size,
+                 self.backend, self.info[0]["params"] / 1e6, "bf16" if self.info[0]["bf16"] else "fp32",
+                 self.start_seconds, ", ".join(f"rank {i} {x.get('node', '?')}" for i, x in enumerate(self.info)),
+                 self.cfg.placement)
         return self
 
     # ---- plumbing -------------------------------------------------------------------------------

@@ -10,23 +10,26 @@ pytestmark = pytest.mark.engine  # `python -m bench`: its sections start the eng
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def bench(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    """`python -m bench ARGS` from the repository root; its output captured."""
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def test_bench_sandbox_section_prints_table():
-    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "sandbox"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+    r = bench("--quick", "--only", "sandbox", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x_vs_loop" in r.stdout and "run_many" in r.stdout
 
 
 def test_bench_rejects_unknown_section():
-    r = subprocess.run([sys.executable, "-m", "bench", "--only", "nope"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = bench("--only", "nope", timeout=120)
     assert r.returncode != 0 and "unknown section 'nope'" in r.stderr
 
 
 @pytest.mark.slow
 def test_bench_lora_section_sends_less_than_full_weights():
-    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "lora"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=1200)
+    r = bench("--quick", "--only", "lora", timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {l.split()[0]: l.split() for l in r.stdout.splitlines() if l.split()[:1] in (["full"], ["lora"])}
     assert float(rows["lora"][2]) < float(rows["full"][2]) / 10, r.stdout   # sync_MiB: adapter only
@@ -47,8 +50,7 @@ def _rows(stdout: str, header: str) -> list[list[str]]:
 
 @pytest.mark.slow
 def test_bench_vs_trl_quick_runs_both_trainers_on_the_same_tasks():
-    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "vs_trl"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=2400)
+    r = bench("--quick", "--only", "vs_trl", timeout=2400)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = _rows(r.stdout, "run ")
     names = [row[0] for row in rows]
@@ -70,8 +72,7 @@ def test_bench_vs_trl_quick_runs_both_trainers_on_the_same_tasks():
 
 
 def test_bench_learner_quick_reports_share_of_gemm_ceiling():
-    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "learner"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=900)
+    r = bench("--quick", "--only", "learner", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = _rows(r.stdout, "learner ")
     assert rows[0][0].startswith("default") and float(rows[0][-1]) == 1.0
@@ -82,8 +83,7 @@ def test_bench_learner_quick_reports_share_of_gemm_ceiling():
 
 @pytest.mark.slow
 def test_bench_startup_quick_times_both_ways_of_starting():
-    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "startup"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=1200)
+    r = bench("--quick", "--only", "startup", timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = _rows(r.stdout, "start ")
     assert [row[0] for row in rows] == ["one engine at a time", "all at once"], r.stdout
