@@ -28,7 +28,7 @@ from fractions import Fraction
 from typing import Any, Optional
 
 from envs.base import Env, EnvConfig, Reward, fill
-from marl_llm.config import check, check_positive
+from marl_llm.config import ConfigError, check, check_positive
 
 DEFAULT_PROMPTS: dict[str, str] = {
     "single": "{question}\n\nSolve the problem step by step. {answer_instruction}",
@@ -49,10 +49,16 @@ class AnswerEnvConfig(EnvConfig):
     prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
     #: answering replies end at the answer block's closing tag (see AnswerEnv.stop)
     stop_at_answer: bool = True
+    #: worked examples before every prompt: the first `few_shot` train tasks, each as an earlier
+    #: user turn (the `single` prompt) and an assistant turn (`few_shot_reply`); 0: none
+    few_shot: int = 0
+    #: an example's reply, filled from its task's fields: {answer}, {question}, {metadata[key]}
+    few_shot_reply: str = "<answer>{answer}</answer>"
 
     def __post_init__(self):
         super().__post_init__()
         check_positive("env.format_weight", self.format_weight, allow_zero=True)
+        check_positive("env.few_shot", self.few_shot, allow_zero=True)
         unknown = sorted(set(self.prompts or {}) - set(DEFAULT_PROMPTS))
         check(not unknown, "env.prompts", sorted(self.prompts), f"has keys {unknown}; an answer env's templates are "
               f"{list(DEFAULT_PROMPTS)} (a protocol's role prompts are algo.prompts)")
@@ -289,12 +295,43 @@ class AnswerEnv(Env):
         return prompts.get(key) or DEFAULT_PROMPTS[key]
 
     def messages(self, user: str) -> list[dict[str, str]]:
-        """Chat messages of one user turn: the env's system prompt (if any), then `user`."""
+        """Chat messages of one user turn: the env's system prompt (if any), the worked examples
+        (`env.few_shot`), then `user`."""
         msgs = []
         if self.cfg.system_prompt:
             msgs.append({"role": "system", "content": self.cfg.system_prompt})
+        msgs.extend(self.examples())
         msgs.append({"role": "user", "content": user})
         return msgs
+
+    def examples(self) -> list[dict[str, str]]:
+        """The `env.few_shot` worked examples as chat turns, the same in every prompt (train, dev,
+        test; the trained and the untrained model alike). They are the first train tasks: dev and
+        test never hold one, so no evaluated task is shown solved. Small models copy a shown reply
+        format far more readily than an instruction (docs/RESULTS.md: reasoning-gym)."""
+        if "_examples" not in self.__dict__:
+            turns = []
+            tasks = self.tasks("train")[:self.cfg.few_shot] if self.cfg.few_shot else []
+            if len(tasks) < self.cfg.few_shot:
+                raise ConfigError(f"env.few_shot={self.cfg.few_shot} is more than the {len(tasks)} train tasks")
+            for t in tasks:
+                user = fill(self._template("single"), question=self.question_text(t),
+                            answer_instruction=self.instruction(t))
+                turns += [{"role": "user", "content": user},
+                          {"role": "assistant", "content": self.example_reply(t)}]
+            self._examples = turns
+        return self._examples
+
+    def example_reply(self, task: dict[str, Any]) -> str:
+        """`env.few_shot_reply` filled from `task`'s fields (a field the task lacks is an error)."""
+        values = {**task, "answer": self.gold(task), "question": self.question_text(task)}
+        try:
+            return self.cfg.few_shot_reply.format_map(values)
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise ConfigError(f"env.few_shot_reply={self.cfg.few_shot_reply!r} cannot be filled from task "
+                              f"{task.get('id')!r} ({type(e).__name__}: {e}); its fields: {sorted(values)}"
+                              + (f", metadata keys {sorted(task['metadata'])}" if isinstance(task.get("metadata"), dict)
+                                 else "")) from None
 
     def prompt(self, task, role: str = "single", **context) -> list[dict[str, str]]:
         if role not in self.roles:

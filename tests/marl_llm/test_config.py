@@ -1,4 +1,5 @@
 """Config composition and validation: bad values fail early with the allowed choices named."""
+import dataclasses
 import subprocess
 import sys
 
@@ -119,6 +120,8 @@ def test_paper_experiment_presets_compose_and_validate(experiment, model, algo):
     ("cpu_grpo_chain_sum", "grpo", "reasoning_gym"),
     ("cpu_mlpo_math", "mlpo", "math"),
     ("cpu_mlpo_chain_sum", "mlpo", "reasoning_gym"),
+    ("cpu_grpo_chain_sum_shots", "grpo", "reasoning_gym"),
+    ("cpu_mlpo_chain_sum_shots", "mlpo", "reasoning_gym"),
     ("cpu_malt_math", "malt", "math"),
     ("cpu_magrpo_writing", "magrpo", "writing"),
 ])
@@ -196,3 +199,23 @@ def test_main_job_is_sized_to_learn_and_to_tell():
     assert (run.algo.solo_fraction, run.algo.sft_warmup, run.learner.lr) == (0.5, "none", 5e-5)
     assert run.algo.eval_baselines == ["single", "majority", "untrained"] and run.algo.eval_leader_alone
     assert run.env.stop_at_answer
+
+
+@pytest.mark.parametrize("recipe", ["cpu_grpo_chain_sum", "cpu_mlpo_chain_sum"])
+def test_chain_sum_shots_recipes_add_only_worked_examples_and_the_scorers_reward(recipe):
+    """`<recipe>_shots` is `<recipe>` with two worked examples and reasoning-gym's own (strict)
+    reward, nothing else; on the never-trained family the examples come from its own tasks."""
+    from envs.base import make_env
+
+    plain = dataclasses.asdict(validate(composed(f"+experiment={recipe}")))
+    shots_run = validate(composed(f"+experiment={recipe}_shots"))
+    shots = dataclasses.asdict(shots_run)
+    changed = {"few_shot", "few_shot_reply", "reward_fn", "reward_weights"}
+    assert {k: v for k, v in shots["env"].items() if k not in changed} == {k: v for k, v in plain["env"].items() if k not in changed}
+    assert shots["env"]["few_shot"] == 2 and shots["env"]["reward_fn"] is None and plain["env"]["few_shot"] == 0
+    for key in ("algo", "rollout", "learner", "model", "seed"):
+        assert shots[key] == plain[key], key
+    assert {**shots["trainer"], "output_dir": None} == {**plain["trainer"], "output_dir": None}
+    products = make_env(dataclasses.replace(shots_run.env, task="products", train_size=20, eval_size=5))
+    example = products.prompt(products.tasks("test")[0])[2]["content"]
+    assert " * " in example and example.endswith("</answer>")
