@@ -104,3 +104,26 @@ def test_evaluate_baseline_init_pairs_checkpoint_and_initial_model(run_dir):
     assert "reward: after - before = " in r.stdout and "reward - base/reward = " in r.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert any(line.startswith("reward - base/reward = ") for line in summary["comparisons"])
+
+
+def test_worked_examples_reach_the_engines_in_training_and_evaluation(tmp_path):
+    """`env.few_shot`: the rollout engine's prompt token ids (the buffer) and the saved evaluation
+    prompts both carry the solved train task, through vLLM and the DeepSpeed learner."""
+    from transformers import AutoTokenizer
+
+    from envs.base import make_env
+    out = tmp_path / "shots"
+    reply = "{metadata[expression]} = {answer}\n<answer>{answer}</answer>"
+    run([sys.executable, "-m", "marl_llm.train", "algo=grpo", "env=reasoning_gym", "env.task=chain_sum",
+         "env.train_size=20", "env.eval_size=2", "env.few_shot=1", f"env.few_shot_reply='{reply}'", "model=tiny",
+         "rollout.backend=vllm", "trainer.batch_size=2", "algo.group_size=2", "rollout.max_new_tokens=8",
+         "trainer.steps=1", "trainer.eval_size=2", "trainer.progress=false", f"trainer.output_dir={out}"])
+    env = make_env({"name": "reasoning_gym", "task": "chain_sum", "train_size": 20, "eval_size": 2, "few_shot": 1,
+                    "few_shot_reply": reply})
+    example = env.example_reply(env.train_tasks()[0])
+    tok = AutoTokenizer.from_pretrained(str(out / "checkpoints" / "step_1" / "policy"))
+    episode = json.loads((out / "buffer.jsonl").read_text().splitlines()[0])
+    assert example in tok.decode(episode["turns"][0]["prompt_ids"])
+    saved = (out / "eval" / "test" / "step_1" / "replies" / "correct.jsonl").read_text().splitlines()
+    assert len(saved) == 2 and all(json.loads(l)["prompt"][2] == {"role": "assistant", "content": example}
+                                   for l in saved)
