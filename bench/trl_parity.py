@@ -56,7 +56,7 @@ from typing import Any, Optional, Sequence  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-from bench.trl_step import ROLE, first_episodes_by_step  # noqa: E402  (applies marl_llm's runtime defaults)
+from bench.trl_step import first_episodes_by_step  # noqa: E402  (applies marl_llm's runtime defaults)
 
 STEPS_FILE, SUMMARY_FILE, EVAL_FILE, MODEL_DIR = "trl_steps.jsonl", "summary.json", "eval_test.json", "model"
 # each held-out reading: its metric and the untrained model's (the run's `base/` evaluation)
@@ -180,7 +180,7 @@ def train(run_dir: str, out: str, steps: Optional[int] = None, threads: int = 2)
         "run": str(Path(run_dir).resolve()), "seed": run.seed, "steps": len(records), "threads": threads,
         "trl": trl.__version__, "torch": torch.__version__, "generation": "model.generate (use_vllm=False)",
         "bf16": bool(trainer.args.bf16), "sampling_temperature": run.rollout.temperature,
-        "loss_temperature": trainer.args.temperature, "stop": _stops(run),
+        "loss_temperature": trainer.args.temperature, "stop": trainer.stop_strings,
         "setup_s": round(clock["train_begin"] - STARTED, 3), "train_s": records[-1]["wall_s"],
         "tasks_match": all(r.get("tasks_match") for r in records),
         "prompts_match": all(r.get("prompts_match") is not False for r in records),
@@ -190,11 +190,6 @@ def train(run_dir: str, out: str, steps: Optional[int] = None, threads: int = 2)
     }
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _stops(run) -> list[str]:
-    from envs.base import make_env
-    return make_env(run.env, seed=run.seed).stop(ROLE)
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:

@@ -110,6 +110,8 @@ def grpo_trainer(run, steps: Sequence[Sequence[dict]], output_dir: str, *, vllm:
         return [r.total for r in rewards]
 
     class Hooked(GRPOTrainer):
+        stop_strings = stops  # the env's stop strings, for the caller's summary
+
         def _generate_and_score_completions(self, inputs):
             t0 = time.perf_counter()
             out = super()._generate_and_score_completions(inputs)

@@ -118,15 +118,20 @@ class Cluster:
         # every engine and learner group loads at once (much of a start is single-threaded: imports,
         # reading the model): the setup takes about as long as the slowest start, not their sum
         engines: dict[str, tuple[list, Optional[str]]] = {}
+        adapter_loads: list[tuple[list, str, Path]] = []  # resumed LoRA adapters: (refs, policy, folder)
         for s in specs:  # actor creation returns at once; a shared engine starts with its first policy
             if s.name not in engines:
-                engines.update(self._engine(groups[engine_key(s, run.rollout, init_paths.get(s.name))], run, init_paths))
+                engines.update(self._engine(groups[engine_key(s, run.rollout, init_paths.get(s.name))], run,
+                                            init_paths, adapter_loads))
         from marl_llm.learner.group import LearnerGroup
         learners = {s.name: LearnerGroup(s.name, resolve_model(s.model), s.model, s.learner or run.learner, run.seed,
                                          s.reference, {**runtime.actor_env(), **self.side_env["learner"]}, wait=False)
                     for s in specs if s.trainable}
         for learner in learners.values():
             learner.wait_ready()
+        for refs, name, saved in adapter_loads:
+            self.get(refs, timeout=START_S)
+            log.info("policy %r: serving the LoRA adapter saved in %s", name, saved)
         gate = TrainGate(run.learner.concurrent)
         policies = {}
         for s in specs:
@@ -145,10 +150,12 @@ class Cluster:
                                             else infos[0].get("weight_version", 0))
         return policies
 
-    def _engine(self, group: list[PolicySpec], run: RunConfig,
-                init_paths: dict[str, Optional[str]]) -> dict[str, tuple[list, Optional[str]]]:
+    def _engine(self, group: list[PolicySpec], run: RunConfig, init_paths: dict[str, Optional[str]],
+                adapter_loads: list) -> dict[str, tuple[list, Optional[str]]]:
         """Start the rollout workers of one engine; returns name -> (workers, adapter) for the
-        policies in `group` (those with one `engine_key`)."""
+        policies in `group` (those with one `engine_key`). A resumed LoRA adapter's load is queued
+        on the workers (after their start) and appended to `adapter_loads` for the caller to wait
+        on, so other engines and the learners start meanwhile."""
         first = group[0]
         if first.model.lora is not None and run.rollout.backend == "vllm":  # an adapter slot per policy
             lora = {"max_loras": len(group), "max_lora_rank": max(g.model.lora.r for g in group)}
@@ -156,8 +163,8 @@ class Cluster:
             for g in group:
                 saved = Path(init_paths[g.name]) / ADAPTER_DIR if init_paths.get(g.name) else None
                 if saved is not None and saved.is_dir():
-                    self.get([w.load_adapter_dir.remote(g.name, str(saved)) for w in workers], timeout=START_S)
-                    log.info("policy %r: serving the LoRA adapter saved in %s", g.name, saved)
+                    adapter_loads.append(([w.load_adapter_dir.remote(g.name, str(saved)) for w in workers],
+                                          g.name, saved))
             return {g.name: (workers, g.name) for g in group}
         if len(group) > 1:  # frozen, same weights
             log.info("policies %s (frozen, same weights) share one set of rollout workers",

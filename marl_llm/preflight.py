@@ -182,12 +182,13 @@ def _model_shape(m: ModelConfig) -> Optional[dict]:
 
 def estimate_memory(specs: list, run: RunConfig, train: bool = True) -> dict[str, float]:
     """Peak resident memory (GiB) of a CPU run on one machine, by component: every policy's rollout
-    engines, every learner rank after its first step, and the largest training micro-batch (one
-    learner trains at a time on CPU: its micro-batch is the peak on top); engines only when not
-    training (`evaluate` starts no learner). Policies whose model is not a local folder are left out."""
+    engines, every learner rank after its first step, and the training micro-batches in flight at
+    once on top: one per rank of a learner group, of the largest group, or of every group when
+    `learner.concurrent` trains them at the same time; engines only when not training (`evaluate`
+    starts no learner). Policies whose model is not a local folder are left out."""
     out: dict[str, float] = {"driver": DRIVER_GB}
     shared_engines: set[str] = set()
-    peak_batch = 0.0
+    batches: list[float] = []  # GiB of each learner group's micro-batches (one per rank)
     for s in specs:
         shape = _model_shape(s.model)
         if shape is None:
@@ -212,9 +213,9 @@ def estimate_memory(specs: list, run: RunConfig, train: bool = True) -> dict[str
         out[f"learner {s.name}"] = n * (states + ref + LEARNER_OVERHEAD_GB)
         tokens = lc.micro_batch_tokens or s.model.max_model_len * lc.micro_batch_size
         per_token = 4 * (LOGIT_COPIES * shape["vocab"] + LAYER_ACTIVATIONS * shape["layers"] * shape["hidden"])
-        peak_batch = max(peak_batch, tokens * per_token / GB)
-    if peak_batch:
-        out["training micro-batch"] = peak_batch
+        batches.append(n * tokens * per_token / GB)
+    if batches:
+        out["training micro-batch"] = sum(batches) if run.learner.concurrent else max(batches)
     return out
 
 

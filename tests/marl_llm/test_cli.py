@@ -127,6 +127,16 @@ def test_api_compose_and_validation_errors():
         compose("trainer.step=2")
 
 
+def test_a_mapping_set_whole_with_a_key_it_lacks_names_the_key_and_how_to_add_it():
+    from marl_llm import compose
+
+    with pytest.raises(ConfigError, match=r"^unknown key env\.task_config\.operators; .*"
+                                          r"\+env\.task_config\.operators=VALUE, or \+\+env\.task_config="):
+        compose("experiment=cpu_grpo_chain_sum", 'env.task_config={operators: ["+"]}')
+    cfg = compose("experiment=cpu_grpo_chain_sum", '++env.task_config={operators: ["+"]}')
+    assert cfg.env.task_config["operators"] == ["+"] and cfg.env.task_config["max_digits"] == 2
+
+
 # ---- the engines: a tiny run through the CLI and one through the API -----------------------------
 TINY = ["algo=grpo", "env=toy", "model=tiny", "rollout.backend=hf", "trainer.steps=2", "trainer.batch_size=2",
         "algo.group_size=2", "rollout.max_new_tokens=8", "algo.eval_baselines=[]", "trainer.eval_every=0",

@@ -281,6 +281,11 @@ def test_memory_estimate_follows_the_settings_that_lower_it():
     assert kv["engine refiner"] == pytest.approx(base["engine refiner"] - 0.5)
     _, _, small = memory_estimate("algo=malt", "learner.micro_batch_tokens=512")
     assert small["training micro-batch"] == pytest.approx(base["training micro-batch"] / 4)
+    # micro-batches in flight at once: one per rank; the three roles' groups together when concurrent
+    _, _, ranks = memory_estimate("algo=malt", "learner.num_ranks=2")
+    assert ranks["training micro-batch"] == pytest.approx(2 * base["training micro-batch"])
+    _, _, together = memory_estimate("algo=malt", "learner.concurrent=true")
+    assert together["training micro-batch"] == pytest.approx(3 * base["training micro-batch"])
     _, _, lora = memory_estimate("algo=malt", "+model.lora.r=16")  # one shared engine, frozen bases
     assert [k for k in lora if k.startswith("engine")] == ["engine generator"]
     assert lora["learner verifier"] < base["learner verifier"]
