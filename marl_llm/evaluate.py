@@ -5,6 +5,8 @@
   python -m marl_llm.evaluate run_dir=DIR checkpoint=step_10 trainer.eval_size=200
   python -m marl_llm.evaluate run_dir=DIR baseline=init             # checkpoint vs the initial model
   python -m marl_llm.evaluate run_dir=DIR baseline=init env=reasoning_gym  # ... on a family it never saw
+  python -m marl_llm.evaluate run_dir=DIR baseline=init env.task=products '~env.task_config.operators'
+                                      # the run's env settings, another family (~key drops a setting it lacks)
   python -m marl_llm.evaluate algo=grpo env=math model=smollm2-135m # a model, no training run
 
 `split=test` (default) scores the first `trainer.eval_size` tasks of the env's test split, the
@@ -74,7 +76,13 @@ def _compose(special: dict, overrides: list[str]):
                 raise ConfigError(f"with run_dir=, only env=<name> and key=value overrides are allowed "
                                   f"(got {o!r}: the algorithm and models come from the run)")
             cfg.env = _env_group(name)
-        dotted = [o for o in overrides if o not in groups]
+        for o in (o for o in overrides if o.startswith("~")):  # ~key: drop a key the run set (Hydra's syntax)
+            parent, _, leaf = o[1:].split("=", 1)[0].rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            if node is None or not OmegaConf.is_dict(node) or leaf not in node:
+                raise ConfigError(f"{o}: the run's config has no key {o[1:]!r} to remove")
+            node.pop(leaf)
+        dotted = [o.lstrip("+") for o in overrides if o not in groups and not o.startswith("~")]
         return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))
     from marl_llm.train import compose
     return compose(overrides)

@@ -122,6 +122,8 @@ def test_paper_experiment_presets_compose_and_validate(experiment, model, algo):
     ("cpu_mlpo_chain_sum", "mlpo", "reasoning_gym"),
     ("cpu_grpo_chain_sum_shots", "grpo", "reasoning_gym"),
     ("cpu_mlpo_chain_sum_shots", "mlpo", "reasoning_gym"),
+    ("cpu_grpo_addition", "grpo", "reasoning_gym"),
+    ("cpu_mlpo_addition", "mlpo", "reasoning_gym"),
     ("cpu_malt_math", "malt", "math"),
     ("cpu_magrpo_writing", "magrpo", "writing"),
 ])
@@ -219,3 +221,35 @@ def test_chain_sum_shots_recipes_add_only_worked_examples_and_the_scorers_reward
     products = make_env(dataclasses.replace(shots_run.env, task="products", train_size=20, eval_size=5))
     example = products.prompt(products.tasks("test")[0])[2]["content"]
     assert " * " in example and example.endswith("</answer>")
+
+
+@pytest.mark.parametrize("algo", ["grpo", "mlpo"])
+def test_addition_recipes_change_only_the_family_and_score_the_named_never_trained_families(algo, tmp_path):
+    """cpu_<algo>_addition is cpu_<algo>_chain_sum_shots on two-digit additions (reasoning-gym
+    basic_arithmetic), nothing else; the evaluate commands in its comment, which score a run on the
+    never-trained families chain_sum and products, compose into envs that draw those families' tasks."""
+    from omegaconf import OmegaConf
+
+    from envs.base import make_env
+    from marl_llm.evaluate import _compose
+
+    shots = dataclasses.asdict(validate(composed(f"+experiment=cpu_{algo}_chain_sum_shots")))
+    cfg = composed(f"+experiment=cpu_{algo}_addition")
+    add = dataclasses.asdict(validate(cfg))
+    assert add["env"]["task"] == "basic_arithmetic" and add["env"]["task_config"] == {
+        "min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2, "operators": ["+"],
+        "allow_parentheses": False, "allow_negation": False}
+    assert {k: v for k, v in add["env"].items() if k not in ("task", "task_config")} == \
+        {k: v for k, v in shots["env"].items() if k not in ("task", "task_config")}
+    for key in ("algo", "rollout", "learner", "model", "seed"):
+        assert add[key] == shots[key], key
+    assert {**add["trainer"], "output_dir": None} == {**shots["trainer"], "output_dir": None}
+    assert all(" + " in t["question"] and " - " not in t["question"] for t in make_env(
+        dataclasses.replace(validate(cfg).env, train_size=20, eval_size=5)).tasks("test"))
+    OmegaConf.save(cfg, tmp_path / "config.yaml")
+    drop = ["~env.task_config.operators", "~env.task_config.allow_parentheses"]
+    for family, extra, op in [("chain_sum", [], " - "), ("products", ["~env.task_config.allow_negation"], " * ")]:
+        env = validate(_compose({"run_dir": str(tmp_path)}, [f"env.task={family}", "env.task_config.min_digits=1",
+                                                              *drop, *extra])).env
+        tasks = make_env(dataclasses.replace(env, train_size=40, eval_size=20)).tasks("test")
+        assert all(t["rg_task"] == family for t in tasks) and any(op in t["question"] for t in tasks), family

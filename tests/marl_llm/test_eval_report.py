@@ -56,6 +56,18 @@ def test_run_dir_with_another_env_keeps_the_run_and_swaps_the_env(tmp_path):
         _compose({"run_dir": str(tmp_path)}, ["algo=mlpo"])
 
 
+def test_run_dir_on_another_family_drops_the_settings_it_lacks(tmp_path):
+    from omegaconf import OmegaConf
+    from marl_llm.evaluate import _compose
+    OmegaConf.save(OmegaConf.create({"env": {"name": "reasoning_gym", "task": "basic_arithmetic", "few_shot": 2,
+                                             "task_config": {"max_digits": 2, "operators": ["+"]}}}),
+                   tmp_path / "config.yaml")
+    cfg = _compose({"run_dir": str(tmp_path)}, ["env.task=products", "~env.task_config.operators"])
+    assert cfg.env.task == "products" and dict(cfg.env.task_config) == {"max_digits": 2} and cfg.env.few_shot == 2
+    with pytest.raises(ConfigError, match=r"~env.task_config.operatorz: the run's config has no key"):
+        _compose({"run_dir": str(tmp_path)}, ["~env.task_config.operatorz"])
+
+
 def test_baseline_init_needs_a_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="has no checkpoint; baseline=init"):
         _checkpoint({"run_dir": str(tmp_path), "baseline": "init"})
