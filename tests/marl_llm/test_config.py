@@ -203,6 +203,14 @@ def test_main_job_is_sized_to_learn_and_to_tell():
     assert run.env.stop_at_answer
 
 
+def assert_same_but_env_keys(a: dict, b: dict, env_keys: set) -> None:
+    """Two validated runs (as dicts) alike but for `env_keys` of the env and the output folder."""
+    assert {k: v for k, v in a["env"].items() if k not in env_keys} == {k: v for k, v in b["env"].items() if k not in env_keys}
+    for key in ("algo", "rollout", "learner", "model", "seed"):
+        assert a[key] == b[key], key
+    assert {**a["trainer"], "output_dir": None} == {**b["trainer"], "output_dir": None}
+
+
 @pytest.mark.parametrize("recipe", ["cpu_grpo_chain_sum", "cpu_mlpo_chain_sum"])
 def test_chain_sum_shots_recipes_add_only_worked_examples_and_the_scorers_reward(recipe):
     """`<recipe>_shots` is `<recipe>` with two worked examples and reasoning-gym's own (strict)
@@ -212,12 +220,8 @@ def test_chain_sum_shots_recipes_add_only_worked_examples_and_the_scorers_reward
     plain = dataclasses.asdict(validate(composed(f"+experiment={recipe}")))
     shots_run = validate(composed(f"+experiment={recipe}_shots"))
     shots = dataclasses.asdict(shots_run)
-    changed = {"few_shot", "few_shot_reply", "reward_fn", "reward_weights"}
-    assert {k: v for k, v in shots["env"].items() if k not in changed} == {k: v for k, v in plain["env"].items() if k not in changed}
+    assert_same_but_env_keys(shots, plain, {"few_shot", "few_shot_reply", "reward_fn", "reward_weights"})
     assert shots["env"]["few_shot"] == 2 and shots["env"]["reward_fn"] is None and plain["env"]["few_shot"] == 0
-    for key in ("algo", "rollout", "learner", "model", "seed"):
-        assert shots[key] == plain[key], key
-    assert {**shots["trainer"], "output_dir": None} == {**plain["trainer"], "output_dir": None}
     products = make_env(dataclasses.replace(shots_run.env, task="products", train_size=20, eval_size=5))
     example = products.prompt(products.tasks("test")[0])[2]["content"]
     assert " * " in example and example.endswith("</answer>")
@@ -239,11 +243,7 @@ def test_addition_recipes_change_only_the_family_and_score_the_named_never_train
     assert add["env"]["task"] == "basic_arithmetic" and add["env"]["task_config"] == {
         "min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2, "operators": ["+"],
         "allow_parentheses": False, "allow_negation": False}
-    assert {k: v for k, v in add["env"].items() if k not in ("task", "task_config")} == \
-        {k: v for k, v in shots["env"].items() if k not in ("task", "task_config")}
-    for key in ("algo", "rollout", "learner", "model", "seed"):
-        assert add[key] == shots[key], key
-    assert {**add["trainer"], "output_dir": None} == {**shots["trainer"], "output_dir": None}
+    assert_same_but_env_keys(add, shots, {"task", "task_config"})
     assert all(" + " in t["question"] and " - " not in t["question"] for t in make_env(
         dataclasses.replace(validate(cfg).env, train_size=20, eval_size=5)).tasks("test"))
     OmegaConf.save(cfg, tmp_path / "config.yaml")
