@@ -332,10 +332,11 @@ class MLPO(Algorithm):
         kept = [t for t in tasks if not is_easy(t[TEAM_KEY]["correct"], self.cfg.easy_threshold)]
         dropped = len(tasks) - len(kept)
         team_acc = mean(c for t in tasks for a in t[TEAM_KEY]["correct"] for c in a)
-        log.info("MLPO prepare: %d training tasks (of the env's %d); %d team answers per task, %.1f%% "
-                 "correct; dropped %d task(s) as too easy (>= %s of team answers correct), kept %d",
-                 len(tasks), n_env, self.cfg.team_size * self.cfg.team_samples, 100 * team_acc,
-                 dropped, self.cfg.easy_threshold, len(kept))
+        kept_how = ("kept every task (algo.easy_threshold=null)" if self.cfg.easy_threshold is None else
+                    f"dropped {dropped} task(s) as too easy (>= {self.cfg.easy_threshold} of team answers "
+                    f"correct), kept {len(kept)}")
+        log.info("MLPO prepare: %d training tasks (of the env's %d); %d team answers per task, %.1f%% correct; %s",
+                 len(tasks), n_env, self.cfg.team_size * self.cfg.team_samples, 100 * team_acc, kept_how)
         if not kept:
             raise RuntimeError(f"MLPO: all {len(tasks)} training tasks were dropped as too easy (>= "
                                f"{self.cfg.easy_threshold} of team answers correct); raise algo.easy_threshold, "

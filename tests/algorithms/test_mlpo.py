@@ -292,9 +292,11 @@ def test_easy_filter_drops_at_exactly_the_threshold(caplog):
     assert not is_easy([[1.0, 1.0]], None)
 
 
-def test_prepare_limits_and_reuses_stored_answers_and_fails_when_all_easy():
+def test_prepare_limits_and_reuses_stored_answers_and_fails_when_all_easy(caplog):
     algo, env, pol = make_algo(right, [wrong], n_tasks=6, max_train_tasks=3, easy_threshold=None)
-    tasks = algo.prepare(env.train_tasks())
+    with caplog.at_level(logging.INFO, logger="algorithms.mlpo"):
+        tasks = algo.prepare(env.train_tasks())
+    assert "kept every task (algo.easy_threshold=null)" in caplog.text and "None" not in caplog.text
     assert len(tasks) == 3 and len(pol["team0"].calls[0]) == 3
     again, _, pol2 = make_algo(right, [right], n_tasks=6, easy_threshold=None)
     again.prepare(tasks)  # tasks carry 1 agent's answers: reused, only re-scored
