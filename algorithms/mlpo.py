@@ -134,7 +134,7 @@ class MLPOConfig(PGConfig):
     shuffle_team: bool = True               # shuffle the order of the drawn team answers in the prompt
     # what the leader reads of each team answer: the whole reply (the paper) or only the final
     # answer the env reads from it (a small model cannot read three long replies: conf/algo/mlpo.yaml)
-    team_view: str = "answers"              # answers (the main job) | solutions (the paper; its presets)
+    team_view: str = "answers"              # answers (the main job, cpu_mlpo_addition) | solutions (the paper)
     # ---- evaluation -----------------------------------------------------------------------------
     rounds: int = 1                         # T rounds of team + leader at inference (paper 5; 1 keeps CPU evals short)
     eval_temperature: float = 0.0           # leader and single-agent baseline (0: greedy; the team: team_temperature)

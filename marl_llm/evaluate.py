@@ -82,8 +82,12 @@ def _compose(special: dict, overrides: list[str]):
             if node is None or not OmegaConf.is_dict(node) or leaf not in node:
                 raise ConfigError(f"{o}: the run's config has no key {o[1:]!r} to remove")
             node.pop(leaf)
-        dotted = [o.lstrip("+") for o in overrides if o not in groups and not o.startswith("~")]
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))
+        # values read with Hydra's grammar, as on a training command line (quoting, escapes, lists, mappings)
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        for o in OverridesParser.create().parse_overrides(
+                [o for o in overrides if o not in groups and not o.startswith("~")]):
+            OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True, force_add=True)
+        return cfg
     from marl_llm.train import compose
     return compose(overrides)
 

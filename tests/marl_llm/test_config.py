@@ -263,3 +263,14 @@ def test_addition_recipes_change_only_the_family_and_score_the_named_never_train
                                                               *drop, *extra])).env
         tasks = make_env(dataclasses.replace(env, train_size=40, eval_size=20)).tasks("test")
         assert all(t["rg_task"] == family for t in tasks) and any(op in t["question"] for t in tasks), family
+    # the third: complex additions with 2-digit parts, worked examples adding the parts one line each
+    reply = "{metadata[num1][0]} + {metadata[num2][0]} = {metadata[result][0]}\n" \
+            "{metadata[num1][1]} + {metadata[num2][1]} = {metadata[result][1]}\n<answer>{answer}</answer>"
+    env = validate(_compose({"run_dir": str(tmp_path)}, [
+        "env.task=complex_arithmetic", "~env.task_config", "+env.task_config={min_real: 10, max_real: 99, min_imag: 10, "
+        'max_imag: 99, operations: ["+"], operations_weights: [1.0]}', f'env.few_shot_reply="{reply}"'])).env
+    cx = make_env(dataclasses.replace(env, train_size=40, eval_size=20))
+    task = cx.tasks("test")[0]
+    assert task["question"].startswith("Add the complex numbers: (") and env.few_shot == 2
+    real, imag = cx.prompt(task)[2]["content"].splitlines()[:2]
+    assert real.count(" + ") == imag.count(" + ") == 1 and " = " in real and " = " in imag

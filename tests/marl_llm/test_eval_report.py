@@ -68,6 +68,22 @@ def test_run_dir_on_another_family_drops_the_settings_it_lacks(tmp_path):
         _compose({"run_dir": str(tmp_path)}, ["~env.task_config.operatorz"])
 
 
+def test_run_dir_overrides_read_values_as_a_training_command_line_does(tmp_path):
+    """With run_dir= the overrides' values follow Hydra's grammar, as on `train`: a quoted "\\n"
+    stays two characters in both, a mapping set with ++ merges, numbers and lists are typed."""
+    from omegaconf import OmegaConf
+    from marl_llm.evaluate import _compose
+    OmegaConf.save(OmegaConf.create({"env": {"name": "reasoning_gym", "task": "chain_sum", "task_config": {"max_digits": 2}},
+                                     "learner": {"lr": 3e-5}}), tmp_path / "config.yaml")
+    args = ['env.few_shot_reply="{answer}\\n<answer>{answer}</answer>"', "++env.task_config={min_terms: 2}",
+            "learner.lr=1e-5", "+env.extra=[1, 2]"]
+    cfg = _compose({"run_dir": str(tmp_path)}, args)
+    train = _compose({}, ["env=reasoning_gym", args[0]])
+    assert cfg.env.few_shot_reply == train.env.few_shot_reply == "{answer}\\n<answer>{answer}</answer>"
+    assert dict(cfg.env.task_config) == {"max_digits": 2, "min_terms": 2} and cfg.learner.lr == 1e-5
+    assert list(cfg.env.extra) == [1, 2]
+
+
 def test_baseline_init_needs_a_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="has no checkpoint; baseline=init"):
         _checkpoint({"run_dir": str(tmp_path), "baseline": "init"})
