@@ -179,7 +179,7 @@ def override_error(e: BaseException, overrides: list[str], compose) -> str:
     inner = re.search(r"Key '\w+' is not in struct\s+full_key: ([\w.]+)", str(e.__cause__ or ""))
     if inner and inner.group(1).startswith(key + "."):  # a mapping set whole, with a key it does not have
         key, parent = inner.group(1), inner.group(1).rsplit(".", 1)[0]
-        hint = f" (a new key of a free-form mapping: +{key}=VALUE, or ++{parent}={{...}} with all its keys)"
+        hint = f" (a new key of a free-form mapping: +{key}=VALUE, or ++{parent}={{...}}, merged into its keys)"
     # the composition's groups only: another bad override must not hide the keys
     rest = [o for o in overrides if "." not in (k := o.lstrip("+~").split("=", 1)[0]) and k != key]
     try:
