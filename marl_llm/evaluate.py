@@ -69,23 +69,25 @@ def _compose(special: dict, overrides: list[str]):
             raise ConfigError(f"run_dir={run_dir!r} has no config.yaml (not a marl_llm run folder); "
                               "give the trainer.output_dir of a training run")
         cfg = OmegaConf.load(cfg_path)
-        groups = [o for o in overrides if "." not in o.split("=", 1)[0]]
-        for o in groups:
-            key, _, name = o.partition("=")
-            if key != "env":
-                raise ConfigError(f"with run_dir=, only env=<name> and key=value overrides are allowed "
-                                  f"(got {o!r}: the algorithm and models come from the run)")
-            cfg.env = _env_group(name)
-        for o in (o for o in overrides if o.startswith("~")):  # ~key: drop a key the run set (Hydra's syntax)
-            parent, _, leaf = o[1:].split("=", 1)[0].rpartition(".")
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.errors import OverrideParseException
+        try:  # Hydra's grammar, as on a training command line (quoting, escapes, lists, mappings)
+            parsed = OverridesParser.create().parse_overrides(overrides)
+        except OverrideParseException as e:
+            raise ConfigError(f"with run_dir=: {e}") from None
+        for o in parsed:
+            if "." not in o.key_or_group and not o.is_delete():  # a config group
+                if o.key_or_group != "env":
+                    raise ConfigError(f"with run_dir=, only env=<name> and key=value overrides are allowed "
+                                      f"(got {o.input_line!r}: the algorithm and models come from the run)")
+                cfg.env = _env_group(o.value())
+        for o in (o for o in parsed if o.is_delete()):  # ~key: drop a key the run set
+            parent, _, leaf = o.key_or_group.rpartition(".")
             node = OmegaConf.select(cfg, parent) if parent else cfg
             if node is None or not OmegaConf.is_dict(node) or leaf not in node:
-                raise ConfigError(f"{o}: the run's config has no key {o[1:]!r} to remove")
+                raise ConfigError(f"~{o.key_or_group}: the run's config has no key {o.key_or_group!r} to remove")
             node.pop(leaf)
-        # values read with Hydra's grammar, as on a training command line (quoting, escapes, lists, mappings)
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-        for o in OverridesParser.create().parse_overrides(
-                [o for o in overrides if o not in groups and not o.startswith("~")]):
+        for o in (o for o in parsed if "." in o.key_or_group and not o.is_delete()):
             OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True, force_add=True)
         return cfg
     from marl_llm.train import compose

@@ -82,6 +82,8 @@ def test_run_dir_overrides_read_values_as_a_training_command_line_does(tmp_path)
     assert cfg.env.few_shot_reply == train.env.few_shot_reply == "{answer}\\n<answer>{answer}</answer>"
     assert dict(cfg.env.task_config) == {"max_digits": 2, "min_terms": 2} and cfg.learner.lr == 1e-5
     assert list(cfg.env.extra) == [1, 2]
+    with pytest.raises(ConfigError, match=r"^with run_dir=: .*'\[1,'"):  # bad syntax: Hydra's message
+        _compose({"run_dir": str(tmp_path)}, ["env.extra=[1,"])
 
 
 def test_baseline_init_needs_a_checkpoint(tmp_path):
