@@ -274,3 +274,13 @@ def test_addition_recipes_change_only_the_family_and_score_the_named_never_train
     assert task["question"].startswith("Add the complex numbers: (") and env.few_shot == 2
     real, imag = cx.prompt(task)[2]["content"].splitlines()[:2]
     assert real.count(" + ") == imag.count(" + ") == 1 and " = " in real and " = " in imag
+    # the fourth: decimal sums of 2 terms, one decimal place, worked examples in the run's own form
+    env = validate(_compose({"run_dir": str(tmp_path)}, [
+        "env.task=decimal_chain_sum", "~env.task_config", "+env.task_config={min_terms: 2, max_terms: 2, "
+        "min_digits: 1, max_digits: 2, min_decimal_places: 1, max_decimal_places: 1}"])).env
+    dec = make_env(dataclasses.replace(env, train_size=40, eval_size=20))
+    task = dec.tasks("test")[0]
+    terms = task["metadata"]["expression"].replace(" - ", " + ").split(" + ")
+    assert task["rg_task"] == "decimal_chain_sum" and len(terms) == 2 and all(len(t.split(".")[1]) == 1 for t in terms)
+    example = dec.prompt(task)[2]["content"]
+    assert example.endswith("</answer>") and " = " in example and "." in example
