@@ -234,8 +234,9 @@ def test_chain_sum_shots_recipes_add_only_worked_examples_and_the_scorers_reward
 @pytest.mark.parametrize("algo", ["grpo", "mlpo"])
 def test_addition_recipes_change_only_the_family_and_score_the_named_never_trained_families(algo, tmp_path):
     """cpu_<algo>_addition is cpu_<algo>_chain_sum_shots on two-digit additions (reasoning-gym
-    basic_arithmetic), nothing else (MLPO: and the settings chosen on dev); the evaluate commands in its comment, which score a run on the
-    never-trained families chain_sum and products, compose into envs that draw those families' tasks."""
+    basic_arithmetic), nothing else (MLPO: and the settings chosen on dev); the evaluate commands in
+    cpu_grpo_addition's comment, which score a run on the never-trained families (chain_sum, products,
+    complex_arithmetic, decimal_chain_sum), compose into envs that draw those families' tasks."""
     from omegaconf import OmegaConf
 
     from envs.base import make_env
@@ -257,28 +258,27 @@ def test_addition_recipes_change_only_the_family_and_score_the_named_never_train
     assert all(" + " in t["question"] and " - " not in t["question"] for t in make_env(
         dataclasses.replace(validate(cfg).env, train_size=20, eval_size=5)).tasks("test"))
     OmegaConf.save(cfg, tmp_path / "config.yaml")
+
+    def family(overrides):  # an `evaluate run_dir=<this run> <overrides>` command's env, and the env built
+        env = validate(_compose({"run_dir": str(tmp_path)}, overrides)).env
+        return env, make_env(dataclasses.replace(env, train_size=40, eval_size=20))
+
     drop = ["~env.task_config.operators", "~env.task_config.allow_parentheses"]
-    for family, extra, op in [("chain_sum", [], " - "), ("products", ["~env.task_config.allow_negation"], " * ")]:
-        env = validate(_compose({"run_dir": str(tmp_path)}, [f"env.task={family}", "env.task_config.min_digits=1",
-                                                              *drop, *extra])).env
-        tasks = make_env(dataclasses.replace(env, train_size=40, eval_size=20)).tasks("test")
-        assert all(t["rg_task"] == family for t in tasks) and any(op in t["question"] for t in tasks), family
+    for name, extra, op in [("chain_sum", [], " - "), ("products", ["~env.task_config.allow_negation"], " * ")]:
+        tasks = family([f"env.task={name}", "env.task_config.min_digits=1", *drop, *extra])[1].tasks("test")
+        assert all(t["rg_task"] == name for t in tasks) and any(op in t["question"] for t in tasks), name
     # the third: complex additions with 2-digit parts, worked examples adding the parts one line each
     reply = "{metadata[num1][0]} + {metadata[num2][0]} = {metadata[result][0]}\n" \
             "{metadata[num1][1]} + {metadata[num2][1]} = {metadata[result][1]}\n<answer>{answer}</answer>"
-    env = validate(_compose({"run_dir": str(tmp_path)}, [
-        "env.task=complex_arithmetic", "~env.task_config", "+env.task_config={min_real: 10, max_real: 99, min_imag: 10, "
-        'max_imag: 99, operations: ["+"], operations_weights: [1.0]}', f'env.few_shot_reply="{reply}"'])).env
-    cx = make_env(dataclasses.replace(env, train_size=40, eval_size=20))
+    env, cx = family(["env.task=complex_arithmetic", "~env.task_config", "+env.task_config={min_real: 10, max_real: 99, "
+                      'min_imag: 10, max_imag: 99, operations: ["+"], operations_weights: [1.0]}', f'env.few_shot_reply="{reply}"'])
     task = cx.tasks("test")[0]
     assert task["question"].startswith("Add the complex numbers: (") and env.few_shot == 2
     real, imag = cx.prompt(task)[2]["content"].splitlines()[:2]
     assert real.count(" + ") == imag.count(" + ") == 1 and " = " in real and " = " in imag
     # the fourth: decimal sums of 2 terms, one decimal place, worked examples in the run's own form
-    env = validate(_compose({"run_dir": str(tmp_path)}, [
-        "env.task=decimal_chain_sum", "~env.task_config", "+env.task_config={min_terms: 2, max_terms: 2, "
-        "min_digits: 1, max_digits: 2, min_decimal_places: 1, max_decimal_places: 1}"])).env
-    dec = make_env(dataclasses.replace(env, train_size=40, eval_size=20))
+    _, dec = family(["env.task=decimal_chain_sum", "~env.task_config", "+env.task_config={min_terms: 2, max_terms: 2, "
+                     "min_digits: 1, max_digits: 2, min_decimal_places: 1, max_decimal_places: 1}"])
     task = dec.tasks("test")[0]
     terms = task["metadata"]["expression"].replace(" - ", " + ").split(" + ")
     assert task["rg_task"] == "decimal_chain_sum" and len(terms) == 2 and all(len(t.split(".")[1]) == 1 for t in terms)
