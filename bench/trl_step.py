@@ -97,7 +97,7 @@ def grpo_trainer(run, steps: Sequence[Sequence[dict]], output_dir: str, *, vllm:
     env = make_env(run.env, seed=run.seed)
     G, lc, ro = run.algo.group_size, run.learner, run.rollout
     model_path = resolve_model(run.model)
-    bf16 = use_bf16(lc.bf16, False, model_path)
+    bf16 = use_bf16(lc.bf16, False, run.model.dtype)
     stops = env.stop(ROLE)
     rows = [{"prompt": env.prompt(t, ROLE), "task": json.dumps(t)} for tasks in steps for t in tasks]
 
@@ -165,7 +165,6 @@ def main() -> None:
     from transformers import TrainerCallback
 
     from marl_llm.learner.worker import use_bf16
-    from marl_llm.models import resolve_model
 
     run = compose_run(spec["overrides"])
     times: dict[str, list[float]] = {"generate": [], "step": [], "sync": []}
@@ -200,7 +199,7 @@ def main() -> None:
             if not args.vllm:
                 raise
             error = first_line(e)
-    bf16 = use_bf16(run.learner.bf16, False, resolve_model(run.model))
+    bf16 = use_bf16(run.learner.bf16, False, run.model.dtype)
     json.dump({"threads": args.threads, "vllm": args.vllm, "generate": times["generate"], "step": times["step"],
                "sync": times["sync"], "tokens": tokens, "bf16": bf16, "error": error}, open(args.out, "w"))
 

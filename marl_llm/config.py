@@ -173,7 +173,8 @@ class LearnerConfig:
     micro_batch_size: int = 16  # samples per forward/backward: bigger GEMMs, measured faster on CPU
     # and at most this many tokens (a shared prompt counted once; 0: no limit): memory follows tokens
     micro_batch_tokens: int = 2048
-    # bf16 mixed precision: "auto" uses it on GPUs only; CPU tests train in fp32 for exactness
+    # bf16 mixed precision: "auto" = on GPUs; on CPUs only when model.dtype is bfloat16 (the learner
+    # computes in the dtype the rollout engine samples in; marl_llm.learner.worker.use_bf16)
     bf16: str = "auto"
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, slower)
     offload_optimizer: bool = False  # ZeRO optimiser state in CPU memory (GPUs)

@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 from marl_llm import runtime
 from marl_llm.config import LearnerConfig, ModelConfig
 from marl_llm.deadlines import collective_seconds
-from marl_llm.models import SMALL_MODEL_BYTES, _ensure_rope_theta, weights_bytes
+from marl_llm.models import _ensure_rope_theta
 from marl_llm.losses import LossConfig, dpo_loss, pg_loss, sft_loss, token_logprobs
 from marl_llm.types import PairSample, Sample
 from marl_llm.weight_sync import meta_of
@@ -41,20 +41,16 @@ def _torch_dtype(name: str):
     return getattr(torch, _DTYPES[name])
 
 
-def cpu_has_bf16() -> bool:
-    """Native bf16 matrix instructions (AVX512-BF16 or AMX): without them bf16 is slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def use_bf16(flag, on_gpu: bool, model_path: str = "") -> bool:
-    """LearnerConfig.bf16. "auto": bf16 on GPUs; on CPUs with native bf16 only for models of
-    ~10M+ parameters (measured: faster from there up; tiny test models stay fp32 for exactness)."""
+def use_bf16(flag, on_gpu: bool, engine_dtype: str = "float32") -> bool:
+    """LearnerConfig.bf16. "auto": bf16 mixed precision on GPUs; on CPUs the learner computes in
+    the dtype the rollout engine samples in (`model.dtype`), i.e. bf16 only with a bfloat16 engine.
+    Why: a bf16 learner beside an fp32 engine trains a rounded copy of the policy that sampled and
+    pushes bf16-rounded weights back; on a CPU with native bf16 (AVX512-BF16) that made the main
+    job learn less than on fp32 CPUs (+0.13 instead of +0.37, docs/RESULTS.md), so results depended
+    on the processor. In fp32 they are the same on every CPU kind measured, at ~1.7x the training
+    time there (bf16 is only faster on CPUs with native bf16 anyway). `learner.bf16=true` opts in."""
     if flag == "auto":
-        return on_gpu or (cpu_has_bf16() and weights_bytes(model_path) >= SMALL_MODEL_BYTES)
+        return on_gpu or engine_dtype == "bfloat16"
     return flag is True or str(flag).lower() == "true"
 
 
@@ -329,7 +325,7 @@ class LearnerWorker:
         deepspeed.init_distributed(dist_backend=self.backend, auto_mpi_discovery=False,
                                    timeout=timedelta(seconds=collective_seconds(learner_cfg.timeout_s)))
         torch.manual_seed(seed)
-        self.bf16 = use_bf16(learner_cfg.bf16, self.on_gpu, model_path)
+        self.bf16 = use_bf16(learner_cfg.bf16, self.on_gpu, model_cfg.dtype)
         self.out_dtype = _torch_dtype(model_cfg.dtype)
         self.device = torch.device("cuda", 0) if self.on_gpu else torch.device("cpu")
 

@@ -115,6 +115,27 @@ def test_paper_experiment_presets_compose_and_validate(experiment, model, algo):
     assert run.trainer.eval_splits() == ("dev", "test")  # settings chosen on dev as it trains; test once, at the end
 
 
+@pytest.mark.parametrize("flag, on_gpu, engine_dtype, expected", [
+    ("auto", False, "float32", False),  # CPU, fp32 engine (the main job on any CPU kind): fp32
+    ("auto", False, "bfloat16", True),  # CPU, bf16 engine: the learner follows it
+    ("auto", True, "float32", True),    # GPUs: bf16 mixed precision
+    ("true", False, "float32", True),   # opted in
+    ("false", True, "bfloat16", False),
+])
+def test_learner_trains_in_the_rollout_engines_dtype_on_cpu(flag, on_gpu, engine_dtype, expected):
+    from marl_llm.learner.worker import use_bf16
+    assert use_bf16(flag, on_gpu, engine_dtype) is expected
+
+
+def test_main_job_learner_is_fp32_on_every_cpu():
+    """What makes the main job's result the same on every CPU kind: its learner computes in the
+    engine's fp32 whatever the processor offers."""
+    from marl_llm.learner.worker import use_bf16
+    run = validate(composed())
+    assert run.model.dtype == "float32" and run.learner.bf16 == "auto"
+    assert use_bf16(run.learner.bf16, False, run.model.dtype) is False
+
+
 @pytest.mark.parametrize("experiment, algo, env", [
     ("cpu_grpo_math", "grpo", "math"),
     ("cpu_grpo_chain_sum", "grpo", "reasoning_gym"),
