@@ -45,10 +45,10 @@ def use_bf16(flag, on_gpu: bool, engine_dtype: str = "float32") -> bool:
     """LearnerConfig.bf16. "auto": bf16 mixed precision on GPUs; on CPUs the learner computes in
     the dtype the rollout engine samples in (`model.dtype`), i.e. bf16 only with a bfloat16 engine.
     Why: a bf16 learner beside an fp32 engine trains a rounded copy of the policy that sampled and
-    pushes bf16-rounded weights back; on a CPU with native bf16 (AVX512-BF16) that made the main
-    job learn less than on fp32 CPUs (+0.13 instead of +0.37, docs/RESULTS.md), so results depended
-    on the processor. In fp32 they are the same on every CPU kind measured, at ~1.7x the training
-    time there (bf16 is only faster on CPUs with native bf16 anyway). `learner.bf16=true` opts in."""
+    pushes bf16-rounded weights back, and choosing bf16 by processor (it is only faster on CPUs with
+    native bf16) made the same command train a different model on those CPUs than on the others
+    (docs/RESULTS.md). In the engine's dtype a run's numbers are the same on every CPU kind measured,
+    at ~1.7x the training time on a native-bf16 CPU. `learner.bf16=true` opts in."""
     if flag == "auto":
         return on_gpu or engine_dtype == "bfloat16"
     return flag is True or str(flag).lower() == "true"
