@@ -239,13 +239,15 @@ def assert_same_but(a: dict, b: dict, **keys: set) -> None:
 @pytest.mark.parametrize("recipe", ["cpu_grpo_chain_sum", "cpu_mlpo_chain_sum"])
 def test_chain_sum_shots_recipes_add_only_worked_examples_and_the_scorers_reward(recipe):
     """`<recipe>_shots` is `<recipe>` with two worked examples and reasoning-gym's own (strict)
-    reward, nothing else; on the never-trained family the examples come from its own tasks."""
+    reward, and the bf16 learner it was run with, nothing else; on the never-trained family the
+    examples come from its own tasks."""
     from envs.base import make_env
 
     plain = dataclasses.asdict(validate(composed(f"+experiment={recipe}")))
     shots_run = validate(composed(f"+experiment={recipe}_shots"))
     shots = dataclasses.asdict(shots_run)
-    assert_same_but(shots, plain, env={"few_shot", "few_shot_reply", "reward_fn", "reward_weights"})
+    assert_same_but(shots, plain, env={"few_shot", "few_shot_reply", "reward_fn", "reward_weights"}, learner={"bf16"})
+    assert (shots["learner"]["bf16"], plain["learner"]["bf16"]) == ("true", "auto")
     assert shots["env"]["few_shot"] == 2 and shots["env"]["reward_fn"] is None and plain["env"]["few_shot"] == 0
     products = make_env(dataclasses.replace(shots_run.env, task="products", train_size=20, eval_size=5))
     example = products.prompt(products.tasks("test")[0])[2]["content"]
