@@ -438,6 +438,24 @@ def test_bf16_gradient_checkpointing_offload(ray_session, model_path, tmp_path):
         g.shutdown()
 
 
+@pytest.mark.parametrize("engine_dtype, bf16", [("bfloat16", True), ("float32", False)])
+def test_auto_precision_follows_the_rollout_engines_dtype_on_cpu(ray_session, model_path, engine_dtype, bf16):
+    """learner.bf16=auto on a CPU: the DeepSpeed group trains in the dtype the engine samples in,
+    whatever the processor offers (so a run's numbers do not depend on it)."""
+    import dataclasses
+
+    from marl_llm.learner.group import LearnerGroup
+
+    cfg = learner_cfg(1)
+    cfg.bf16 = "auto"
+    g = LearnerGroup("auto", model_path, dataclasses.replace(MODEL_CFG, dtype=engine_dtype), cfg, 0, False,
+                     runtime.actor_env())
+    try:
+        assert g.info[0]["bf16"] is bf16
+    finally:
+        g.shutdown()
+
+
 @pytest.mark.slow
 def test_start_failure_names_the_rank(ray_session, tmp_path):
     from marl_llm.learner.group import LearnerGroup
