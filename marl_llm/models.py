@@ -36,7 +36,7 @@ TINY_DEFAULTS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
 
 
 # Tiny random-init test models weigh a few MB; real models (SmolLM2-135M: 540 MB) far more. Below
-# this, bf16 is slower than fp32 on CPU and a vLLM compile costs more than all of the generation.
+# this a vLLM compile costs more than all of the generation (rollout.enforce_eager=auto).
 SMALL_MODEL_BYTES = 40_000_000
 
 

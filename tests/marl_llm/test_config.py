@@ -278,8 +278,6 @@ def test_addition_recipes_change_only_the_family_and_score_the_named_never_train
                         trainer={"steps", "save_every"})
         assert (add["algo"]["team_view"], add["algo"]["easy_threshold"], add["algo"]["max_train_tasks"]) == ("answers", None, 96)
         assert add["trainer"]["steps"] * add["trainer"]["batch_size"] == 96 and add["trainer"]["save_every"] == 24
-    # chosen on dev and measured with a bf16 learner; in fp32 (auto on CPUs) seed 0 did not learn
-    assert add["learner"]["bf16"] == shots["learner"]["bf16"] == "true"
     assert all(" + " in t["question"] and " - " not in t["question"] for t in make_env(
         dataclasses.replace(validate(cfg).env, train_size=20, eval_size=5)).tasks("test"))
     OmegaConf.save(cfg, tmp_path / "config.yaml")
