@@ -170,6 +170,8 @@ class LearnerConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     grad_clip: float = 1.0  # gradient norm clip
+    # linear learning-rate warm-up: optimiser step k of N runs at lr * k / N, then lr (0: none)
+    warmup_steps: int = 0
     micro_batch_size: int = 16  # samples per forward/backward: bigger GEMMs, measured faster on CPU
     # and at most this many tokens (a shared prompt counted once; 0: no limit): memory follows tokens
     micro_batch_tokens: int = 2048
@@ -200,6 +202,7 @@ class LearnerConfig:
         check_choice("learner.zero_stage", self.zero_stage, (0, 1, 2, 3))
         check_choice("learner.placement", self.placement, PLACEMENTS)
         check_positive("learner.lr", self.lr)
+        check_positive("learner.warmup_steps", self.warmup_steps, allow_zero=True)
         check_positive("learner.micro_batch_size", self.micro_batch_size)
         check_positive("learner.micro_batch_tokens", self.micro_batch_tokens, allow_zero=True)
         check_positive("learner.threads", self.threads, allow_zero=True)

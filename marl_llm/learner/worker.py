@@ -54,6 +54,20 @@ def use_bf16(flag, on_gpu: bool, engine_dtype: str = "float32") -> bool:
     return flag is True or str(flag).lower() == "true"
 
 
+def warmup_scheduler(steps: int):
+    """`learner.warmup_steps`: optimiser step k (1-based) runs at lr * min(1, k / steps), then the
+    constant lr; None (DeepSpeed's constant lr) when steps is 0. Unlike DeepSpeed's WarmupLR (lr 0
+    for the first two steps, and a division by zero for one warm-up step), no step is wasted: a
+    short CPU run has few. The engine saves and restores its position with the checkpoint."""
+    if steps <= 0:
+        return None
+
+    def build(optimizer):
+        import torch
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: min(1.0, (done + 1) / steps))
+    return build
+
+
 def pack(seqs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int):
     """Right-padded (prompt + completion) batch and the positions that score the completions.
 
@@ -349,7 +363,8 @@ class LearnerWorker:
             if self.lora is not None:  # frozen embeddings: checkpointed blocks need inputs with grads
                 model.enable_input_require_grads()
         self.engine, *_ = deepspeed.initialize(model=model, config=self._ds_config(train=True),
-                                               model_parameters=[p for p in model.parameters() if p.requires_grad])
+                                               model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                               lr_scheduler=warmup_scheduler(learner_cfg.warmup_steps))
         self.engine.train()
         self.ref = None
         if need_reference:
@@ -520,12 +535,13 @@ class LearnerWorker:
                     metrics.add(m, w)
                 # DeepSpeed averages gradients over ranks: scale so the reduced gradient is the global sum
                 self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            lr = float(self.engine.get_lr()[0])  # the rate this step applies (step() moves a warm-up on)
             self.engine.step()
         self.engine.set_gradient_accumulation_boundary(False)
         out = metrics.result()
         gn = self.engine.get_global_grad_norm()
         out["grad_norm"] = float(gn) if gn is not None else float("nan")
-        out["lr"] = float(self.engine.get_lr()[0])
+        out["lr"] = lr
         out["global_step"] = int(self.engine.global_steps)
         out["n_micro"] = n_micro
         out["threads"] = threads

@@ -33,6 +33,7 @@ def test_overrides_reach_typed_config():
     ("trainer.steps=abc", "trainer.steps"),
     ("cluster.name=slurm", "choose one of ['local', 'ray']"),
     ("rollout.top_p=1.5", "rollout.top_p=1.5"),
+    ("learner.warmup_steps=-2", "learner.warmup_steps=-2 must be >= 0"),
 ])
 def test_bad_values_name_key_and_allowed(override, needle):
     with pytest.raises(ConfigError, match=None) as e:

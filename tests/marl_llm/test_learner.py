@@ -164,6 +164,20 @@ def test_pg_micro_passes_behaviour_logprobs():
     assert run("tis") == run("none")
 
 
+def test_warmup_scheduler_ramps_linearly_from_the_first_step():
+    from marl_llm.learner.worker import warmup_scheduler
+
+    assert warmup_scheduler(0) is None
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3)
+    sched = warmup_scheduler(3)(opt)
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.1, 0.2, 0.3, 0.3, 0.3])
+
+
 def test_scatter_tokens_places_values_at_the_completion_columns():
     from marl_llm.learner.worker import forward_logp, pack, scatter_tokens
 
@@ -452,6 +466,28 @@ def test_auto_precision_follows_the_rollout_engines_dtype_on_cpu(ray_session, mo
                      runtime.actor_env())
     try:
         assert g.info[0]["bf16"] is bf16
+    finally:
+        g.shutdown()
+
+
+def test_warmup_steps_through_deepspeed_and_resume(ray_session, model_path, tmp_path):
+    """learner.warmup_steps in a real ZeRO-3 group: the optimiser steps run at lr/3, 2lr/3, lr, and a
+    state saved mid-warm-up resumes at the same point of the ramp with the same weights."""
+    from marl_llm.learner.group import LearnerGroup
+
+    cfg = learner_cfg(1)
+    cfg.warmup_steps = 3
+    g = LearnerGroup("warm", model_path, MODEL_CFG, cfg, 0, True, runtime.actor_env())
+    try:
+        sft, batch, probe = LossConfig(kind="sft"), make_samples(4, seed=11), make_samples(4, seed=12)
+        lrs = [g.train_step(batch, sft)["lr"]]
+        g.save_state(str(tmp_path / "state"))
+        lrs += [g.train_step(batch, sft)["lr"] for _ in range(3)]
+        assert lrs == pytest.approx([cfg.lr / 3, 2 * cfg.lr / 3, cfg.lr, cfg.lr])
+        after = g.logprobs(probe)
+        g.load_state(str(tmp_path / "state"))
+        assert [g.train_step(batch, sft)["lr"] for _ in range(3)] == pytest.approx(lrs[1:])
+        assert max_diff(g.logprobs(probe), after) < 1e-6
     finally:
         g.shutdown()
 
