@@ -12,7 +12,8 @@ Where the paper is silent, we chose:
     `file` (a user JSONL file, format in `read_sft_file`); `none` (the CPU default: SmolLM2 keeps
     too few of its syntheses for it to matter; docs/RESULTS.md) skips it;
   - the team answers are sampled once before training (`team_samples` per agent per task,
-    `team_temperature`) and stored; each RL prompt draws one stored answer per agent (seeded), or
+    `team_temperature`; 1 by default: a task that is drawn once, as in the main job, reads one
+    answer per agent whatever is stored) and stored; each RL prompt draws one stored answer per agent (seeded), or
     none with probability `solo_fraction` (0.5: this trains the single-agent mode too, and with
     SmolLM2 it is where the skill grows first; docs/RESULTS.md);
   - G (`group_size`) is 8, KL is off (`kl_coef=0`; the reference is the post-SFT leader), and the
@@ -115,7 +116,7 @@ class MLPOConfig(PGConfig):
     team_size: int = 3                      # K (paper 3)
     # team agent (team0 .. team{K-1}) -> conf/model preset (heterogeneous teams); absent or null: `model=`
     role_models: dict[str, Optional[str]] = field(default_factory=dict)
-    team_samples: int = 2                   # stored answers per agent per training task (paper: several)
+    team_samples: int = 1                   # stored answers per agent per training task (paper: several)
     team_temperature: float = 0.3           # team sampling, for the stored answers and in evaluation
     # ---- data preparation -----------------------------------------------------------------------
     max_train_tasks: Optional[int] = 56     # prepare at most this many training tasks (seeded pick); null: all
