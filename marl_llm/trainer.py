@@ -279,8 +279,12 @@ class Trainer:
             summary["intervals"] = {name: str(iv) for name, iv in read_intervals(values).items()
                                     if not name.startswith(f"{DIFF}/")}
             summary["comparisons"] = comparison_lines(values)
-            log.info("final evaluation (%s split), paired comparisons (95%% intervals):%s", reported,
-                     "".join(f"\n  {line}" for line in summary["comparisons"]) or " none")
+            if reported:
+                log.info("final evaluation (%s split), paired comparisons (95%% intervals):%s", reported,
+                         "".join(f"\n  {line}" for line in summary["comparisons"]) or " none")
+            else:
+                log.info("no held-out evaluation in this run (trainer.test=false, trainer.eval_every=0); "
+                         "python -m marl_llm.evaluate run_dir=%s split=dev scores its checkpoint", self.out)
         latest = self.ckpts.latest()
         summary["checkpoint"] = str(latest) if latest else None
         return summary

@@ -112,6 +112,15 @@ def test_summary_reports_the_test_evaluation_with_intervals_comparisons_and_wall
     assert "acc/final - acc/untrained_final = +0.40" in caplog.text
 
 
+def test_summary_of_a_run_without_any_evaluation_says_how_to_score_it(tmp_path, caplog):
+    trainer = Trainer(RunConfig(trainer=TrainerConfig(output_dir=str(tmp_path), test=False)))
+    with caplog.at_level(logging.INFO, logger="marl_llm.trainer"):
+        s = trainer._summary({"step": 1}, {"step": 2})
+    assert s["reported"] is None and s["comparisons"] == []
+    assert "final evaluation" not in caplog.text
+    assert f"python -m marl_llm.evaluate run_dir={tmp_path} split=dev" in caplog.text
+
+
 def test_summary_without_a_test_evaluation_reports_the_last_dev_one(tmp_path):
     trainer = Trainer(RunConfig(trainer=TrainerConfig(output_dir=str(tmp_path), eval_every=1, test=False)))
     s = trainer._summary({"step": 1}, {"step": 2, **_evaluation("eval", AFTER, BEFORE)})
