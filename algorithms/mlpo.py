@@ -16,7 +16,7 @@ Where the paper is silent, we chose:
     answer per agent whatever is stored) and stored; each RL prompt draws one stored answer per agent (seeded), or
     none with probability `solo_fraction` (0.5: this trains the single-agent mode too, and with
     SmolLM2 it is where the skill grows first; docs/RESULTS.md);
-  - G (`group_size`) is 8, KL is off (`kl_coef=0`; the reference is the post-SFT leader), and the
+  - G (`group_size`) is 6 (the main job; the recipes and the paper preset use 8), KL is off (`kl_coef=0`; the reference is the post-SFT leader), and the
     loss divides token sums by `rollout.max_new_tokens`;
   - `rounds=1` by default (CPU evaluation time); the leader and the single-agent baseline answer at
     `eval_temperature` (0: greedy), the team samples at `team_temperature` (seeded) in evaluation too.
@@ -130,7 +130,7 @@ class MLPOConfig(PGConfig):
     sft_batch_size: int = 16                # examples per optimiser step
     # ---- RL of the leader: GRPO with Dr. GRPO changes (PGConfig: group_size, std_normalize,
     # clip_eps, kl_coef, loss_agg = token sums / max_new_tokens)
-    group_size: int = 8                     # G leader samples per prompt (paper: open)
+    group_size: int = 6                     # G leader samples per prompt (paper: open)
     solo_fraction: float = 0.5              # share of RL prompts without team answers (single-agent mode)
     shuffle_team: bool = True               # shuffle the order of the drawn team answers in the prompt
     # what the leader reads of each team answer: the whole reply (the paper) or only the final

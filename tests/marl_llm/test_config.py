@@ -209,14 +209,14 @@ def test_mlpo_team_recipe_needs_its_trained_team_member(tmp_path):
 
 def test_main_job_is_sized_to_learn_and_to_tell():
     """The main job (no arguments): MLPO over a 3-agent team whose final answers the leader reads
-    (team_view=answers, chosen on dev), 14 steps of 4 tasks x G=8 leader samples on 56 tasks (each
+    (team_view=answers, chosen on dev), 14 steps of 4 tasks x G=6 leader samples on 56 tasks (each
     once, one stored answer per team agent), half of them solo, no SFT warm-up, one round at inference, one evaluation of >= 100 test
     tasks with every baseline (docs/RESULTS.md); the MLPO recipes and the paper preset keep the
     paper's view (whole replies)."""
     run = validate(composed())
     assert (run.algo.name, run.env.name, run.model.name) == ("mlpo", "math", "smollm2-135m")
     assert run.trainer.eval_size >= 100 and run.trainer.eval_splits() == ("test",)
-    assert (run.trainer.steps, run.trainer.batch_size, run.algo.group_size, run.algo.rounds) == (14, 4, 8, 1)
+    assert (run.trainer.steps, run.trainer.batch_size, run.algo.group_size, run.algo.rounds) == (14, 4, 6, 1)
     assert (run.algo.team_view, run.algo.max_train_tasks, run.algo.team_samples) == ("answers", 56, 1)
     for preset in ("cpu_mlpo_math", "cpu_mlpo_chain_sum", "mlpo_paper"):
         assert validate(composed(f"+experiment={preset}")).algo.team_view == "solutions"
