@@ -258,7 +258,8 @@ def test_chain_sum_shots_recipes_add_only_worked_examples_and_the_scorers_reward
 @pytest.mark.parametrize("algo", ["grpo", "mlpo"])
 def test_addition_recipes_change_only_the_family_and_score_the_named_never_trained_families(algo, tmp_path):
     """cpu_<algo>_addition is cpu_<algo>_chain_sum_shots on two-digit additions (reasoning-gym
-    basic_arithmetic), nothing else (MLPO: and the settings chosen on dev); the evaluate commands in
+    basic_arithmetic), nothing else but the settings chosen on dev (GRPO: the learner's precision and
+    rate; MLPO: four of its own); the evaluate commands in
     cpu_grpo_addition's comment, which score a run on the never-trained families (chain_sum, products,
     complex_arithmetic, decimal_chain_sum), compose into envs that draw those families' tasks."""
     from omegaconf import OmegaConf
@@ -272,8 +273,9 @@ def test_addition_recipes_change_only_the_family_and_score_the_named_never_train
     assert add["env"]["task"] == "basic_arithmetic" and add["env"]["task_config"] == {
         "min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2, "operators": ["+"],
         "allow_parentheses": False, "allow_negation": False}
-    if algo == "grpo":
-        assert_same_but(add, shots, env={"task", "task_config"})
+    if algo == "grpo":  # and trained in the engine's fp32 at the rate chosen on dev for it
+        assert_same_but(add, shots, env={"task", "task_config"}, learner={"bf16", "lr"})
+        assert (add["learner"]["bf16"], add["learner"]["lr"], shots["learner"]["bf16"]) == ("auto", 1e-5, "true")
     else:  # four settings chosen on dev (the preset's comment, docs/RESULTS.md)
         assert_same_but(add, shots, env={"task", "task_config"}, algo={"team_view", "easy_threshold", "max_train_tasks"},
                         trainer={"steps", "save_every"})
