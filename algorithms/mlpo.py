@@ -12,12 +12,13 @@ Where the paper is silent, we chose:
     `file` (a user JSONL file, format in `read_sft_file`); `none` (the CPU default: SmolLM2 keeps
     too few of its syntheses for it to matter; docs/RESULTS.md) skips it;
   - the team answers are sampled once before training (`team_samples` per agent per task,
-    `team_temperature`; 1 by default: a task that is drawn once, as in the main job, reads one
-    answer per agent whatever is stored) and stored; each RL prompt draws one stored answer per agent (seeded), or
+    `team_temperature`; 1 by default: a task drawn once, as in the main job, reads one answer per
+    agent whatever is stored) and stored; each RL prompt draws one stored answer per agent (seeded), or
     none with probability `solo_fraction` (0.5: this trains the single-agent mode too, and with
     SmolLM2 it is where the skill grows first; docs/RESULTS.md);
-  - G (`group_size`) is 6 (the main job; the recipes and the paper preset use 8), KL is off (`kl_coef=0`; the reference is the post-SFT leader), and the
-    loss divides token sums by `rollout.max_new_tokens`;
+  - G (`group_size`) is 6 (the main job; the recipes and the paper preset use 8), KL is off
+    (`kl_coef=0`; the reference is the post-SFT leader), and the loss divides token sums by
+    `rollout.max_new_tokens`;
   - `rounds=1` by default (CPU evaluation time); the leader and the single-agent baseline answer at
     `eval_temperature` (0: greedy), the team samples at `team_temperature` (seeded) in evaluation too.
 
